@@ -1,0 +1,113 @@
+"""Public entry points: quantize a pipeline, save it, load it back."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from . import checkpoint
+from .calib.data import collect_calibration_data
+from .config import QuantConfig
+from .models.adapter import get_denoiser, load_pipeline
+from .quant.model import WrapSpec, freeze, set_quant_state, wrap_denoiser
+from .recipes import QuantContext, StageTimer, get_recipe, run_recipe
+
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = "fmnist-ddpm"
+
+
+def default_model_path() -> Path:
+    """The bundled default model (a DDPM trained on Fashion-MNIST)."""
+    path = ASSETS / DEFAULT_MODEL
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"the bundled model is missing from {path}; reinstall tfmq")
+    return path
+
+
+def make_wrap_spec(config: QuantConfig, denoiser, timesteps: list[int]) -> WrapSpec:
+    """The quantized structure a config asks for."""
+    return WrapSpec(wbits=config.wbits, abits=config.abits, softmax_bits=config.effective_softmax_bits,
+                    layer_policy=config.layer_policy, weight_symmetric=config.weight_symmetric,
+                    act_symmetric=config.act_symmetric)
+
+
+def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, work_dir=None,
+             **overrides):
+    """Quantize ``pipe``'s denoiser in place and return the pipeline.
+
+    ``config`` (or ``QuantConfig.for_method(overrides.pop('method', 'naive'), **overrides)``)
+    says how. Calibration data are collected from the FP pipeline in one pass, then the method's
+    recipe runs, then weights are frozen to integer codes. ``pipe.unet.tfmq_info`` holds the
+    config, the sampler's timesteps and the wall time of each stage.
+    """
+    if config is None:
+        config = QuantConfig.for_method(overrides.pop("method", "naive"), **overrides)
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    config.validate()
+    denoiser = get_denoiser(pipe)
+    if getattr(denoiser, "tfmq_info", None) is not None:
+        raise RuntimeError("this pipeline's denoiser is already quantized")
+    timer = StageTimer()
+    with timer("calibration_data"):
+        data = collect_calibration_data(
+            pipe, config.sampler, config.calib_size, config.calib_batch_size, config.seed,
+            config.class_labels, config.prompts, int(config.memory_budget_gb * (1 << 30)),
+            progress=progress)
+    try:
+        spec = make_wrap_spec(config, denoiser, data.timesteps)
+        wrap_denoiser(denoiser, spec)
+        ctx = QuantContext(pipe, denoiser, config, data, timer, progress,
+                           Path(work_dir) if work_dir else None)
+        run_recipe(ctx)
+        with timer("freeze"):
+            freeze(denoiser)
+            set_quant_state(denoiser, weight=True, act=True)
+    finally:
+        data.cleanup()
+    denoiser.tfmq_info = {
+        "method": config.method,
+        "recipe": list(get_recipe(config.method).stages),
+        "wbits": config.wbits, "abits": config.abits, "softmax_bits": config.effective_softmax_bits,
+        "layer_policy": config.layer_policy,
+        "sampler": config.sampler.to_dict(),
+        "timesteps": data.timesteps,
+        "wrap_spec": dataclasses.asdict(spec),
+        "config": config.to_dict(),
+        "calibration_time": timer.to_dict(),
+    }
+    return pipe
+
+
+def save(pipe, out_dir, overwrite: bool = False) -> Path:
+    """Write the compact checkpoint of a quantized pipeline (see :mod:`tfmq.checkpoint`)."""
+    return checkpoint.save(pipe, out_dir, overwrite)
+
+
+def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a compact checkpoint as a diffusers pipeline with a quantized denoiser."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg = checkpoint.read_config(ckpt_dir)
+    import diffusers
+    cls = getattr(diffusers, cfg["denoiser_class"], None)
+    if cls is None:
+        raise checkpoint.CheckpointError(f"unknown denoiser class {cfg['denoiser_class']!r}")
+    denoiser = cls.from_config(cls.load_config(str(ckpt_dir / cfg["denoiser_component"])))
+    if dtype != torch.float32:
+        denoiser = denoiser.to(dtype)
+    checkpoint.apply_checkpoint(denoiser, ckpt_dir, cfg)
+    pipe = DiffusionPipeline.from_pretrained(str(ckpt_dir), unet=denoiser, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_any(model_or_dir, device="cpu", dtype=torch.float32):
+    """A quantized checkpoint folder or an FP pipeline (hub id / folder / 'default')."""
+    if model_or_dir in (None, "default"):
+        model_or_dir = default_model_path()
+    if (Path(model_or_dir) / checkpoint.CONFIG_FILE).exists():
+        return load(model_or_dir, device, dtype)
+    return load_pipeline(model_or_dir, device, dtype)

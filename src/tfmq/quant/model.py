@@ -1,0 +1,112 @@
+"""Turn a denoiser into a fake-quantized one (in place) and operate on its quantizers.
+
+``wrap_denoiser`` replaces every Conv2d / Linear chosen by the layer policy with a
+:class:`QuantLayer` and gives every Attention the quantizing processor. The same call, with the
+same arguments, rebuilds the structure when a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models.adapter import quantizable_layers
+from ..policy import get_policy
+from .layers import AttentionQuantizers, GroupActQuantizer, QuantAttnProcessor, QuantLayer
+from .quantizer import UniformQuantizer
+
+
+@dataclass
+class WrapSpec:
+    """Everything that determines the quantized structure of a denoiser."""
+    wbits: int
+    abits: int
+    softmax_bits: int
+    layer_policy: str = "tfmq-official"
+    weight_symmetric: bool = False
+    act_symmetric: bool = False
+    n_sets: int = 1                          # activation parameter sets (FSC: one per step)
+    splits: dict[str, int] = field(default_factory=dict)   # layer -> channel of the split
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def wrap_denoiser(denoiser: nn.Module, spec: WrapSpec) -> nn.Module:
+    """Insert quantizers into ``denoiser`` in place; returns it. Quantizers start disabled
+    ranges-wise (uninitialised) and must be calibrated before use."""
+    if getattr(denoiser, "tfmq_spec", None) is not None:
+        raise RuntimeError("denoiser is already quantized")
+    policy = get_policy(spec.layer_policy)
+    quant_w = spec.wbits < 32
+    quant_a = spec.abits < 32
+    for info in quantizable_layers(denoiser):
+        if info.kind == "attention":
+            info.module.set_processor(QuantAttnProcessor())
+            if quant_a:
+                info.module.add_module("tfmq_attn", AttentionQuantizers(
+                    spec.abits, spec.softmax_bits, spec.act_symmetric, spec.n_sets))
+            continue
+        decision = policy.decide(info.name)
+        wq = UniformQuantizer(spec.wbits, spec.weight_symmetric, channel_axis=0) \
+            if quant_w and decision.weight else None
+        aq = None
+        if quant_a and decision.act:
+            if info.name in spec.splits:
+                aq = GroupActQuantizer(spec.abits, spec.act_symmetric, spec.splits[info.name], spec.n_sets)
+            else:
+                aq = UniformQuantizer(spec.abits, spec.act_symmetric, None, spec.n_sets)
+        if wq is None and aq is None:
+            continue
+        _set_submodule(denoiser, info.name, QuantLayer(info.module, wq, aq))
+    denoiser.tfmq_spec = spec
+    return denoiser
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """Name -> QuantLayer, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def act_quantizers(model: nn.Module) -> dict[str, UniformQuantizer]:
+    """Every activation quantizer (layer inputs, attention q/k/v/softmax, split groups) by name."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, UniformQuantizer) and m.channel_axis is None:
+            out[name] = m
+    return out
+
+
+def weight_quantizers(model: nn.Module) -> dict[str, UniformQuantizer]:
+    return {n: m.weight_quantizer for n, m in quant_layers(model).items() if m.weight_quantizer is not None}
+
+
+def set_quant_state(model: nn.Module, weight: bool | None = None, act: bool | None = None) -> None:
+    """Enable / disable weight and activation fake-quant everywhere (None leaves it as is)."""
+    if weight is not None:
+        for q in weight_quantizers(model).values():
+            q.enabled = weight
+    if act is not None:
+        for q in act_quantizers(model).values():
+            q.enabled = act
+
+
+def set_step(model: nn.Module, index: int) -> None:
+    """Select parameter set ``index`` of every multi-set (FSC) activation quantizer."""
+    for q in act_quantizers(model).values():
+        if q.n_sets > 1:
+            if not 0 <= index < q.n_sets:
+                raise IndexError(f"step index {index} outside the {q.n_sets} calibrated steps")
+            q.set_index = index
+
+
+@torch.no_grad()
+def freeze(model: nn.Module) -> None:
+    """Fix every quantized weight to its integer codes (see :meth:`QuantLayer.freeze`)."""
+    for layer in quant_layers(model).values():
+        layer.freeze()

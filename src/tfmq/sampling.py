@@ -1,0 +1,218 @@
+"""The one sampler loop, used by calibration-data collection, sampling and evaluation.
+
+It runs a diffusers scheduler over the pipeline's denoiser for any supported conditioning
+(none, class labels, text prompts) with classifier-free guidance, decodes latents with the
+pipeline's autoencoder when it has one, and returns uint8 NHWC images.
+
+Determinism: sample ``i`` starts from noise drawn with seed ``seed + i`` and uses its own
+generator for any stochastic scheduler step, so results do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler)
+from tqdm.auto import tqdm
+
+from .models.adapter import denoiser_kind, get_denoiser, has_class_labels
+
+#: Sampler name -> diffusers scheduler class.
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "plms": PNDMScheduler,
+    "dpm-solver": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+
+
+@dataclass
+class SamplerConfig:
+    """Which sampler, how many steps, and guidance.
+
+    ``eta`` applies to DDIM only (0 = deterministic). ``guidance_scale`` > 1 turns on
+    classifier-free guidance (class-conditional models with a null class, text models).
+    """
+    name: str = "ddim"
+    steps: int = 100
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+
+    def validate(self) -> "SamplerConfig":
+        if self.name not in SCHEDULERS:
+            raise ValueError(f"unknown sampler {self.name!r}; choose from {', '.join(SCHEDULERS)}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_scheduler(pipe, sampler: SamplerConfig):
+    """A fresh scheduler of the requested kind from the pipeline's scheduler config, with its
+    timesteps set."""
+    sampler.validate()
+    sched = SCHEDULERS[sampler.name].from_config(pipe.scheduler.config)
+    sched.set_timesteps(sampler.steps)
+    return sched
+
+
+def sampler_timesteps(pipe, sampler: SamplerConfig) -> list[int]:
+    """The timesteps the sampler visits, in order."""
+    return [int(t) for t in make_scheduler(pipe, sampler).timesteps]
+
+
+def null_class(denoiser) -> int:
+    """Class id used as the unconditional label for guidance (the last embedding row)."""
+    return int(denoiser.config.num_class_embeds) - 1
+
+
+@dataclass
+class Conditioning:
+    """Per-sample conditioning: class labels, or prompt embeddings (with their negatives)."""
+    class_labels: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_embeds: torch.Tensor | None = None
+
+
+def build_conditioning(pipe, num_images: int, seed: int, class_labels=None, prompts=None,
+                       guidance_scale: float = 1.0, device="cpu") -> Conditioning:
+    """Conditioning for ``num_images`` samples. Class-conditional models get the given labels
+    (cycled) or labels drawn with ``seed``; text models need ``prompts`` (cycled)."""
+    denoiser = get_denoiser(pipe)
+    kind = denoiser_kind(denoiser)
+    if kind == "unet2d":
+        if prompts:
+            raise ValueError("this model is not text-conditional: --prompt does not apply")
+        if not has_class_labels(denoiser):
+            if class_labels is not None:
+                raise ValueError("this model is not class-conditional: class labels do not apply")
+            if guidance_scale != 1.0:
+                raise ValueError("guidance needs a conditional model")
+            return Conditioning()
+        n_real = null_class(denoiser)
+        if class_labels is None or len(class_labels) == 0:
+            g = torch.Generator().manual_seed(seed)
+            labels = torch.randint(0, n_real, (num_images,), generator=g)
+        else:
+            labels = torch.tensor([int(c) for c in class_labels])
+            if labels.min() < 0 or labels.max() >= n_real:
+                raise ValueError(f"class labels must be in 0..{n_real - 1}")
+            labels = labels.repeat((num_images + len(labels) - 1) // len(labels))[:num_images]
+        return Conditioning(class_labels=labels.to(device))
+    # text-conditional
+    if not prompts:
+        raise ValueError("this is a text-to-image model: give at least one prompt")
+    prompts = [prompts[i % len(prompts)] for i in range(num_images)]
+    do_cfg = guidance_scale > 1.0
+    pos, neg = pipe.encode_prompt(prompts, device, 1, do_cfg)
+    return Conditioning(prompt_embeds=pos, negative_embeds=neg)
+
+
+def _denoiser_kwargs(cond: Conditioning, idx: slice, cfg: bool, null: int | None) -> dict:
+    if cond.class_labels is not None:
+        labels = cond.class_labels[idx]
+        if cfg:
+            labels = torch.cat([labels, torch.full_like(labels, null)])
+        return {"class_labels": labels}
+    if cond.prompt_embeds is not None:
+        emb = cond.prompt_embeds[idx]
+        if cfg:
+            emb = torch.cat([emb, cond.negative_embeds[idx]])
+        return {"encoder_hidden_states": emb}
+    return {}
+
+
+def initial_noise(shape: tuple[int, ...], start: int, count: int, seed: int) -> torch.Tensor:
+    """Noise for samples ``start .. start+count-1``: sample i uses seed ``seed + i``."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + i))
+                        for i in range(count)])
+
+
+StepHook = Callable[[int, int, torch.Tensor, dict], None]
+
+
+@torch.no_grad()
+def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed: int,
+            cond: Conditioning | None = None, on_step: StepHook | None = None,
+            denoiser=None, progress: bool = True, desc: str = "sampling") -> torch.Tensor:
+    """Run the sampler and return the final latents / images (float, model space).
+
+    ``on_step(step_index, t, model_input, kwargs)`` sees exactly what the denoiser receives
+    at every step (with the guidance batch doubled). ``denoiser`` overrides ``pipe.unet``.
+    """
+    sampler.validate()
+    denoiser = denoiser or get_denoiser(pipe)
+    cond = cond or Conditioning()
+    device = next(denoiser.parameters()).device
+    dtype = next(denoiser.parameters()).dtype
+    cfg = sampler.guidance_scale > 1.0
+    if cfg and cond.class_labels is None and cond.prompt_embeds is None:
+        raise ValueError("guidance scale > 1 needs class labels or prompts")
+    null = null_class(denoiser) if cond.class_labels is not None else None
+    shape = (denoiser.config.in_channels, denoiser.config.sample_size, denoiser.config.sample_size) \
+        if isinstance(denoiser.config.sample_size, int) else \
+        (denoiser.config.in_channels, *denoiser.config.sample_size)
+    outputs = []
+    n_batches = (num_images + batch_size - 1) // batch_size
+    bar = tqdm(total=n_batches * sampler.steps, desc=desc, disable=not progress, leave=False)
+    for start in range(0, num_images, batch_size):
+        count = min(batch_size, num_images - start)
+        sched = make_scheduler(pipe, sampler)
+        x = initial_noise(shape, start, count, seed).to(device=device, dtype=dtype)
+        x = x * sched.init_noise_sigma
+        gens = [torch.Generator(device).manual_seed(seed + 1_000_003 + start + i) for i in range(count)]
+        kwargs = _denoiser_kwargs(cond, slice(start, start + count), cfg, null)
+        kwargs = {k: v.to(device) if v.dtype == torch.long else v.to(device, dtype) for k, v in kwargs.items()}
+        for i, t in enumerate(sched.timesteps):
+            model_in = torch.cat([x, x]) if cfg else x
+            model_in = sched.scale_model_input(model_in, t)
+            t_batch = torch.full((model_in.shape[0],), int(t), device=device, dtype=torch.long)
+            if on_step is not None:
+                on_step(i, int(t), model_in, kwargs)
+            eps = denoiser(model_in, t_batch, **kwargs).sample
+            if cfg:
+                e_cond, e_uncond = eps.chunk(2)
+                eps = e_uncond + sampler.guidance_scale * (e_cond - e_uncond)
+            step_kw = {"generator": gens}
+            if sampler.name == "ddim":
+                step_kw["eta"] = sampler.eta
+            x = sched.step(eps, t, x, **step_kw).prev_sample
+            bar.update(1)
+        outputs.append(x.float().cpu())
+    bar.close()
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def decode(pipe, x: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+    """Latents (or pixels) in model space -> uint8 NHWC images."""
+    vae = getattr(pipe, "vae", None) or getattr(pipe, "vqvae", None)
+    if vae is not None:
+        device = next(vae.parameters()).device
+        dtype = next(vae.parameters()).dtype
+        scale = getattr(vae.config, "scaling_factor", 1.0) or 1.0
+        x = torch.cat([vae.decode((x[i:i + batch_size] / scale).to(device, dtype)).sample.float().cpu()
+                       for i in range(0, len(x), batch_size)])
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def generate(pipe, sampler: SamplerConfig, num_images: int, batch_size: int = 16, seed: int = 0,
+             class_labels=None, prompts=None, progress: bool = True, desc: str = "sampling") -> np.ndarray:
+    """Sample ``num_images`` images (uint8 NHWC) from a FP or quantized pipeline."""
+    denoiser = get_denoiser(pipe)
+    device = next(denoiser.parameters()).device
+    cond = build_conditioning(pipe, num_images, seed, class_labels, prompts, sampler.guidance_scale, device)
+    x = denoise(pipe, sampler, num_images, batch_size, seed, cond, progress=progress, desc=desc)
+    return decode(pipe, x)
