@@ -39,3 +39,49 @@ def tiny_pipe_dir(tmp_path):
     path = tmp_path / "tiny-ddpm"
     tiny_ddpm_pipeline().save_pretrained(path)
     return path
+
+
+def tiny_sd_pipeline(tmp_dir, seed=0, clip_sample=False):
+    """Tiny Stable-Diffusion-shaped pipeline (cross-attention UNet2DConditionModel, a 1-layer CLIP
+    text encoder with a made-up 54-token vocabulary, a small VAE). RANDOM weights: plumbing only."""
+    import json
+    transformers = pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (tmp_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_dir / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(tmp_dir / "vocab.json"), str(tmp_dir / "merges.txt"),
+                                     model_max_length=16)
+    torch.manual_seed(seed)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1)).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=4).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=8, sample_size=16).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+                                   safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    if clip_sample:
+        # a random model's eps is not noise: unclipped DDIM latents then grow without bound.
+        # The SD pipeline's constructor forces clip_sample off, so set it after construction.
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_sd(tmp_path):
+    """Tiny text-to-image pipeline with random weights."""
+    d = tmp_path / "tok"
+    d.mkdir()
+    return tiny_sd_pipeline(d)

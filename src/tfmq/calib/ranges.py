@@ -20,8 +20,8 @@ from ..quant.model import act_quantizers, set_quant_state, weight_quantizers
 from ..quant.quantizer import UniformQuantizer, init_range
 from .data import CalibrationData
 
-SAMPLE_PER_CALL = 4096       # values kept from each observed tensor
-SAMPLE_CAP = 1 << 20         # values kept per observer in total
+SAMPLE_PER_CALL = 2048       # values kept from each observed tensor
+SAMPLE_CAP = 1 << 17         # values kept per observer in total
 
 
 class Observer:

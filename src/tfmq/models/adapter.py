@@ -13,6 +13,10 @@ from torch import nn
 SUPPORTED_DENOISERS = (UNet2DModel, UNet2DConditionModel)
 
 
+class UnsupportedModelError(ValueError):
+    """The pipeline or denoiser is not one tfmq can quantize."""
+
+
 def _supported_names() -> str:
     return ", ".join(c.__name__ for c in SUPPORTED_DENOISERS)
 
@@ -37,10 +41,10 @@ def get_denoiser(pipe) -> nn.Module:
     if denoiser is None:
         other = getattr(pipe, "transformer", None)
         what = type(other).__name__ if other is not None else "no denoiser"
-        raise TypeError(f"unsupported pipeline {type(pipe).__name__} ({what}); "
+        raise UnsupportedModelError(f"unsupported pipeline {type(pipe).__name__} ({what}); "
                         f"supported denoisers: {_supported_names()}")
     if not isinstance(denoiser, SUPPORTED_DENOISERS):
-        raise TypeError(f"unsupported denoiser {type(denoiser).__name__}; "
+        raise UnsupportedModelError(f"unsupported denoiser {type(denoiser).__name__}; "
                         f"supported denoisers: {_supported_names()}")
     return denoiser
 
@@ -52,7 +56,7 @@ def denoiser_kind(denoiser: nn.Module) -> str:
         return "unet2d-cond"
     if isinstance(denoiser, UNet2DModel):
         return "unet2d"
-    raise TypeError(f"unsupported denoiser {type(denoiser).__name__}; supported: {_supported_names()}")
+    raise UnsupportedModelError(f"unsupported denoiser {type(denoiser).__name__}; supported: {_supported_names()}")
 
 
 @dataclass

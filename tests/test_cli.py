@@ -1,0 +1,83 @@
+"""The command line end to end in a temp folder (tiny RANDOM-weight pipeline: plumbing only)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tfmq.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tfmq", *map(str, args)], capture_output=True, text=True)
+
+
+def test_quantize_then_sample(tiny_pipe_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", str(tiny_pipe_dir), "--method", "naive", "--wbits", "4", "--abits", "8",
+               "--steps", "3", "--calib-size", "2", "--seed", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["wbits"] == 4 and "calibration_data" in report["calibration_time"]["stages_s"]
+    assert (out / "quantization_config.json").exists() and (out / "tfmq_denoiser.safetensors").exists()
+
+    samples = tmp_path / "s"
+    rc = main(["sample", str(out), "--num-images", "3", "--batch-size", "2", "--seed", "5", "--out", str(samples)])
+    assert rc == 0
+    pngs = sorted(p.name for p in samples.glob("0*.png"))
+    assert pngs == ["000000.png", "000001.png", "000002.png"]
+    arr = np.load(samples / "samples.npz")["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (3, 16, 16, 3)
+    assert np.array_equal(np.asarray(Image.open(samples / "000001.png")), arr[1])
+    assert Image.open(samples / "grid.png").size[0] > 16
+    # the checkpoint's sampler (3 DDIM steps) is the default when sampling from it
+    assert json.loads(capsys.readouterr().out)["sampler"]["steps"] == 3
+
+    # sampling the FP pipeline works too, and refuses to overwrite
+    fp_out = tmp_path / "fp"
+    assert main(["sample", str(tiny_pipe_dir), "--num-images", "2", "--steps", "2", "--out", str(fp_out)]) == 0
+    with pytest.raises(SystemExit, match="not empty"):
+        main(["sample", str(tiny_pipe_dir), "--num-images", "2", "--steps", "2", "--out", str(fp_out)])
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--wbits", "1"], "unsupported bit width 1"),
+    (["--abits", "9"], "unsupported bit width 9"),
+    (["--wbits", "four"], "not an integer"),
+    (["--calib-size", "0"], "must be >= 1"),
+    (["--method", "magic"], "invalid choice"),
+    (["--layer-policy", "nope"], "invalid choice"),
+    (["--device", "tpu"], "device must be"),
+])
+def test_bad_flags_fail_before_any_work(flags, msg, tmp_path):
+    r = run_cli("quantize", "/does/not/exist", "--out", tmp_path / "o", *flags)
+    assert r.returncode == 2 and msg in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_not_overwritten(tiny_pipe_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    r = run_cli("quantize", tiny_pipe_dir, "--out", out, "--steps", "2", "--calib-size", "1")
+    assert r.returncode != 0 and "not empty" in r.stderr
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_unloadable_model_is_a_clear_error(tmp_path):
+    r = run_cli("quantize", tmp_path / "missing-model", "--out", tmp_path / "o", "--steps", "2")
+    assert r.returncode == 2 and "could not load a diffusers pipeline" in r.stderr
+
+
+def test_help_explains_every_flag():
+    r = run_cli("quantize", "--help")
+    assert r.returncode == 0
+    for flag in ("--method", "--wbits", "--abits", "--steps", "--calib-size", "--seed", "--out",
+                 "--layer-policy", "--device"):
+        assert flag in r.stdout
+    r = run_cli("sample", "--help")
+    for flag in ("--num-images", "--batch-size", "--guidance-scale", "--class-labels", "--prompt"):
+        assert flag in r.stdout
