@@ -1,0 +1,272 @@
+"""The evaluation matrix: FP and every (method, bits) cell on one model, side by side.
+
+Each cell quantizes a fresh copy of the FP pipeline, writes its compact checkpoint, samples N
+images from the same seeds as FP (DDIM eta 0 by default, so FP and quantized start from the same
+noise and follow comparable trajectories) and measures:
+
+* FID (and sFID where the network exposes spatial features) against a real data set's cached
+  reference statistics; IS only where the network has a classifier, else "not available";
+* PSNR / MSE of the final images against FP's (trajectory deviation);
+* calibration time, checkpoint size against the FP32 denoiser, sampling time.
+
+Everything lands in ``out/``: ``cells/<cell>/`` (samples.npz, cell.json, the checkpoint),
+``report.json``, ``report.md`` and ``grid.png``. A finished cell is never recomputed, so an
+interrupted evaluation continues where it stopped; a folder made with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..sampling import SamplerConfig
+
+SETTINGS_FILE = "settings.json"
+
+
+def parse_bits(spec: str) -> tuple[int, int]:
+    """``w4a8`` -> (4, 8); ``w4a32`` = weights only."""
+    s = spec.strip().lower()
+    if not (s.startswith("w") and "a" in s):
+        raise ValueError(f"bit setting {spec!r} must look like w4a8")
+    w, a = s[1:].split("a", 1)
+    try:
+        return int(w), int(a)
+    except ValueError:
+        raise ValueError(f"bit setting {spec!r} must look like w4a8") from None
+
+
+@dataclass
+class EvalSettings:
+    """What an evaluation runs. ``quant_overrides`` go to every method's QuantConfig."""
+    model: str = "default"
+    methods: list[str] = field(default_factory=lambda: ["fp", "naive", "tfmq"])
+    bits: list[str] = field(default_factory=lambda: ["w8a8", "w4a8"])
+    num_images: int = 1000
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    batch_size: int = 250
+    calib_size: int = 256
+    layer_policy: str = "tfmq-official"
+    reference: str | None = "fashion-mnist-test"
+    reference_size: int | None = None
+    device: str = "cpu"
+    grid_images: int = 8
+    quant_overrides: dict = field(default_factory=dict)
+
+    def cells(self) -> list[tuple[str, str, int, int]]:
+        """(cell name, method, wbits, abits), FP first."""
+        out = []
+        if "fp" in self.methods:
+            out.append(("fp", "fp", 32, 32))
+        for m in self.methods:
+            if m == "fp":
+                continue
+            for b in self.bits:
+                w, a = parse_bits(b)
+                out.append((f"{m}-w{w}a{a}", m, w, a))
+        return out
+
+    def validate(self) -> "EvalSettings":
+        from ..recipes import RECIPES
+        for m in self.methods:
+            if m != "fp" and m not in RECIPES:
+                raise ValueError(f"unknown method {m!r}; choose from fp, {', '.join(RECIPES)}")
+        for _, m, w, a in self.cells():
+            if m != "fp":   # validate every cell's config before any work
+                self.quant_config(m, w, a)
+        if self.num_images < 2:
+            raise ValueError("need at least 2 images per cell (FID needs a covariance)")
+        self.sampler.validate()
+        return self
+
+    def quant_config(self, method: str, wbits: int, abits: int):
+        from ..config import QuantConfig
+        return QuantConfig.for_method(method, wbits=wbits, abits=abits, sampler=self.sampler,
+                                      calib_size=self.calib_size, seed=self.seed,
+                                      layer_policy=self.layer_policy, **self.quant_overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _open_out(out: Path, settings: EvalSettings) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / SETTINGS_FILE
+    current = json.loads(json.dumps(settings.to_dict()))
+    if path.exists():
+        previous = json.loads(path.read_text())
+        # more methods / bits may be added to a finished evaluation; everything else must match
+        keep = {k: v for k, v in current.items() if k not in ("methods", "bits")}
+        prev = {k: v for k, v in previous.items() if k not in ("methods", "bits")}
+        if keep != prev:
+            diff = sorted(k for k in keep if keep[k] != prev.get(k))
+            raise ValueError(f"{out} holds an evaluation with other settings ({', '.join(diff)}); "
+                             f"use another --out folder")
+    elif any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty and holds no evaluation; use another --out folder")
+    path.write_text(json.dumps(current, indent=2))
+
+
+def _fp32_denoiser_bytes(pipe) -> int:
+    return sum(p.numel() * 4 for p in pipe.unet.parameters())
+
+
+class _Metrics:
+    """FID / sFID / IS against one reference set, with the network loaded once."""
+
+    def __init__(self, settings: EvalSettings, progress: bool):
+        self.settings = settings
+        self.available = settings.reference is not None
+        self.reason = None if self.available else "no reference data set given"
+        self.net = self.ref = None
+        if self.available:
+            try:
+                from .inception import InceptionFeatures
+                from .reference import reference_stats
+                self.net = InceptionFeatures(device=settings.device, progress=progress)
+                self.ref = reference_stats(settings.reference, settings.reference_size, network=self.net)
+            except (FileNotFoundError, ImportError) as exc:
+                self.available, self.reason = False, f"FID not available: {exc}"
+
+    def __call__(self, images: np.ndarray) -> dict:
+        from .inception_score import inception_score
+        if not self.available:
+            return {"fid": None, "sfid": None, "is": None, "metric_note": self.reason}
+        from .fid import fid_from_stats, image_stats
+        stats = image_stats(images, self.net, spatial=self.ref.spatial is not None)
+        out = {"fid": fid_from_stats(stats.pool, self.ref.pool)}
+        out["sfid"] = fid_from_stats(stats.spatial, self.ref.spatial) if stats.spatial is not None else None
+        is_result = inception_score(images, self.net)
+        out["is"] = is_result.value
+        if is_result.value is None:
+            out["is_note"] = is_result.reason
+        return out
+
+
+def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits: int, cell_dir: Path,
+              fp_images: np.ndarray | None, progress: bool) -> tuple[dict, np.ndarray]:
+    import tfmq
+    from ..api import load_any
+    from ..checkpoint import checkpoint_size
+    from ..sampling import generate
+    pipe = load_any(settings.model, settings.device)
+    row = {"cell": name, "method": method, "wbits": wbits, "abits": abits,
+           "layer_policy": settings.layer_policy if method != "fp" else None,
+           "sampler": settings.sampler.name, "steps": settings.sampler.steps, "n": settings.num_images,
+           "seed": settings.seed, "fp32_denoiser_bytes": _fp32_denoiser_bytes(pipe)}
+    if method != "fp":
+        config = settings.quant_config(method, wbits, abits)
+        tfmq.quantize(pipe, config, progress=progress)
+        ckpt = tfmq.save(pipe, cell_dir / "checkpoint", overwrite=True)
+        info = pipe.unet.tfmq_info
+        row.update({"calibration_s": info["calibration_time"]["total_s"],
+                    "calibration_stages_s": info["calibration_time"]["stages_s"],
+                    "checkpoint_bytes": checkpoint_size(ckpt), "fsc": info.get("fsc"),
+                    "recipe": info.get("recipe")})
+        row["checkpoint_ratio"] = row["checkpoint_bytes"] / row["fp32_denoiser_bytes"]
+    t0 = time.perf_counter()
+    images = generate(pipe, settings.sampler, settings.num_images, settings.batch_size, settings.seed,
+                      progress=progress, desc=f"sampling {name}")
+    row["sampling_s"] = time.perf_counter() - t0
+    if fp_images is not None and method != "fp":
+        from .metrics import mse, psnr
+        row["mse_vs_fp"] = float(mse(images, fp_images))
+        row["psnr_vs_fp"] = float(psnr(images, fp_images))
+    np.savez(cell_dir / "samples.npz", arr_0=images)
+    return row, images
+
+
+def evaluate(settings: EvalSettings, out: str | Path, progress: bool = True) -> dict:
+    """Run (or continue) the evaluation matrix into ``out``; returns the report."""
+    settings.validate()
+    out = Path(out)
+    _open_out(out, settings)
+    metrics = _Metrics(settings, progress)
+    rows, samples = [], {}
+    fp_images = None
+    cells = settings.cells()
+    for name, method, w, a in tqdm(cells, desc="evaluation cells", disable=not progress):
+        cell_dir = out / "cells" / name
+        done = cell_dir / "cell.json"
+        if done.exists():
+            row = json.loads(done.read_text())
+            images = np.load(cell_dir / "samples.npz")["arr_0"]
+        else:
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            row, images = _run_cell(settings, name, method, w, a, cell_dir, fp_images, progress)
+            row.update(metrics(images))
+            done.write_text(json.dumps(row, indent=2))
+        if method == "fp":
+            fp_images = images
+        rows.append(row)
+        samples[name] = images[: settings.grid_images]
+    report = {"settings": settings.to_dict(), "rows": rows,
+              "metric_notes": {"is": next((r.get("is_note") for r in rows if r.get("is_note")), None),
+                               "fid": metrics.reason}}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown_report(report))
+    save_comparison_grid(samples, out / "grid.png")
+    return report
+
+
+def _fmt(v, spec=".2f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown_report(report: dict) -> str:
+    """The report as a Markdown table, one row per cell."""
+    s = report["settings"]
+    samp = s["sampler"]
+    lines = [
+        f"# tfmq evaluation: {s['model']}",
+        "",
+        f"Sampler {samp['name']} {samp['steps']} steps (eta {samp['eta']}, guidance {samp['guidance_scale']}), "
+        f"N = {s['num_images']} per cell, seed {s['seed']}, reference {s['reference']} "
+        f"({s['reference_size'] or 'all'} images), calibration {s['calib_size']} trajectories, "
+        f"layer policy {s['layer_policy']}.",
+        "",
+        "| method | W/A | FID | sFID | IS | PSNR vs FP (dB) | MSE vs FP | calib (s) | ckpt (MB) | ckpt / FP32 | sampling (s) | policy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        ck = r.get("checkpoint_bytes")
+        lines.append(
+            f"| {r['method']} | {r['wbits']}/{r['abits']} | {_fmt(r.get('fid'))} | {_fmt(r.get('sfid'))} | "
+            f"{_fmt(r.get('is'))} | {_fmt(r.get('psnr_vs_fp'))} | {_fmt(r.get('mse_vs_fp'), '.1f')} | "
+            f"{_fmt(r.get('calibration_s'), '.1f')} | {_fmt(ck / 1e6 if ck else None)} | "
+            f"{_fmt(r.get('checkpoint_ratio'), '.1%')} | {_fmt(r.get('sampling_s'), '.1f')} | "
+            f"{r.get('layer_policy') or '-'} |")
+    notes = report.get("metric_notes", {})
+    if notes.get("is"):
+        lines += ["", f"IS: not available ({notes['is']})."]
+    if notes.get("fid"):
+        lines += ["", f"FID: {notes['fid']}."]
+    return "\n".join(lines) + "\n"
+
+
+def save_comparison_grid(samples: dict[str, np.ndarray], path: Path) -> None:
+    """One row per cell (FP first), same seeds in each column, the cell name on the left."""
+    from PIL import Image, ImageDraw
+    from .grid import make_grid
+    names = list(samples)
+    if not names:
+        return
+    n = min(len(v) for v in samples.values())
+    imgs = np.concatenate([samples[k][:n] for k in names])
+    if imgs.shape[-1] == 1:
+        imgs = np.repeat(imgs, 3, axis=-1)
+    grid = make_grid(imgs, ncols=n)
+    label_w = 110
+    canvas = Image.new("RGB", (grid.shape[1] + label_w, grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (label_w, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = (grid.shape[0] - 2) / len(names)
+    for i, name in enumerate(names):
+        draw.text((4, int(i * row_h + row_h / 2) - 5), name, fill="black")
+    canvas.save(path)
