@@ -65,6 +65,17 @@ def test_report_comes_from_the_run(tiny_pipe_dir, tmp_path, fid_ready):
     with pytest.raises(ValueError, match="other settings"):
         evaluate(settings(tiny_pipe_dir, 5), tmp_path / "a", progress=False)
 
+    # sampling without metrics (e.g. on a GPU machine without the FID network), metrics later
+    s = settings(tiny_pipe_dir, 4)
+    s.reference = None
+    d = evaluate(s, tmp_path / "d", progress=False)
+    assert d["rows"][0]["fid"] is None
+    cell = tmp_path / "d" / "cells" / "fp" / "cell.json"
+    before = cell.stat().st_mtime_ns
+    e = evaluate(settings(tiny_pipe_dir, 4), tmp_path / "d", progress=False)
+    assert cell.stat().st_mtime_ns == before
+    assert e["rows"][0]["fid"] == pytest.approx(ra[0]["fid"])   # same seeds, same samples
+
 
 def test_bad_settings_fail_before_work(tiny_pipe_dir, tmp_path):
     s = settings(tiny_pipe_dir, 4, ("fp", "magic"))

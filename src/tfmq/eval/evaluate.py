@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from ..sampling import SamplerConfig
 
 SETTINGS_FILE = "settings.json"
+#: settings that may change between runs into one folder: they do not change finished cells
+#: (samples are seeded per image; metrics are cached per reference set)
+FREE_SETTINGS = ("methods", "bits", "reference", "reference_size", "device", "batch_size", "grid_images")
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
@@ -101,9 +104,9 @@ def _open_out(out: Path, settings: EvalSettings) -> None:
     current = json.loads(json.dumps(settings.to_dict()))
     if path.exists():
         previous = json.loads(path.read_text())
-        # more methods / bits may be added to a finished evaluation; everything else must match
-        keep = {k: v for k, v in current.items() if k not in ("methods", "bits")}
-        prev = {k: v for k, v in previous.items() if k not in ("methods", "bits")}
+        # cells may be added, and metrics computed elsewhere; what decides the samples must match
+        keep = {k: v for k, v in current.items() if k not in FREE_SETTINGS}
+        prev = {k: v for k, v in previous.items() if k not in FREE_SETTINGS}
         if keep != prev:
             diff = sorted(k for k in keep if keep[k] != prev.get(k))
             raise ValueError(f"{out} holds an evaluation with other settings ({', '.join(diff)}); "
@@ -118,24 +121,45 @@ def _fp32_denoiser_bytes(pipe) -> int:
 
 
 class _Metrics:
-    """FID / sFID / IS against one reference set, with the network loaded once."""
+    """FID / sFID / IS against one reference set; the network and the reference statistics are
+    loaded on first use. Results are cached per cell and reference (``metrics-<ref>-<n>.json``),
+    so metrics can be computed on another machine than the samples (e.g. sample on a GPU that
+    lacks the FID network, then run the same command on a CPU machine that has it)."""
 
     def __init__(self, settings: EvalSettings, progress: bool):
         self.settings = settings
+        self.progress = progress
         self.available = settings.reference is not None
         self.reason = None if self.available else "no reference data set given"
         self.net = self.ref = None
+
+    @property
+    def cache_name(self) -> str:
+        return f"metrics-{self.settings.reference}-{self.settings.reference_size or 'all'}.json"
+
+    def _load(self) -> None:
+        if self.ref is not None or not self.available:
+            return
+        try:
+            from .inception import InceptionFeatures
+            from .reference import reference_stats
+            self.net = InceptionFeatures(device=self.settings.device, progress=self.progress)
+            self.ref = reference_stats(self.settings.reference, self.settings.reference_size, network=self.net)
+        except (FileNotFoundError, ImportError) as exc:
+            self.available, self.reason = False, f"FID not available here: {exc}"
+
+    def for_cell(self, cell_dir: Path, images: np.ndarray) -> dict:
+        cached = cell_dir / self.cache_name
+        if cached.exists():
+            return json.loads(cached.read_text())
+        result = self(images)
         if self.available:
-            try:
-                from .inception import InceptionFeatures
-                from .reference import reference_stats
-                self.net = InceptionFeatures(device=settings.device, progress=progress)
-                self.ref = reference_stats(settings.reference, settings.reference_size, network=self.net)
-            except (FileNotFoundError, ImportError) as exc:
-                self.available, self.reason = False, f"FID not available: {exc}"
+            cached.write_text(json.dumps(result, indent=2))
+        return result
 
     def __call__(self, images: np.ndarray) -> dict:
         from .inception_score import inception_score
+        self._load()
         if not self.available:
             return {"fid": None, "sfid": None, "is": None, "metric_note": self.reason}
         from .fid import fid_from_stats, image_stats
@@ -159,7 +183,8 @@ def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits:
     row = {"cell": name, "method": method, "wbits": wbits, "abits": abits,
            "layer_policy": settings.layer_policy if method != "fp" else None,
            "sampler": settings.sampler.name, "steps": settings.sampler.steps, "n": settings.num_images,
-           "seed": settings.seed, "fp32_denoiser_bytes": _fp32_denoiser_bytes(pipe)}
+           "seed": settings.seed, "device": settings.device,
+           "fp32_denoiser_bytes": _fp32_denoiser_bytes(pipe)}
     if method != "fp":
         config = settings.quant_config(method, wbits, abits)
         tfmq.quantize(pipe, config, progress=progress)
@@ -200,8 +225,8 @@ def evaluate(settings: EvalSettings, out: str | Path, progress: bool = True) -> 
         else:
             cell_dir.mkdir(parents=True, exist_ok=True)
             row, images = _run_cell(settings, name, method, w, a, cell_dir, fp_images, progress)
-            row.update(metrics(images))
             done.write_text(json.dumps(row, indent=2))
+        row = {**row, **metrics.for_cell(cell_dir, images)}
         if method == "fp":
             fp_images = images
         rows.append(row)
