@@ -10,8 +10,10 @@ from diffusers import DiffusionPipeline
 
 from . import checkpoint
 from .calib.data import collect_calibration_data
+from .calib.resume import ProgressStore, model_fingerprint
 from .config import QuantConfig
 from .models.adapter import get_denoiser, load_pipeline
+from .models.units import shortcut_splits
 from .quant.model import WrapSpec, freeze, set_quant_state, wrap_denoiser
 from .recipes import QuantContext, StageTimer, get_recipe, run_recipe
 
@@ -31,17 +33,24 @@ def make_wrap_spec(config: QuantConfig, denoiser, timesteps: list[int]) -> WrapS
     """The quantized structure a config asks for."""
     return WrapSpec(wbits=config.wbits, abits=config.abits, softmax_bits=config.effective_softmax_bits,
                     layer_policy=config.layer_policy, weight_symmetric=config.weight_symmetric,
-                    act_symmetric=config.act_symmetric)
+                    act_symmetric=config.act_symmetric,
+                    n_sets=len(timesteps) if config.effective_fsc != "none" else 1,
+                    splits=shortcut_splits(denoiser) if config.split_shortcut else {})
 
 
 def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, work_dir=None,
-             **overrides):
+             resume: bool = False, on_unit=None, **overrides):
     """Quantize ``pipe``'s denoiser in place and return the pipeline.
 
     ``config`` (or ``QuantConfig.for_method(overrides.pop('method', 'naive'), **overrides)``)
     says how. Calibration data are collected from the FP pipeline in one pass, then the method's
     recipe runs, then weights are frozen to integer codes. ``pipe.unet.tfmq_info`` holds the
     config, the sampler's timesteps and the wall time of each stage.
+
+    With ``work_dir``, progress is written to ``work_dir/.tfmq-progress`` after every
+    reconstruction unit; ``resume=True`` continues from there (same config and model required)
+    and ends with the same result as an uninterrupted run. ``on_unit(phase, unit, stats)`` is
+    called after each unit.
     """
     if config is None:
         config = QuantConfig.for_method(overrides.pop("method", "naive"), **overrides)
@@ -51,6 +60,11 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
     denoiser = get_denoiser(pipe)
     if getattr(denoiser, "tfmq_info", None) is not None:
         raise RuntimeError("this pipeline's denoiser is already quantized")
+    store = None
+    if work_dir is not None:
+        store = ProgressStore.open(work_dir, config.to_dict(), model_fingerprint(denoiser), resume)
+    elif resume:
+        raise ValueError("resume needs the work_dir that holds the earlier run's progress")
     timer = StageTimer()
     with timer("calibration_data"):
         data = collect_calibration_data(
@@ -61,7 +75,7 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
         spec = make_wrap_spec(config, denoiser, data.timesteps)
         wrap_denoiser(denoiser, spec)
         ctx = QuantContext(pipe, denoiser, config, data, timer, progress,
-                           Path(work_dir) if work_dir else None)
+                           Path(work_dir) if work_dir else None, store=store, on_unit=on_unit)
         run_recipe(ctx)
         with timer("freeze"):
             freeze(denoiser)
@@ -79,6 +93,7 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
         "config": config.to_dict(),
         "calibration_time": timer.to_dict(),
     }
+    denoiser.tfmq_info.update(ctx.extra.get("tfmq_info", {}))   # stage results (fsc, temporal)
     return pipe
 
 
@@ -95,7 +110,7 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     cls = getattr(diffusers, cfg["denoiser_class"], None)
     if cls is None:
         raise checkpoint.CheckpointError(f"unknown denoiser class {cfg['denoiser_class']!r}")
-    denoiser = cls.from_config(cls.load_config(str(ckpt_dir / cfg["denoiser_component"])))
+    denoiser = cls.from_config(cls.load_config(str(ckpt_dir / cfg["denoiser_component"]))).eval()
     if dtype != torch.float32:
         denoiser = denoiser.to(dtype)
     checkpoint.apply_checkpoint(denoiser, ckpt_dir, cfg)

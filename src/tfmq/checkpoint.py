@@ -42,7 +42,11 @@ class CheckpointError(ValueError):
 
 
 def denoiser_fingerprint(denoiser) -> str:
-    """Hash of the denoiser's class, config and parameter shapes."""
+    """Hash of the denoiser's class, config and parameter shapes (of its FP structure: a denoiser
+    whose temporal block was replaced by a feature cache keeps the hash it had before)."""
+    fixed = getattr(denoiser, "tfmq_fp_fingerprint", None)
+    if fixed is not None:
+        return fixed
     cfg = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
     shapes = []
     for mod_name, m in denoiser.named_modules():
@@ -178,6 +182,9 @@ def apply_checkpoint(denoiser, ckpt_dir: str | Path, cfg: dict | None = None) ->
                               f"version {meta.get('format_version')!r}; expected {FORMAT} {FORMAT_VERSION}")
     layer_meta = json.loads(meta["layers"])
     wrap_denoiser(denoiser, wrap_spec_from_config(cfg))
+    if cfg.get("temporal", {}).get("mode") == "cache":        # the TIB is replaced by its table
+        from .models.temporal_cache import install_from_info
+        install_from_info(denoiser, cfg["temporal"])
     modules = dict(denoiser.named_modules())
     # quantizer parameters are created lazily: give them their stored shapes first
     for qname in _quantizer_names(denoiser):
@@ -221,6 +228,8 @@ def apply_checkpoint(denoiser, ckpt_dir: str | Path, cfg: dict | None = None) ->
     denoiser.tfmq_info = {k: v for k, v in cfg.items()
                           if k not in ("format", "format_version", "tfmq_version", "denoiser_component",
                                        "denoiser_class", "denoiser_fingerprint")}
+    from .calib.fsc import attach_from_info
+    attach_from_info(denoiser)                                  # per-step (FSC) parameter selection
 
 
 def checkpoint_size(ckpt_dir: str | Path) -> int:

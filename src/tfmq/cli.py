@@ -106,8 +106,26 @@ def build_quantize(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of calibration noise and sampling (default 0)")
     p.add_argument("--out", type=Path, required=True, help="output folder for the checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    add_temporal_flags(p)
+    add_reconstruction_flags(p)
     add_sampler_flags(p, steps_default=100)
     p.set_defaults(func=run_quantize)
+
+
+def add_temporal_flags(p: argparse.ArgumentParser) -> None:
+    """TFMQ-DM's options (method tfmq); unset flags take the method's defaults."""
+    from .config import FSC_MODES, TEMPORAL_MODES
+    g = p.add_argument_group("TFMQ-DM (--method tfmq)")
+    g.add_argument("--interval-length", type=_positive, default=None,
+                   help="weight reconstruction uses every K-th sampling step's data (default 20)")
+    g.add_argument("--fsc", choices=FSC_MODES, default=None,
+                   help="finite set calibration: per-step activation parameters for every quantizer "
+                        "(all, the official code's; default), for the temporal block only (tib), or none")
+    g.add_argument("--temporal", choices=TEMPORAL_MODES, default=None,
+                   help="temporal information block: reconstruct it with TIAR (default) or replace it "
+                        "by its precomputed full-precision features (cache)")
+    g.add_argument("--tiar-iters", type=int, default=None,
+                   help="AdaRound iterations of TIAR (default: the reconstruction's iterations)")
 
 
 def quantize_overrides(args) -> dict:
@@ -118,7 +136,12 @@ def quantize_overrides(args) -> dict:
                                   args.guidance_scale if args.guidance_scale is not None else 1.0)}
     for flag, key in (("softmax_bits", "softmax_bits"), ("calib_size", "calib_size"),
                       ("calib_batch_size", "calib_batch_size"), ("class_labels", "class_labels"),
-                      ("prompt", "prompts")):
+                      ("prompt", "prompts"), ("interval_length", "interval_length"), ("fsc", "fsc"),
+                      ("temporal", "temporal"), ("tiar_iters", "tiar_iters"), ("preset", "preset"),
+                      ("recon_iters", "recon_iters"), ("recon_batch_size", "recon_batch_size"),
+                      ("recon_lr", "recon_lr"), ("recon_units", "recon_units"), ("recon_bf16", "recon_bf16"),
+                      ("act_learn_iters", "act_learn_iters"), ("calib_steps", "calib_steps"),
+                      ("act_ema", "act_ema"), ("split_shortcut", "split_shortcut")):
         if getattr(args, flag) is not None:
             o[key] = getattr(args, flag)
     return o
@@ -135,6 +158,9 @@ def run_quantize(args) -> int:
     tfmq.quantize(pipe, config, progress=True, **_extra_quantize_kwargs(args))
     tfmq.save(pipe, args.out, overwrite=True)
     info = pipe.unet.tfmq_info
+    from .calib.report import format_calibration_time, write_calibration_time
+    write_calibration_time(args.out, info)
+    print(format_calibration_time(info))
     print(json.dumps({"out": str(args.out), "method": config.method, "wbits": config.wbits,
                       "abits": config.abits, "layer_policy": config.layer_policy,
                       "calibration_time": info["calibration_time"]}, indent=2))
@@ -142,8 +168,35 @@ def run_quantize(args) -> int:
 
 
 def _extra_quantize_kwargs(args) -> dict:
-    """Keyword arguments for tfmq.quantize that other subsystems add to the CLI (e.g. resume)."""
-    return {}
+    """Progress goes into --out after every reconstruction unit; --resume continues from it."""
+    return {"work_dir": args.out, "resume": args.resume}
+
+
+def add_reconstruction_flags(p: argparse.ArgumentParser) -> None:
+    """Block reconstruction (qdiff, tfmq) and activation step learning (qdiff); unset flags take
+    the method's defaults."""
+    g = p.add_argument_group("reconstruction (--method qdiff / tfmq)")
+    g.add_argument("--preset", choices=["default", "reference"], default=None,
+                   help="reconstruction settings: the project's defaults, or the reference code's "
+                        "(20,000 AdaRound iterations per unit: slow)")
+    g.add_argument("--recon-iters", type=int, default=None, help="AdaRound iterations per unit")
+    g.add_argument("--recon-batch-size", type=_positive, default=None, help="reconstruction batch size")
+    g.add_argument("--recon-lr", type=float, default=None, help="AdaRound learning rate")
+    g.add_argument("--recon-units", nargs="+", default=None, metavar="PATTERN",
+                   help="only reconstruct units whose names match these glob patterns")
+    g.add_argument("--recon-bf16", action="store_true", default=None,
+                   help="bf16 autocast during reconstruction (CUDA only)")
+    g.add_argument("--act-learn-iters", type=int, default=None,
+                   help="activation step-size learning iterations (qdiff)")
+    g.add_argument("--calib-steps", type=_positive, default=None,
+                   help="time-step-aware calibration: number of sampling steps spread uniformly "
+                        "over the sampler's (Q-Diffusion's --cali_st)")
+    g.add_argument("--act-ema", type=float, default=None,
+                   help="running-statistics (EMA) momentum for activation ranges, e.g. 0.9")
+    g.add_argument("--no-split-shortcut", dest="split_shortcut", action="store_false", default=None,
+                   help="no separate quantizers for the two halves of up-block concatenations")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted quantize into the same --out (same flags needed)")
 
 
 # ---- sample --------------------------------------------------------------------------------
@@ -188,7 +241,107 @@ def run_sample(args) -> int:
     return 0
 
 
-COMMANDS = [build_quantize, build_sample]
+# ---- evaluate ------------------------------------------------------------------------------
+def _set_value(text: str):
+    """``key=value`` with value parsed as JSON where possible (numbers, true/false, lists)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def build_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="FP vs every method x bit setting: FID, PSNR vs FP, size, time",
+                       description="Run an evaluation matrix and write report.md, report.json and a "
+                                   "side-by-side grid.png. Finished cells are reused when the same "
+                                   "command runs again (an interrupted evaluation continues).")
+    p.add_argument("model", nargs="?", default="default",
+                   help="hub id or local pipeline folder (default: the bundled Fashion-MNIST DDPM)")
+    p.add_argument("--methods", default="fp,naive,tfmq",
+                   help="comma-separated: fp and method names (default fp,naive,tfmq)")
+    p.add_argument("--bits", default="w8a8,w4a8",
+                   help="comma-separated bit settings like w8a8,w4a8,w4a32 (a32 = weights only)")
+    p.add_argument("--num-images", type=_positive, default=1000, help="samples per cell (default 1000)")
+    p.add_argument("--batch-size", type=_positive, default=250, help="sampling batch size (default 250)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and calibration (default 0)")
+    p.add_argument("--calib-size", type=_positive, default=256, help="calibration trajectories (default 256)")
+    p.add_argument("--layer-policy", choices=sorted(POLICIES), default="tfmq-official",
+                   help="layer policy of every method (default tfmq-official)")
+    p.add_argument("--reference", default="fashion-mnist-test",
+                   help="real data set for FID (default fashion-mnist-test; 'none' to skip FID)")
+    p.add_argument("--reference-size", type=_positive, default=None,
+                   help="number of real images for the reference statistics (default: all)")
+    p.add_argument("--set", dest="overrides", type=_set_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="extra QuantConfig option for every method, e.g. "
+                                             "--set recon_iters=200 (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (reused to continue)")
+    add_sampler_flags(p, steps_default=100)
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from .eval.evaluate import EvalSettings, evaluate
+    from .sampling import SamplerConfig
+    if args.class_labels or args.prompt:
+        raise SystemExit("error: evaluate samples the model's own conditioning; --class-labels / "
+                         "--prompt do not apply")
+    settings = EvalSettings(
+        model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        bits=[b.strip() for b in args.bits.split(",") if b.strip()], num_images=args.num_images,
+        seed=args.seed, sampler=SamplerConfig(args.sampler or "ddim", args.steps, args.eta or 0.0,
+                                              args.guidance_scale if args.guidance_scale is not None else 1.0),
+        batch_size=args.batch_size, calib_size=args.calib_size, layer_policy=args.layer_policy,
+        reference=None if args.reference == "none" else args.reference,
+        reference_size=args.reference_size, device=args.device, quant_overrides=dict(args.overrides))
+    settings.validate()
+    _check_device(args.device)
+    from .eval.evaluate import markdown_report
+    report = evaluate(settings, args.out, progress=True)
+    print(markdown_report(report))
+    print(f"written: {args.out / 'report.md'}, {args.out / 'report.json'}, {args.out / 'grid.png'}")
+    return 0
+
+
+# ---- analyze --------------------------------------------------------------------------------
+def build_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="temporal feature analysis: per-step cosine of FP vs quantized",
+                       description="For every sampling step, the cosine similarity between the FP "
+                                   "model's temporal features g_i(h(t)) and each checkpoint's (the "
+                                   "TFMQ-DM paper's temporal feature error). Writes "
+                                   "temporal_features.json and temporal_cosine.png.")
+    p.add_argument("checkpoints", nargs="+", type=Path, help="tfmq checkpoint folders")
+    p.add_argument("--model", default="default",
+                   help="the FP pipeline the checkpoints were made from (default: the bundled model)")
+    p.add_argument("--labels", default=None, help="comma-separated plot labels, one per checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.set_defaults(func=run_analyze)
+
+
+def run_analyze(args) -> int:
+    from .eval.temporal import analyze_checkpoints
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    if labels is not None and len(labels) != len(args.checkpoints):
+        raise SystemExit(f"error: --labels has {len(labels)} entries for {len(args.checkpoints)} checkpoints")
+    for c in args.checkpoints:
+        if not c.is_dir():
+            raise SystemExit(f"error: checkpoint folder {c} does not exist")
+    _check_out(args.out, args.overwrite)
+    _check_device(args.device)
+    result = analyze_checkpoints(args.model, args.checkpoints, args.out, labels, args.device)
+    summary = {label: {"mean_cosine": round(r["mean_cosine"], 6), "min_cosine": round(r["min_cosine"], 6),
+                       "mean_relative_error": r["mean_relative_error"]}
+               for label, r in result["reports"].items()}
+    print(json.dumps({"summary": summary, **result["paths"]}, indent=2))
+    return 0
+
+
+COMMANDS = [build_quantize, build_sample, build_evaluate, build_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:

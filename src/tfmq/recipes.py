@@ -18,6 +18,7 @@ from torch import nn
 
 from .calib.data import CalibrationData
 from .calib.ranges import calibrate_activations, init_weight_ranges
+from .calib.reconstruction import calibration_steps
 from .quant.model import set_quant_state
 
 
@@ -26,6 +27,12 @@ class StageTimer:
 
     def __init__(self):
         self.times: dict[str, float] = {}
+        self.units: dict[str, dict[str, float]] = {}     # stage -> unit -> seconds
+
+    def add_unit(self, stage: str, unit: str, seconds: float) -> None:
+        """Record the wall time of one unit of a per-unit stage (reconstruction)."""
+        per = self.units.setdefault(stage, {})
+        per[unit] = per.get(unit, 0.0) + seconds
 
     @contextmanager
     def __call__(self, name: str):
@@ -39,7 +46,10 @@ class StageTimer:
         return sum(self.times.values())
 
     def to_dict(self) -> dict:
-        return {"stages_s": {k: round(v, 3) for k, v in self.times.items()}, "total_s": round(self.total(), 3)}
+        out = {"stages_s": {k: round(v, 3) for k, v in self.times.items()}, "total_s": round(self.total(), 3)}
+        if self.units:
+            out["units_s"] = {s: {u: round(v, 3) for u, v in per.items()} for s, per in self.units.items()}
+        return out
 
 
 @dataclass
@@ -53,6 +63,8 @@ class QuantContext:
     progress: bool = True
     work_dir: Path | None = None
     extra: dict = field(default_factory=dict)
+    store: object | None = None        # tfmq.calib.resume.ProgressStore when progress is kept
+    on_unit: Callable | None = None    # called as on_unit(phase, unit, stats) after each unit
 
 
 def stage_weight_ranges(ctx: QuantContext) -> None:
@@ -66,14 +78,87 @@ def stage_act_ranges(ctx: QuantContext) -> None:
     c = ctx.config
     calibrate_activations(ctx.denoiser, ctx.data, c.act_init, per_step=False,
                           rows_per_step=c.act_rows_per_step, batch_size=c.calib_batch_size,
-                          seed=c.seed, progress=ctx.progress)
+                          seed=c.seed, progress=ctx.progress,
+                          steps=calibration_steps(len(ctx.data), c.calib_steps), ema=c.act_ema)
     set_quant_state(ctx.denoiser, act=True)
+
+
+def stage_reconstruct(ctx: QuantContext) -> None:
+    """BRECQ block reconstruction of the weights with AdaRound, unit by unit (resumable)."""
+    from .calib.reconstruction import reconstruct_weights
+    reconstruct_weights(ctx)
+
+
+def stage_act_learning(ctx: QuantContext) -> None:
+    """LSQ-like activation step-size learning, unit by unit (resumable)."""
+    from .calib.act_learning import learn_activation_steps
+    learn_activation_steps(ctx)
+
+
+def _info(ctx: QuantContext) -> dict:
+    """Entries a stage adds to the quantized denoiser's ``tfmq_info`` (and checkpoint config)."""
+    return ctx.extra.setdefault("tfmq_info", {})
+
+
+def stage_temporal(ctx: QuantContext) -> None:
+    """TFMQ-DM's temporal information block. ``temporal='tiar'``: AdaRound on the TIB's layers
+    under the temporal-feature loss over the finite set of timesteps, then their weights are
+    frozen so no later unit touches them. ``temporal='cache'``: the TIB stays in full precision
+    (unwrapped) until ``temporal_cache`` replaces it by its FP feature table."""
+    from .calib.tiar import tiar, tib_quant_layers
+    from .models.temporal_cache import keep_tib_full_precision
+    c = ctx.config
+    if (c.temporal or "tiar") == "cache":
+        from .checkpoint import denoiser_fingerprint
+        ctx.denoiser.tfmq_fp_fingerprint = denoiser_fingerprint(ctx.denoiser)  # before it changes
+        _info(ctx)["temporal"] = {"mode": "cache", "kept_fp": keep_tib_full_precision(ctx.denoiser)}
+        return
+    layers = tib_quant_layers(ctx.denoiser)
+    summary = tiar(ctx.denoiser, ctx.data.timesteps, ctx.data,
+                   iters=c.recon_iters if c.tiar_iters is None else c.tiar_iters, lr=c.recon_lr,
+                   reg_weight=c.recon_reg_weight, warmup=c.recon_warmup, beta=tuple(c.recon_beta),
+                   seed=c.seed, progress=ctx.progress)
+    for layer in layers.values():
+        layer.freeze()
+    ctx.extra["recon_exclude"] = set(ctx.extra.get("recon_exclude", ())) | set(layers)
+    _info(ctx)["temporal"] = {"mode": "tiar", **summary}
+
+
+def stage_fsc(ctx: QuantContext) -> None:
+    """Activation ranges with finite set calibration (``fsc``: tib or all; none = one range for
+    all steps, as ``act_ranges``)."""
+    from .calib.fsc import run_fsc
+    c = ctx.config
+    mode = c.effective_fsc
+    if mode == "none":
+        stage_act_ranges(ctx)
+        _info(ctx)["fsc"] = {"mode": "none", "n_sets": 1}
+        return
+    _info(ctx)["fsc"] = run_fsc(ctx.denoiser, ctx.data, mode, c.act_init, c.fsc_momentum,
+                                c.act_rows_per_step, c.calib_batch_size, c.seed, ctx.progress)
+
+
+def stage_temporal_cache(ctx: QuantContext) -> None:
+    """With ``temporal='cache'``: compute every temporal feature of the finite set at full
+    precision and replace the TIB by that table (no-op otherwise)."""
+    from .models.temporal_cache import build_cache, cache_info, install_cache
+    if ctx.config.temporal != "cache":
+        return
+    cache = build_cache(ctx.denoiser, ctx.data.timesteps, sampler=ctx.data.sampler.to_dict(),
+                        progress=ctx.progress)
+    install_cache(ctx.denoiser, cache)
+    _info(ctx).setdefault("temporal", {"mode": "cache"}).update(cache_info(cache))
 
 
 StageFn = Callable[[QuantContext], None]
 STAGES: dict[str, StageFn] = {
     "weight_ranges": stage_weight_ranges,
     "act_ranges": stage_act_ranges,
+    "temporal": stage_temporal,
+    "fsc": stage_fsc,
+    "temporal_cache": stage_temporal_cache,
+    "reconstruct": stage_reconstruct,
+    "act_learning": stage_act_learning,
 }
 
 
@@ -92,6 +177,22 @@ RECIPES: dict[str, Recipe] = {
         "data (one set for all steps)",
         ("weight_ranges", "act_ranges"),
         {"weight_init": "mse", "act_init": "mse"}),
+    "tfmq": Recipe(
+        "tfmq",
+        "TFMQ-DM: TIAR on the temporal information block first (or --temporal cache: its FP "
+        "feature table), then BRECQ reconstruction of the other units on every "
+        "interval_length-th step, then FSC activation ranges per sampling step (--fsc all / tib)",
+        ("weight_ranges", "temporal", "reconstruct", "fsc", "temporal_cache"),
+        {"weight_init": "mse", "act_init": "mse", "calib_size": 256, "fsc": "all",
+         "temporal": "tiar", "interval_length": 20}),
+    "qdiff": Recipe(
+        "qdiff",
+        "Q-Diffusion: time-step-aware calibration (calib_steps steps spread uniformly), split "
+        "shortcut, BRECQ block reconstruction with AdaRound, then activation ranges and LSQ-like "
+        "activation step-size learning per unit (use softmax_bits=16 for Stable Diffusion)",
+        ("weight_ranges", "reconstruct", "act_ranges", "act_learning"),
+        {"weight_init": "mse", "act_init": "mse", "calib_size": 256, "calib_steps": 20,
+         "split_shortcut": True}),
 }
 
 

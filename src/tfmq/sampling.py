@@ -153,6 +153,8 @@ def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed
     """
     sampler.validate()
     denoiser = denoiser or get_denoiser(pipe)
+    from .calib.fsc import check_sampler
+    check_sampler(pipe, sampler, denoiser)      # per-step quantized models: the calibrated sampler only
     cond = cond or Conditioning()
     device = next(denoiser.parameters()).device
     dtype = next(denoiser.parameters()).dtype

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..sampling import SamplerConfig
 
 SETTINGS_FILE = "settings.json"
+FRECHET_METHOD = "eigh"
 #: settings that may change between runs into one folder: they do not change finished cells
 #: (samples are seeded per image; metrics are cached per reference set)
 FREE_SETTINGS = ("methods", "bits", "reference", "reference_size", "device", "batch_size", "grid_images")
@@ -164,8 +165,11 @@ class _Metrics:
             return {"fid": None, "sfid": None, "is": None, "metric_note": self.reason}
         from .fid import fid_from_stats, image_stats
         stats = image_stats(images, self.net, spatial=self.ref.spatial is not None)
-        out = {"fid": fid_from_stats(stats.pool, self.ref.pool)}
-        out["sfid"] = fid_from_stats(stats.spatial, self.ref.spatial) if stats.spatial is not None else None
+        # the eigendecomposition form of Tr((S1 S2)^1/2): equal to scipy's sqrtm up to rounding
+        # (checked in tests/test_eval_metrics.py) and several times faster at D = 2048 on CPU
+        out = {"fid": fid_from_stats(stats.pool, self.ref.pool, method=FRECHET_METHOD)}
+        out["sfid"] = (fid_from_stats(stats.spatial, self.ref.spatial, method=FRECHET_METHOD)
+                       if stats.spatial is not None else None)
         is_result = inception_score(images, self.net)
         out["is"] = is_result.value
         if is_result.value is None:

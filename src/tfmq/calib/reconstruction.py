@@ -1,0 +1,580 @@
+"""Block reconstruction (BRECQ) with AdaRound, and the per-unit loop it shares with activation
+step-size learning.
+
+For each reconstruction unit (see :mod:`tfmq.models.units`), in network order:
+
+1. the unit's inputs are cached from the *already quantized* network (units before it carry
+   their learned rounding), with a forward pre-hook that stops the forward pass right there;
+2. its targets are cached from the *FP* network (the same model with every quantizer
+   bypassed: no second copy of the denoiser is kept);
+3. the unit's learnable state is optimised on random batches of those rows to minimise
+   ``||f_fp(x_fp) - f_q(x_q)||^2`` (squared error summed over channels, mean over the rest).
+
+Settings and their cost (``QuantConfig`` fields):
+
+  ``recon_iters``       iterations per unit (project default 2,000; the references use 20,000).
+                        Cost per unit ~ iters x (forward + backward of the unit at the batch
+                        size): on the GPU the small units are launch-bound (the references report
+                        ~3 ms an iteration on DDIM CIFAR-10), so time scales with iters.
+  ``recon_batch_size``  rows per iteration (32; the references use 32, 8 for Stable Diffusion).
+  ``recon_lr``          Adam learning rate on AdaRound's ``alpha`` (project default 5e-3; the
+                        references use 1e-3 with 20,000 iterations). ``alpha`` starts within about
+                        +-2.4 and must pass that bound for an offset to become exactly 0 or 1, and
+                        Adam moves it by about ``lr`` an iteration, so ``lr x iters`` of roughly 10
+                        is needed. Measured on the random-weight tiny test UNet (W4, 500 it/unit):
+                        lr 1e-3 -> 18% mean unit-error reduction, 85% of offsets still soft at the
+                        end; 1e-2 -> 38%, 4% soft; 2e-2 -> 42%, 0.1% soft.
+  ``recon_units``       shell patterns of the units to reconstruct (None = all).
+  ``recon_rows``        at most this many calibration rows are cached per unit (None = all);
+                        caching costs two partial forward passes over them per unit and memory
+                        of (input + output) x rows, on the GPU while under ``recon_cache_gb``.
+  ``recon_bf16``        bf16 autocast of the unit forward on CUDA.
+  ``recon_cache_gb``    GPU memory for cached rows (default: half the free memory).
+
+Each unit's statistics hold ``seconds`` (all of it), ``optimize_s`` (the iterations alone) and
+the error on fixed rows before / after (``error_before`` / ``error_after``).
+
+``RECON_PRESETS["reference"]`` holds the reference values (20,000 iterations a unit, batch 32,
+5,000 activation-learning iterations at lr 4e-4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.units import Unit, find_units, order_units, select_units
+from ..quant.adaround import AdaRound, pack_mask, unpack_mask
+from ..quant.layers import GroupActQuantizer, QuantLayer
+from ..quant.model import act_quantizers, weight_quantizers
+
+#: Named sets of reconstruction settings (QuantConfig fields).
+RECON_PRESETS: dict[str, dict] = {
+    # the values of the Q-Diffusion / TFMQ-DM reference code (CIFAR-10 / LDM; SD uses batch 8)
+    "reference": {"recon_iters": 20000, "recon_batch_size": 32, "recon_lr": 1e-3,
+                  "act_learn_iters": 5000, "act_learn_lr": 4e-4},
+    # the project's defaults: 10x fewer iterations, with a step large enough for alpha to reach
+    # hard 0 / 1 offsets within them (see the module docstring)
+    "default": {"recon_iters": 2000, "recon_batch_size": 32, "recon_lr": 5e-3,
+                "act_learn_iters": 500, "act_learn_lr": 4e-4},
+}
+
+EVAL_ROWS = 256          # rows on which the per-unit error before / after is measured
+
+
+def preset(name: str) -> dict:
+    """The config values of a reconstruction preset."""
+    try:
+        return dict(RECON_PRESETS[name])
+    except KeyError:
+        raise ValueError(f"unknown reconstruction preset {name!r}; choose from {', '.join(RECON_PRESETS)}") from None
+
+
+# ---- loss and AdaRound optimisation ------------------------------------------------------
+def recon_loss(out: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """``|out - target|^p`` summed over channels, averaged over everything else. Channels are
+    dimension 1 of NCHW / [N, C] tensors and the last dimension of token tensors [N, L, C]."""
+    diff = (out.float() - target.float()).abs()
+    err = diff.square() if p == 2 else diff.pow(p)
+    ch = -1 if out.dim() == 3 else 1
+    return err.sum(dim=ch).mean() if out.dim() > 1 else err.mean()
+
+
+def beta_at(it: int, iters: int, warmup: float, beta: tuple[float, float]) -> float | None:
+    """Regulariser exponent at iteration ``it``: None during warm-up (no rounding loss), then a
+    linear decay from ``beta[0]`` to ``beta[1]``."""
+    start = int(warmup * iters)
+    if it < start:
+        return None
+    t = (it - start) / max(1, iters - start)
+    return beta[1] + (beta[0] - beta[1]) * max(0.0, 1.0 - t)
+
+
+def attach_rounding(layers: list[QuantLayer]) -> list[AdaRound]:
+    """Give each layer an AdaRound module (kept if it already has one) in soft mode."""
+    out = []
+    for layer in layers:
+        if layer.weight_quantizer is None:
+            raise ValueError("AdaRound needs a layer with a quantized weight")
+        if not isinstance(layer.rounding, AdaRound):
+            layer.rounding = AdaRound(layer.weight, layer.weight_quantizer)
+        layer.rounding.hard = False
+        out.append(layer.rounding)
+    return out
+
+
+def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[int], torch.Tensor], iters: int,
+                      lr: float = 1e-3, reg_weight: float = 0.01, warmup: float = 0.2,
+                      beta: tuple[float, float] = (20.0, 2.0), desc: str = "adaround",
+                      progress: bool = True) -> dict:
+    """Learn the rounding of ``layers``' weights.
+
+    Attaches :class:`AdaRound` to each layer, then runs ``iters`` Adam steps on the ``alpha``s
+    only, minimising ``loss_fn(iteration) + reg_weight * sum(regularizer(beta))`` with ``beta``
+    decaying linearly ``beta[0] -> beta[1]`` after a warm-up of ``warmup * iters`` iterations
+    without the rounding term. Rounding is hard at the end.
+
+    Returns ``initial_loss`` / ``final_loss`` (the reconstruction term at the first / last
+    iteration) and ``undecided``: the fraction of weights whose soft offset is not exactly 0 or 1
+    at the end (0 means hard rounding equals the soft result).
+    """
+    if iters < 0:
+        raise ValueError(f"iterations must be >= 0, got {iters}")
+    roundings = attach_rounding(layers)
+    stats = {"iters": iters, "initial_loss": None, "final_loss": None}
+    if iters > 0 and roundings:
+        opt = torch.optim.Adam([r.alpha for r in roundings], lr=lr)
+        bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False)
+        shown = max(1, iters // 100)
+        for it in bar:
+            opt.zero_grad(set_to_none=True)
+            rec = loss_fn(it)
+            b = beta_at(it, iters, warmup, beta)
+            loss = rec if b is None else rec + reg_weight * sum(r.regularizer(b) for r in roundings)
+            loss.backward()
+            opt.step()
+            if it == 0:
+                stats["initial_loss"] = float(rec.detach())
+            if it == iters - 1:
+                stats["final_loss"] = float(rec.detach())
+            elif it % shown == 0 and progress:
+                bar.set_postfix(loss=f"{float(rec.detach()):.4g}", beta="-" if b is None else f"{b:.1f}")
+        bar.close()
+    with torch.no_grad():
+        total = sum(r.alpha.numel() for r in roundings)
+        soft = sum(int(((r.h() > 0) & (r.h() < 1)).sum()) for r in roundings)
+    stats["undecided"] = soft / total if total else 0.0
+    for r in roundings:
+        r.hard = True
+        r.alpha.requires_grad_(False)
+    return stats
+
+
+# ---- calibration rows -------------------------------------------------------------------
+def calibration_steps(num_steps: int, pick: int | None) -> list[int]:
+    """``pick`` step indices spread uniformly over ``num_steps`` (Q-Diffusion's time-step-aware
+    calibration, its ``--cali_st``), first and last included; all steps when ``pick`` is None or
+    not smaller."""
+    if pick is None or pick >= num_steps:
+        return list(range(num_steps))
+    if pick < 1:
+        raise ValueError(f"number of calibration steps must be >= 1, got {pick}")
+    if pick == 1:
+        return [num_steps // 2]
+    return sorted({round(i * (num_steps - 1) / (pick - 1)) for i in range(pick)})
+
+
+def reconstruction_steps(config, num_steps: int) -> list[int]:
+    """Steps whose data feed reconstruction: ``calib_steps`` spread uniformly when set
+    (Q-Diffusion), else every ``interval_length``-th step (TFMQ-DM; 1 = every step)."""
+    if config.calib_steps is not None:
+        return calibration_steps(num_steps, config.calib_steps)
+    return list(range(0, num_steps, max(1, getattr(config, "interval_length", 1))))
+
+
+class CalibRows:
+    """Denoiser inputs (``sample``, ``timestep``, conditioning) of the rows used for
+    reconstruction, kept on the CPU, served in batches on the model's device / dtype."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], batch_size: int, device, dtype):
+        self.inputs = inputs
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return self.inputs["sample"].shape[0]
+
+    def _to(self, v: torch.Tensor) -> torch.Tensor:
+        if v.is_floating_point():
+            return v.to(self.device, self.dtype)
+        return v.to(self.device)
+
+    def batches(self):
+        for i in range(0, len(self), self.batch_size):
+            yield {k: self._to(v[i:i + self.batch_size]) for k, v in self.inputs.items()}
+
+    def example(self) -> dict[str, torch.Tensor]:
+        return {k: self._to(v[:1]) for k, v in self.inputs.items()}
+
+
+def calibration_rows(data, steps: list[int], max_rows: int | None, seed: int, batch_size: int,
+                     device, dtype) -> CalibRows:
+    """The rows of the chosen steps (all trajectories), at most ``max_rows`` of them (a seeded
+    random subset, in original order)."""
+    inputs = data.batch(steps)
+    n = inputs["sample"].shape[0]
+    if max_rows is not None and max_rows < n:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
+        inputs = {k: v[idx] for k, v in inputs.items()}
+    return CalibRows(inputs, batch_size, device, dtype)
+
+
+# ---- caching unit inputs / outputs -------------------------------------------------------
+class _Stop(Exception):
+    """Raised by a capture hook to end the forward pass once the unit has been reached."""
+
+
+class UnitTensors:
+    """What a unit received (positional and keyword arguments) or returned, over all rows.
+
+    Tensors whose first dimension is the batch are concatenated over batches ("row" values);
+    everything else must be identical in every batch and is kept once ("static" values).
+    """
+
+    def __init__(self, name: str, budget_bytes: int, device):
+        self.name = name
+        self.budget = budget_bytes
+        self.device = device            # where rows are kept (the model's device if they fit)
+        self.kinds: dict = {}
+        self.parts: dict = {}
+        self.static: dict = {}
+        self.rows = 0
+
+    def add(self, values: dict, rows: int, total_rows: int) -> None:
+        if not self.kinds:
+            per_row = sum(v.numel() // max(1, rows) * v.element_size() for v in values.values()
+                          if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows)
+            if per_row * total_rows > self.budget:
+                self.device = torch.device("cpu")
+            for k, v in values.items():
+                self.kinds[k] = "row" if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else "static"
+        for k, v in values.items():
+            kind = self.kinds.get(k)
+            if kind == "row":
+                if not (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows):
+                    raise RuntimeError(f"unit {self.name}: argument {k!r} changed shape between batches")
+                self.parts.setdefault(k, []).append(v.detach().to(self.device).contiguous())
+            elif kind == "static":
+                if k not in self.static:
+                    self.static[k] = v
+                elif not _same(self.static[k], v):
+                    raise RuntimeError(f"unit {self.name}: argument {k!r} differs between batches but "
+                                       f"is not per-row; cannot cache it")
+            else:
+                raise RuntimeError(f"unit {self.name}: unexpected argument {k!r} in a later batch")
+        self.rows += rows
+
+    def finish(self) -> "UnitTensors":
+        self.data = {k: torch.cat(v).contiguous() for k, v in self.parts.items()}
+        self.parts = {}
+        return self
+
+    def select(self, idx: torch.Tensor, device) -> dict:
+        """Values for rows ``idx`` (row values indexed, static values as they are)."""
+        out = dict(self.static)
+        for k, v in self.data.items():
+            out[k] = v[idx.to(v.device)].to(device, non_blocking=True)
+        return out
+
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and bool(torch.equal(a, b.to(a.device)))
+    try:
+        return bool(a == b)
+    except Exception:   # incomparable objects: treat as different
+        return a is b
+
+
+def _flatten_call(args: tuple, kwargs: dict) -> dict:
+    values = {i: a for i, a in enumerate(args)}
+    values.update(kwargs)
+    return values
+
+
+def _call_args(values: dict) -> tuple[tuple, dict]:
+    pos = [values[i] for i in sorted(k for k in values if isinstance(k, int))]
+    kw = {k: v for k, v in values.items() if not isinstance(k, int)}
+    return tuple(pos), kw
+
+
+def unit_output(out) -> torch.Tensor:
+    """The main tensor of a module's output (tensor, tuple or diffusers output object)."""
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    raise TypeError(f"cannot take a tensor from a unit output of type {type(out).__name__}")
+
+
+def _model_forward(model: nn.Module, batch: dict) -> None:
+    kwargs = {k: v for k, v in batch.items() if k not in ("sample", "timestep")}
+    model(batch["sample"], batch["timestep"], **kwargs)
+
+
+@torch.no_grad()
+def capture(model: nn.Module, unit: Unit, rows: CalibRows, what: str, budget_bytes: int) -> UnitTensors:
+    """Cache the unit's inputs (``what="input"``) or output (``"output"``) over all rows, under the
+    model's current quantization state. The forward pass stops at the unit."""
+    store = UnitTensors(unit.name, budget_bytes, rows.device)
+    total = len(rows)
+
+    if what == "input":
+        def hook(module, args, kwargs):
+            store.add(_flatten_call(args, kwargs), current[0], total)
+            raise _Stop
+        handle = unit.module.register_forward_pre_hook(hook, with_kwargs=True)
+    elif what == "output":
+        def hook(module, args, output):
+            out = unit_output(output)
+            store.add({"out": out}, out.shape[0], total)
+            raise _Stop
+        handle = unit.module.register_forward_hook(hook)
+    else:
+        raise ValueError(f"what must be 'input' or 'output', not {what!r}")
+    current = [0]
+    try:
+        for batch in rows.batches():
+            current[0] = batch["sample"].shape[0]
+            try:
+                _model_forward(model, batch)
+            except _Stop:
+                continue
+            raise RuntimeError(f"unit {unit.name} did not run in the forward pass")
+    finally:
+        handle.remove()
+    return store.finish()
+
+
+# ---- the per-unit loop -------------------------------------------------------------------
+@dataclass
+class UnitSettings:
+    """Settings of one pass over the units."""
+    iters: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+    bf16: bool = False
+    cache_gb: float | None = None  # None: half the free GPU memory (CPU: no limit beyond RAM)
+    p: float = 2.0                 # loss exponent during optimisation (2 = squared error)
+    progress: bool = True
+
+
+class UnitWork:
+    """What a pass does to each unit; subclasses: weight rounding, activation steps."""
+    phase = "unit"
+    quant_state = (True, False)        # (weights, activations) of the quantized network
+
+    def applies(self, unit: Unit) -> bool:
+        raise NotImplementedError
+
+    def run(self, unit: Unit, loss_fn, settings: UnitSettings) -> dict:
+        raise NotImplementedError
+
+    def state(self, unit: Unit) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def restore(self, unit: Unit, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+class WeightRounding(UnitWork):
+    """BRECQ weight reconstruction: AdaRound on the unit's weight-quantized layers."""
+    phase = "weights"
+    quant_state = (True, False)
+
+    def __init__(self, reg_weight=0.01, warmup=0.2, beta=(20.0, 2.0), exclude=()):
+        self.reg_weight, self.warmup, self.beta = reg_weight, warmup, tuple(beta)
+        self.exclude = set(exclude)
+
+    def layers(self, unit: Unit) -> dict[str, QuantLayer]:
+        return {n: l for n, l in unit.weight_layers(self.exclude).items()
+                if l.weight_quantizer.enabled and not l.frozen}
+
+    def applies(self, unit: Unit) -> bool:
+        return bool(self.layers(unit))
+
+    def run(self, unit, loss_fn, settings):
+        return optimize_rounding(list(self.layers(unit).values()), loss_fn, settings.iters, settings.lr,
+                                 self.reg_weight, self.warmup, self.beta, desc=unit.name,
+                                 progress=settings.progress)
+
+    def state(self, unit):
+        return {f"{n}.up": pack_mask(l.rounding.alpha >= 0) for n, l in self.layers(unit).items()}
+
+    def restore(self, unit, tensors):
+        layers = self.layers(unit)
+        missing = [n for n in layers if f"{n}.up" not in tensors]
+        if missing:
+            raise RuntimeError(f"saved progress of unit {unit.name} lacks layers {missing[:3]}")
+        for n, l in layers.items():
+            attach_rounding([l])
+            l.rounding.set_hard_offsets(unpack_mask(tensors[f"{n}.up"], l.weight.shape))
+            l.rounding.alpha.requires_grad_(False)
+
+
+def _autocast(settings: UnitSettings, device: torch.device):
+    if settings.bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def unit_error(unit: Unit, inputs: UnitTensors, targets: UnitTensors, device, batch_size: int) -> float:
+    """Mean squared error (summed over channels) of the unit on up to EVAL_ROWS fixed rows."""
+    n = inputs.rows
+    idx = torch.linspace(0, n - 1, min(n, EVAL_ROWS)).round().long().unique()
+    total = 0.0
+    for i in range(0, len(idx), batch_size):
+        sel = idx[i:i + batch_size]
+        args, kw = _call_args(inputs.select(sel, device))
+        out = unit_output(unit.module(*args, **kw))
+        total += float(recon_loss(out, targets.select(sel, device)["out"])) * len(sel)
+    return total / len(idx)
+
+
+def _set_state(model: nn.Module, weight: bool, act: bool) -> None:
+    for q in weight_quantizers(model).values():
+        q.enabled = weight
+    for q in act_quantizers(model).values():
+        q.enabled = act
+
+
+def cache_budget(cache_gb: float | None, device) -> int:
+    """Bytes of cached unit tensors allowed on ``device`` (beyond it they stay on the CPU)."""
+    if cache_gb is not None:
+        return int(cache_gb * (1 << 30))
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 1 << 62          # the CPU holds them anyway
+
+
+def unit_seed(seed: int, phase: str, index: int) -> int:
+    """Seed of a unit's random stream: depends only on the run's seed, the pass and the unit's
+    position, so a resumed run draws the same batches as an uninterrupted one."""
+    return (seed * 1_000_003 + index * 7 + {"weights": 1, "act": 2}.get(phase, 3)) % (2 ** 63)
+
+
+def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWork,
+              settings: UnitSettings, store=None, timer=None, stage: str = "reconstruct",
+              on_unit: Callable[[str, str, dict], None] | None = None) -> dict[str, dict]:
+    """Run ``work`` on every unit in order; returns per-unit statistics.
+
+    ``store`` (a :class:`~tfmq.calib.resume.ProgressStore`) skips finished units and records each
+    new one. ``timer`` (a :class:`~tfmq.recipes.StageTimer`) gets each unit's wall time under
+    ``stage``. ``on_unit(phase, unit_name, stats)`` is called after each unit is done (and
+    saved); an exception from it stops the run with the progress kept.
+    """
+    device = rows.device
+    all_q = list(weight_quantizers(model).values()) + list(act_quantizers(model).values())
+    prev = [q.enabled for q in all_q]
+    budget = cache_budget(settings.cache_gb, device) // 2     # half for inputs, half for targets
+    results: dict[str, dict] = {}
+    outer = tqdm(total=len(units), desc=stage, unit="unit", disable=not settings.progress)
+    try:
+        for index, unit in enumerate(units):
+            outer.update(1)
+            if not work.applies(unit):
+                continue
+            key = f"{work.phase}:{unit.name}"
+            if store is not None and store.done(key):
+                work.restore(unit, store.load(key))
+                results[unit.name] = {**store.meta(key), "restored": True}
+                if timer is not None:
+                    timer.add_unit(stage, unit.name, store.seconds(key))
+                continue
+            t0 = time.perf_counter()
+            w_on, a_on = work.quant_state
+            _set_state(model, w_on, a_on)
+            inputs = capture(model, unit, rows, "input", budget)
+            _set_state(model, False, False)
+            targets = capture(model, unit, rows, "output", budget)
+            _set_state(model, w_on, a_on)
+            before = unit_error(unit, inputs, targets, device, settings.batch_size)
+
+            gen = torch.Generator().manual_seed(unit_seed(settings.seed, work.phase, index))
+            n = inputs.rows
+
+            def loss_fn(it, unit=unit, inputs=inputs, targets=targets, gen=gen, n=n):
+                idx = torch.randperm(n, generator=gen)[:settings.batch_size]
+                args, kw = _call_args(inputs.select(idx, device))
+                with _autocast(settings, device):
+                    out = unit_output(unit.module(*args, **kw))
+                return recon_loss(out, targets.select(idx, device)["out"], settings.p)
+
+            frozen = [(p, p.requires_grad) for p in unit.module.parameters()]
+            for p, _ in frozen:                 # only what the work creates is learned
+                p.requires_grad_(False)
+            t_opt = time.perf_counter()
+            try:
+                stats = work.run(unit, loss_fn, settings)
+                stats["optimize_s"] = round(time.perf_counter() - t_opt, 4)
+            finally:
+                for p, flag in frozen:
+                    p.requires_grad_(flag)
+            after = unit_error(unit, inputs, targets, device, settings.batch_size)
+            del inputs, targets
+            seconds = time.perf_counter() - t0
+            stats = {**stats, "error_before": before, "error_after": after, "seconds": round(seconds, 3)}
+            results[unit.name] = stats
+            if timer is not None:
+                timer.add_unit(stage, unit.name, seconds)
+            if store is not None:
+                store.save(key, work.state(unit), seconds,
+                           {k: v for k, v in stats.items() if isinstance(v, (int, float, type(None)))})
+            outer.set_postfix(unit=unit.name, error=f"{before:.3g}->{after:.3g}")
+            if on_unit is not None:
+                on_unit(work.phase, unit.name, stats)
+    finally:
+        outer.close()
+        for q, e in zip(all_q, prev):
+            q.enabled = e
+    return results
+
+
+# ---- the recipe stage ---------------------------------------------------------------------
+def prepare_units(ctx) -> tuple[list[Unit], CalibRows]:
+    """The units (ordered, selected by ``recon_units``) and the calibration rows of a recipe
+    context; computed once and shared by the reconstruction passes."""
+    if "recon_units" in ctx.extra:
+        return ctx.extra["recon_units"], ctx.extra["recon_rows"]
+    c = ctx.config
+    param = next(ctx.denoiser.parameters())
+    steps = reconstruction_steps(c, len(ctx.data))
+    rows = calibration_rows(ctx.data, steps, c.recon_rows, c.seed, c.calib_batch_size,
+                            param.device, param.dtype)
+    units = order_units(ctx.denoiser, find_units(ctx.denoiser), rows.example())
+    units = select_units(units, c.recon_units)
+    ctx.extra["recon_units"], ctx.extra["recon_rows"] = units, rows
+    return units, rows
+
+
+def _check_bf16(ctx) -> None:
+    if ctx.config.recon_bf16 and next(ctx.denoiser.parameters()).device.type != "cuda":
+        raise ValueError("recon_bf16 (bf16 autocast) needs the model on a CUDA device")
+
+
+def reconstruct_weights(ctx) -> dict[str, dict]:
+    """Recipe stage: BRECQ weight reconstruction of every selected unit with AdaRound.
+
+    Layers named in ``ctx.extra["recon_exclude"]`` (e.g. TFMQ-DM's temporal layers, which TIAR
+    has already rounded) are not touched. Per-unit results go to
+    ``tfmq_info["reconstruction"]``.
+    """
+    c = ctx.config
+    _check_bf16(ctx)
+    units, rows = prepare_units(ctx)
+    work = WeightRounding(c.recon_reg_weight, c.recon_warmup, c.recon_beta,
+                          ctx.extra.get("recon_exclude", ()))
+    settings = UnitSettings(c.recon_iters, c.recon_batch_size, c.recon_lr, c.seed, c.recon_bf16,
+                            c.recon_cache_gb, 2.0, ctx.progress)
+    results = run_units(ctx.denoiser, units, rows, work, settings, ctx.store, ctx.timer,
+                        "reconstruct", ctx.on_unit)
+    info = ctx.extra.setdefault("tfmq_info", {})
+    info["reconstruction"] = results
+    # which layers really got split input quantizers (none where the policy keeps those inputs FP)
+    info["split_shortcut_layers"] = sorted(
+        n for n, m in ctx.denoiser.named_modules()
+        if isinstance(m, QuantLayer) and isinstance(m.act_quantizer, GroupActQuantizer))
+    return results
