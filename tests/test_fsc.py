@@ -20,7 +20,8 @@ STEPS = SamplerConfig("ddim", 4)
 def quantized(fsc, **kw):
     pipe = tiny_ddpm_pipeline()
     cfg = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, calib_size=2, calib_batch_size=2,
-                                      sampler=STEPS, fsc=fsc, tiar_iters=0, recon_iters=0, **kw)
+                                      sampler=STEPS, fsc=fsc, tiar_iters=0, recon_iters=0,
+                                      recon_units=["down_blocks.0.resnets.0"], **kw)
     return tfmq.quantize(pipe, cfg, progress=False)
 
 

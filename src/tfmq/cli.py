@@ -160,7 +160,7 @@ def run_quantize(args) -> int:
     info = pipe.unet.tfmq_info
     from .calib.report import format_calibration_time, write_calibration_time
     write_calibration_time(args.out, info)
-    print(format_calibration_time(info))
+    print(format_calibration_time(info), file=sys.stderr)     # stdout stays one JSON document
     print(json.dumps({"out": str(args.out), "method": config.method, "wbits": config.wbits,
                       "abits": config.abits, "layer_policy": config.layer_policy,
                       "calibration_time": info["calibration_time"]}, indent=2))
