@@ -27,6 +27,15 @@ def tiny_ddpm_pipeline(num_class_embeds=None, seed=0):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops: one thread avoids OpenMP oversubscription on shared CI machines."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_pipe():
     """Unconditional tiny DDPM pipeline with random weights."""

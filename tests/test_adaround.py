@@ -12,13 +12,7 @@ from tfmq.quant.layers import QuantLayer
 from tfmq.quant.quantizer import UniformQuantizer, init_range
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread avoids OpenMP oversubscription on shared CI machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quant_linear(weight: torch.Tensor, bits: int) -> QuantLayer:

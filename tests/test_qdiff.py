@@ -19,13 +19,7 @@ from tfmq.sampling import SamplerConfig
 SPLIT_LAYER = "up_blocks.1.resnets.0.conv_shortcut"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread avoids OpenMP oversubscription on shared CI machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_qdiff(**overrides):

@@ -15,13 +15,7 @@ from tfmq.quant.model import WrapSpec, quant_layers, wrap_denoiser
 from tfmq.sampling import SamplerConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread avoids OpenMP oversubscription on shared CI machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_qdiff(**overrides):
