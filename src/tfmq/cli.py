@@ -83,6 +83,13 @@ def add_sampler_flags(p: argparse.ArgumentParser, steps_default: int | None) -> 
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default cpu)")
 
 
+def sampler_from_flags(args):
+    """The sampler the flags ask for, DDIM / eta 0 / no guidance where unset (quantize, evaluate)."""
+    from .sampling import SamplerConfig
+    return SamplerConfig(args.sampler or "ddim", args.steps, args.eta or 0.0,
+                         args.guidance_scale if args.guidance_scale is not None else 1.0)
+
+
 # ---- quantize ------------------------------------------------------------------------------
 def build_quantize(sub) -> None:
     from .recipes import RECIPES
@@ -130,10 +137,8 @@ def add_temporal_flags(p: argparse.ArgumentParser) -> None:
 
 def quantize_overrides(args) -> dict:
     """QuantConfig overrides from the parsed flags (only those the user set)."""
-    from .sampling import SamplerConfig
     o = {"wbits": args.wbits, "abits": args.abits, "layer_policy": args.layer_policy, "seed": args.seed,
-         "sampler": SamplerConfig(args.sampler or "ddim", args.steps, args.eta or 0.0,
-                                  args.guidance_scale if args.guidance_scale is not None else 1.0)}
+         "sampler": sampler_from_flags(args)}
     for flag, key in (("softmax_bits", "softmax_bits"), ("calib_size", "calib_size"),
                       ("calib_batch_size", "calib_batch_size"), ("class_labels", "class_labels"),
                       ("prompt", "prompts"), ("interval_length", "interval_length"), ("fsc", "fsc"),
@@ -285,15 +290,13 @@ def build_evaluate(sub) -> None:
 
 def run_evaluate(args) -> int:
     from .eval.evaluate import EvalSettings, evaluate
-    from .sampling import SamplerConfig
     if args.class_labels or args.prompt:
         raise SystemExit("error: evaluate samples the model's own conditioning; --class-labels / "
                          "--prompt do not apply")
     settings = EvalSettings(
         model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         bits=[b.strip() for b in args.bits.split(",") if b.strip()], num_images=args.num_images,
-        seed=args.seed, sampler=SamplerConfig(args.sampler or "ddim", args.steps, args.eta or 0.0,
-                                              args.guidance_scale if args.guidance_scale is not None else 1.0),
+        seed=args.seed, sampler=sampler_from_flags(args),
         batch_size=args.batch_size, calib_size=args.calib_size, layer_policy=args.layer_policy,
         reference=None if args.reference == "none" else args.reference,
         reference_size=args.reference_size, device=args.device, quant_overrides=dict(args.overrides))
