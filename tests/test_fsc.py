@@ -18,6 +18,7 @@ STEPS = SamplerConfig("ddim", 4)
 
 
 def quantized(fsc, **kw):
+    kw.setdefault("act_learn_iters", 5)
     pipe = tiny_ddpm_pipeline()
     cfg = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, calib_size=2, calib_batch_size=2,
                                       sampler=STEPS, fsc=fsc, tiar_iters=0, recon_iters=0,
@@ -73,8 +74,8 @@ def test_tib_mode_per_step_exact_ranges_used_at_each_step(tib_pipe):
         assert q.scale.shape[0] == 4
         assert len(set(q.scale.flatten().tolist())) == 4, name     # one distinct set per step
     for name, q in act_quantizers(unet).items():
-        if name not in tib:                               # one range, written into every set
-            assert torch.equal(q.scale, q.scale[:1].expand_as(q.scale)), name
+        if name not in tib:                               # one set: one range for all steps
+            assert q.n_sets == 1 and q.scale.shape[0] == 1, name
     used = record_used_sets(tib_pipe, tib)
     assert all(v == [0, 1, 2, 3] for v in used.values())
 
@@ -142,3 +143,63 @@ def test_fsc_config_validation():
         tfmq.QuantConfig.for_method("tfmq", interval_length=0)
     cfg = tfmq.QuantConfig.for_method("tfmq", abits=32)
     assert cfg.fsc == "all" and cfg.effective_fsc == "none"   # weights-only: nothing to calibrate
+
+
+def test_tib_mode_act_learning_uses_each_rows_step_and_keeps_tib_ranges():
+    """fsc=tib: the TIB's per-step sets stay the exact min-max; the single-set quantizers are
+    refined by activation step learning, whose forwards select each row's own step set."""
+    seen = []
+    orig = tfmq.calib.act_learning.learn_act_steps
+
+    def spy(quantizers, loss_fn, *a, **kw):
+        unet = pipes[-1].unet
+        hooks = [q.register_forward_pre_hook(lambda m, args: seen.append(m.set_index))
+                 for q in tib_act_quantizers(unet).values()]
+        try:
+            return orig(quantizers, loss_fn, *a, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    pipes = []
+    import tfmq.models.adapter as adapter
+    real = adapter.get_denoiser
+
+    def remember(pipe):
+        pipes.append(pipe)
+        return real(pipe)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tfmq.calib.act_learning, "learn_act_steps", spy)
+    mp.setattr(tfmq.api, "get_denoiser", remember)
+    try:
+        learned = quantized("tib", act_learn_iters=20)
+    finally:
+        mp.undo()
+    fixed = quantized("tib", act_learn_iters=0)
+    info = learned.unet.tfmq_info["act_learning"]
+    assert list(info) == ["down_blocks.0.resnets.0"] and info["down_blocks.0.resnets.0"]["iters"] == 20
+    # per-row step sets during learning, from the reconstruction rows' steps
+    assert seen and all(torch.is_tensor(i) and i.dim() == 1 for i in seen)
+    assert {int(v) for i in seen for v in i} <= {0, 1, 2, 3}
+    a, b = act_quantizers(learned.unet), act_quantizers(fixed.unet)
+    tib = tib_act_quantizers(learned.unet)
+    for n in tib:
+        assert torch.equal(a[n].scale, b[n].scale), n                # exact ranges kept
+    unit = [n for n in a if n.startswith("down_blocks.0.resnets.0.") and n not in tib]
+    assert unit and any(not torch.equal(a[n].scale, b[n].scale) for n in unit)  # learned
+    others = [n for n in a if not n.startswith("down_blocks.0.resnets.0.")]
+    assert all(torch.equal(a[n].scale, b[n].scale) for n in others)  # other units untouched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tib_mode_with_act_learning_on_cuda_keeps_parameters_on_the_gpu():
+    """Per-row step sets on the GPU: every quantizer parameter lives with the model."""
+    pipe = tiny_ddpm_pipeline().to("cuda")
+    cfg = tfmq.QuantConfig.for_method("tfmq", wbits=4, abits=8, calib_size=2, calib_batch_size=2,
+                                      sampler=STEPS, fsc="tib", tiar_iters=5, recon_iters=5,
+                                      act_learn_iters=5)
+    tfmq.quantize(pipe, cfg, progress=False)
+    for name, q in act_quantizers(pipe.unet).items():
+        assert q.scale.device.type == "cuda" and q.zero_point.device.type == "cuda", name
+    assert generate(pipe, STEPS, 2, progress=False).shape == (2, 16, 16, 3)

@@ -125,3 +125,36 @@ def test_pack_rejects_out_of_range_and_unpack_rejects_wrong_size():
         pack(torch.tensor([16]), 4)
     with pytest.raises(ValueError):
         unpack(torch.zeros(3, dtype=torch.uint8), 4, 10)
+
+
+def test_per_row_parameter_sets_match_one_set_per_row():
+    """A LongTensor set_index quantizes row i with set steps[i]: the same as quantizing each row
+    alone with an int index (how calibration batches that mix steps are handled)."""
+    g = torch.Generator().manual_seed(0)
+    q = UniformQuantizer(4, n_sets=3)
+    for i in range(3):
+        q.set_range(torch.tensor([-(i + 1.0)]), torch.tensor([2.0 * (i + 1)]), torch.zeros(1), set_index=i)
+    x = torch.randn(5, 2, 3, generator=g) * 3
+    steps = torch.tensor([2, 0, 1, 1, 0])
+    q.set_index = steps
+    got = q(x)
+    for r, s in enumerate(steps.tolist()):
+        q.set_index = s
+        assert torch.equal(got[r], q(x[r:r + 1])[0])
+    q.set_index = torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="batch first"):
+        q(x)
+
+
+def test_row_steps_sets_and_restores_the_indices():
+    from torch import nn
+    from tfmq.quant.model import row_steps
+    model = nn.Module()
+    model.a, model.b = UniformQuantizer(8, n_sets=4), UniformQuantizer(8)
+    model.a.set_index = 2
+    with row_steps(model, torch.tensor([0, 3])):
+        assert model.a.set_index.tolist() == [0, 3] and model.b.set_index == 0
+    assert model.a.set_index == 2
+    with pytest.raises(IndexError):
+        with row_steps(model, torch.tensor([4])):
+            pass

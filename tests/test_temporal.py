@@ -173,7 +173,8 @@ def test_cache_checkpoint_roundtrip(tmp_path):
     pipe = tiny_ddpm_pipeline()
     cfg = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, calib_size=2, calib_batch_size=2,
                                       sampler=SamplerConfig("ddim", 3), fsc="tib", temporal="cache",
-                                      tiar_iters=0, recon_iters=0, recon_units=["down_blocks.0.resnets.0"])
+                                      tiar_iters=0, recon_iters=0, act_learn_iters=5,
+                                      recon_units=["down_blocks.0.resnets.0"])
     tfmq.quantize(pipe, cfg, progress=False)
     info = pipe.unet.tfmq_info["temporal"]
     assert info["mode"] == "cache" and info["timesteps"] == pipe.unet.tfmq_info["timesteps"]

@@ -26,10 +26,13 @@ def test_tfmq_end_to_end_save_load_identical(tmp_path):
     pipe = tiny_ddpm_pipeline()
     cfg = tfmq.QuantConfig.for_method("tfmq", wbits=4, abits=8, calib_size=2, calib_batch_size=2,
                                       sampler=STEPS, tiar_iters=20, recon_iters=3, fsc="tib",
-                                      interval_length=2, recon_units=["down_blocks.*", "mid_block.resnets.0"])
+                                      act_learn_iters=3, interval_length=2,
+                                      recon_units=["down_blocks.*", "mid_block.resnets.0"])
     tfmq.quantize(pipe, cfg, progress=False)
     info = pipe.unet.tfmq_info
-    assert info["recipe"] == ["weight_ranges", "temporal", "reconstruct", "fsc", "temporal_cache"]
+    assert info["recipe"] == ["weight_ranges", "temporal", "reconstruct", "fsc", "act_learning",
+                              "temporal_cache"]
+    assert "down_blocks.0.resnets.0" in info["act_learning"]     # its single-set quantizers learned
     assert info["temporal"]["mode"] == "tiar" and info["fsc"] == {**info["fsc"], "mode": "tib", "n_sets": 4}
     tib = set(tib_layer_names(pipe.unet))
     assert set(info["temporal"]["layers"]) <= tib
@@ -141,7 +144,7 @@ def test_cli_flags_and_analyze(tiny_pipe_dir, tmp_path, capsys):
     pipe = tfmq.load_pipeline(tiny_pipe_dir)
     tfmq.quantize(pipe, tfmq.QuantConfig.for_method("tfmq", wbits=4, abits=8, calib_size=2, calib_batch_size=2,
                                                     sampler=SamplerConfig("ddim", 3), fsc="tib",
-                                                    tiar_iters=5, recon_iters=0,
+                                                    tiar_iters=5, recon_iters=0, act_learn_iters=5,
                                                     recon_units=["down_blocks.0.resnets.0"]), progress=False)
     tfmq.save(pipe, tmp_path / "ck")
     assert main(["analyze", str(tmp_path / "ck"), "--model", str(tiny_pipe_dir), "--labels", "tfmq",

@@ -30,11 +30,18 @@ def default_model_path() -> Path:
 
 
 def make_wrap_spec(config: QuantConfig, denoiser, timesteps: list[int]) -> WrapSpec:
-    """The quantized structure a config asks for."""
+    """The quantized structure a config asks for. FSC ``all`` gives every activation quantizer
+    one parameter set per step; ``tib`` only the temporal information block's (the others keep
+    one set, so activation step learning can refine them)."""
+    fsc = config.effective_fsc
+    per_step_layers = None
+    if fsc == "tib":
+        from .models.temporal import tib_layer_names
+        per_step_layers = sorted(tib_layer_names(denoiser))
     return WrapSpec(wbits=config.wbits, abits=config.abits, softmax_bits=config.effective_softmax_bits,
                     layer_policy=config.layer_policy, weight_symmetric=config.weight_symmetric,
                     act_symmetric=config.act_symmetric,
-                    n_sets=len(timesteps) if config.effective_fsc != "none" else 1,
+                    n_sets=len(timesteps) if fsc != "none" else 1, per_step_layers=per_step_layers,
                     splits=shortcut_splits(denoiser) if config.split_shortcut else {})
 
 

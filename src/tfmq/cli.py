@@ -192,7 +192,8 @@ def add_reconstruction_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recon-bf16", action="store_true", default=None,
                    help="bf16 autocast during reconstruction (CUDA only)")
     g.add_argument("--act-learn-iters", type=int, default=None,
-                   help="activation step-size learning iterations (qdiff)")
+                   help="activation step-size learning iterations per unit (qdiff; tfmq: the "
+                        "quantizers that hold one set for all steps)")
     g.add_argument("--calib-steps", type=_positive, default=None,
                    help="time-step-aware calibration: number of sampling steps spread uniformly "
                         "over the sampler's (Q-Diffusion's --cali_st)")

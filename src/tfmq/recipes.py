@@ -181,8 +181,9 @@ RECIPES: dict[str, Recipe] = {
         "tfmq",
         "TFMQ-DM: TIAR on the temporal information block first (or --temporal cache: its FP "
         "feature table), then BRECQ reconstruction of the other units on every "
-        "interval_length-th step, then FSC activation ranges per sampling step (--fsc all / tib)",
-        ("weight_ranges", "temporal", "reconstruct", "fsc", "temporal_cache"),
+        "interval_length-th step, then FSC activation ranges per sampling step (--fsc all / tib), "
+        "then activation step-size learning of the quantizers that hold one set for all steps",
+        ("weight_ranges", "temporal", "reconstruct", "fsc", "act_learning", "temporal_cache"),
         {"weight_init": "mse", "act_init": "mse", "calib_size": 256, "fsc": "all",
          "temporal": "tiar", "interval_length": 20}),
     "qdiff": Recipe(

@@ -7,7 +7,8 @@ quantizer (``UniformQuantizer(n_sets=T)``) holds one scale / zero-point per step
 ``tib``
     Per-step parameters for the temporal information block's activations only. They depend on
     ``t`` (and the class) alone, so the per-step min-max over the finite set is exact. The other
-    activation quantizers get one range for all steps (the same parameters in every set).
+    activation quantizers hold one parameter set, a range for all steps (which activation step
+    learning may refine afterwards).
 ``all``
     What the official TFMQ-DM code does: every activation quantizer gets its own parameters at
     every step, initialised by the MSE range search on that step's calibration data and refined
@@ -80,6 +81,7 @@ class StepSelector:
             self.first_index.setdefault(timestep_key(t), i)
         self.quantizers = multi_set_quantizers(denoiser)
         self.last: int | None = None
+        self.paused = False        # set by tfmq.quant.model.row_steps while calibrating
 
     def describe(self) -> str:
         return describe_calibration(self.sampler, self.timesteps)
@@ -119,6 +121,8 @@ class StepSelector:
         return index
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.paused:
+            return None
         self.select(call_arguments(module, args, kwargs)["timestep"])
         return None
 
@@ -314,7 +318,7 @@ def run_fsc(denoiser: nn.Module, data: CalibrationData, mode: str, method: str =
     else:
         per_step = tib_act_quantizers(denoiser)
         others = {n: q for n, q in act_quantizers(denoiser).items() if n not in per_step}
-        if others:        # one range for all steps, written into every set
+        if others:        # one range for all steps
             calibrate_activations(denoiser, data, method, per_step=False, rows_per_step=rows_per_step,
                                   batch_size=batch_size, seed=seed, progress=progress, only=others)
         calibrate_tib_per_step(denoiser, data.timesteps, data, progress)

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from ..models.units import Unit, find_units, order_units, select_units
 from ..quant.adaround import AdaRound, pack_mask, unpack_mask
 from ..quant.layers import GroupActQuantizer, QuantLayer
-from ..quant.model import act_quantizers, weight_quantizers
+from ..quant.model import act_quantizers, row_steps, weight_quantizers
 
 #: Named sets of reconstruction settings (QuantConfig fields).
 RECON_PRESETS: dict[str, dict] = {
@@ -180,13 +180,18 @@ def reconstruction_steps(config, num_steps: int) -> list[int]:
 
 class CalibRows:
     """Denoiser inputs (``sample``, ``timestep``, conditioning) of the rows used for
-    reconstruction, kept on the CPU, served in batches on the model's device / dtype."""
+    reconstruction, kept on the CPU, served in batches on the model's device / dtype.
+    ``steps`` holds each row's sampling-step index (the parameter set of per-step quantizers)."""
 
-    def __init__(self, inputs: dict[str, torch.Tensor], batch_size: int, device, dtype):
+    def __init__(self, inputs: dict[str, torch.Tensor], batch_size: int, device, dtype,
+                 steps: torch.Tensor | None = None):
         self.inputs = inputs
         self.batch_size = batch_size
         self.device = device
         self.dtype = dtype
+        if steps is not None and steps.shape != (len(self),):
+            raise ValueError(f"steps must hold one index per row ({len(self)}), got {tuple(steps.shape)}")
+        self.steps = steps
 
     def __len__(self) -> int:
         return self.inputs["sample"].shape[0]
@@ -200,6 +205,11 @@ class CalibRows:
         for i in range(0, len(self), self.batch_size):
             yield {k: self._to(v[i:i + self.batch_size]) for k, v in self.inputs.items()}
 
+    def batch_steps(self):
+        """Step indices of the rows of each batch of :meth:`batches` (None without ``steps``)."""
+        for i in range(0, len(self), self.batch_size):
+            yield None if self.steps is None else self.steps[i:i + self.batch_size]
+
     def example(self) -> dict[str, torch.Tensor]:
         return {k: self._to(v[:1]) for k, v in self.inputs.items()}
 
@@ -207,13 +217,18 @@ class CalibRows:
 def calibration_rows(data, steps: list[int], max_rows: int | None, seed: int, batch_size: int,
                      device, dtype) -> CalibRows:
     """The rows of the chosen steps (all trajectories), at most ``max_rows`` of them (a seeded
-    random subset, in original order)."""
+    random subset, in original order), with each row's step index."""
     inputs = data.batch(steps)
     n = inputs["sample"].shape[0]
+    row_steps = torch.cat([torch.full((data.step(s)["sample"].shape[0],), s, dtype=torch.long)
+                           for s in steps])
+    if row_steps.shape[0] != n:
+        raise RuntimeError("calibration data rows do not add up over the chosen steps")
     if max_rows is not None and max_rows < n:
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
         inputs = {k: v[idx] for k, v in inputs.items()}
-    return CalibRows(inputs, batch_size, device, dtype)
+        row_steps = row_steps[idx]
+    return CalibRows(inputs, batch_size, device, dtype, row_steps)
 
 
 # ---- caching unit inputs / outputs -------------------------------------------------------
@@ -333,10 +348,11 @@ def capture(model: nn.Module, unit: Unit, rows: CalibRows, what: str, budget_byt
         raise ValueError(f"what must be 'input' or 'output', not {what!r}")
     current = [0]
     try:
-        for batch in rows.batches():
+        for batch, steps in zip(rows.batches(), rows.batch_steps()):
             current[0] = batch["sample"].shape[0]
             try:
-                _model_forward(model, batch)
+                with row_steps(model, steps):
+                    _model_forward(model, batch)
             except _Stop:
                 continue
             raise RuntimeError(f"unit {unit.name} did not run in the forward pass")
@@ -419,17 +435,24 @@ def _autocast(settings: UnitSettings, device: torch.device):
 
 
 @torch.no_grad()
-def unit_error(unit: Unit, inputs: UnitTensors, targets: UnitTensors, device, batch_size: int) -> float:
-    """Mean squared error (summed over channels) of the unit on up to EVAL_ROWS fixed rows."""
+def unit_error(unit: Unit, inputs: UnitTensors, targets: UnitTensors, device, batch_size: int,
+               steps: torch.Tensor | None = None) -> float:
+    """Mean squared error (summed over channels) of the unit on up to EVAL_ROWS fixed rows
+    (``steps``: each row's step index, for per-step quantizers)."""
     n = inputs.rows
     idx = torch.linspace(0, n - 1, min(n, EVAL_ROWS)).round().long().unique()
     total = 0.0
     for i in range(0, len(idx), batch_size):
         sel = idx[i:i + batch_size]
         args, kw = _call_args(inputs.select(sel, device))
-        out = unit_output(unit.module(*args, **kw))
+        with row_steps(unit.module, None if steps is None else steps[sel]):
+            out = unit_output(unit.module(*args, **kw))
         total += float(recon_loss(out, targets.select(sel, device)["out"])) * len(sel)
     return total / len(idx)
+
+
+def _has_multi_set(module: nn.Module) -> bool:
+    return any(q.n_sets > 1 for q in act_quantizers(module).values())
 
 
 def _set_state(model: nn.Module, weight: bool, act: bool) -> None:
@@ -491,15 +514,22 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             _set_state(model, False, False)
             targets = capture(model, unit, rows, "output", budget)
             _set_state(model, w_on, a_on)
-            before = unit_error(unit, inputs, targets, device, settings.batch_size)
+            # per-step (FSC) quantizers take each row's own step while activations are quantized
+            steps = None
+            if a_on and _has_multi_set(unit.module):
+                if rows.steps is None:
+                    raise ValueError(f"unit {unit.name} has per-step activation quantizers but the "
+                                     "calibration rows carry no step indices")
+                steps = rows.steps.to(device)
+            before = unit_error(unit, inputs, targets, device, settings.batch_size, steps)
 
             gen = torch.Generator().manual_seed(unit_seed(settings.seed, work.phase, index))
             n = inputs.rows
 
-            def loss_fn(it, unit=unit, inputs=inputs, targets=targets, gen=gen, n=n):
+            def loss_fn(it, unit=unit, inputs=inputs, targets=targets, gen=gen, n=n, steps=steps):
                 idx = torch.randperm(n, generator=gen)[:settings.batch_size]
                 args, kw = _call_args(inputs.select(idx, device))
-                with _autocast(settings, device):
+                with _autocast(settings, device), row_steps(unit.module, None if steps is None else steps[idx]):
                     out = unit_output(unit.module(*args, **kw))
                 return recon_loss(out, targets.select(idx, device)["out"], settings.p)
 
@@ -513,7 +543,7 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             finally:
                 for p, flag in frozen:
                     p.requires_grad_(flag)
-            after = unit_error(unit, inputs, targets, device, settings.batch_size)
+            after = unit_error(unit, inputs, targets, device, settings.batch_size, steps)
             del inputs, targets
             seconds = time.perf_counter() - t0
             stats = {**stats, "error_before": before, "error_after": after, "seconds": round(seconds, 3)}

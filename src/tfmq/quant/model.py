@@ -7,6 +7,7 @@ same arguments, rebuilds the structure when a checkpoint is loaded.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ class WrapSpec:
     weight_symmetric: bool = False
     act_symmetric: bool = False
     n_sets: int = 1                          # activation parameter sets (FSC: one per step)
+    per_step_layers: list[str] | None = None # layers whose act quantizers get n_sets (None: all)
     splits: dict[str, int] = field(default_factory=dict)   # layer -> channel of the split
 
 
@@ -35,6 +37,11 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def wrap_denoiser(denoiser: nn.Module, spec: WrapSpec) -> nn.Module:
@@ -45,12 +52,18 @@ def wrap_denoiser(denoiser: nn.Module, spec: WrapSpec) -> nn.Module:
     policy = get_policy(spec.layer_policy)
     quant_w = spec.wbits < 32
     quant_a = spec.abits < 32
+    per_step = None if spec.per_step_layers is None else set(spec.per_step_layers)
+
+    def sets(name: str) -> int:
+        return spec.n_sets if per_step is None or name in per_step else 1
+
     for info in quantizable_layers(denoiser):
+        device = _device_of(info.module)
         if info.kind == "attention":
             info.module.set_processor(QuantAttnProcessor())
             if quant_a:
                 info.module.add_module("tfmq_attn", AttentionQuantizers(
-                    spec.abits, spec.softmax_bits, spec.act_symmetric, spec.n_sets))
+                    spec.abits, spec.softmax_bits, spec.act_symmetric, sets(info.name)).to(device))
             continue
         decision = policy.decide(info.name)
         wq = UniformQuantizer(spec.wbits, spec.weight_symmetric, channel_axis=0) \
@@ -58,12 +71,12 @@ def wrap_denoiser(denoiser: nn.Module, spec: WrapSpec) -> nn.Module:
         aq = None
         if quant_a and decision.act:
             if info.name in spec.splits:
-                aq = GroupActQuantizer(spec.abits, spec.act_symmetric, spec.splits[info.name], spec.n_sets)
+                aq = GroupActQuantizer(spec.abits, spec.act_symmetric, spec.splits[info.name], sets(info.name))
             else:
-                aq = UniformQuantizer(spec.abits, spec.act_symmetric, None, spec.n_sets)
+                aq = UniformQuantizer(spec.abits, spec.act_symmetric, None, sets(info.name))
         if wq is None and aq is None:
             continue
-        _set_submodule(denoiser, info.name, QuantLayer(info.module, wq, aq))
+        _set_submodule(denoiser, info.name, QuantLayer(info.module, wq, aq).to(device))
     denoiser.tfmq_spec = spec
     return denoiser
 
@@ -103,6 +116,34 @@ def set_step(model: nn.Module, index: int) -> None:
             if not 0 <= index < q.n_sets:
                 raise IndexError(f"step index {index} outside the {q.n_sets} calibrated steps")
             q.set_index = index
+
+
+@contextmanager
+def row_steps(model: nn.Module, steps: torch.Tensor | None):
+    """Within the block, every multi-set (FSC) activation quantizer uses parameter set
+    ``steps[i]`` for row ``i`` of its input, and the step-selecting hook of a calibrated model
+    (:class:`tfmq.calib.fsc.StepSelector`) is paused. For calibration batches whose rows come
+    from several steps. ``steps=None`` changes nothing."""
+    if steps is None:
+        yield
+        return
+    multi = [q for q in act_quantizers(model).values() if q.n_sets > 1]
+    if multi and int(steps.max()) >= min(q.n_sets for q in multi):
+        raise IndexError(f"step index {int(steps.max())} outside the calibrated steps")
+    selector = getattr(model, "_tfmq_step_selector", None)
+    saved = [q.set_index for q in multi]
+    paused = selector.paused if selector is not None else None
+    try:
+        if selector is not None:
+            selector.paused = True
+        for q in multi:
+            q.set_index = steps
+        yield
+    finally:
+        for q, i in zip(multi, saved):
+            q.set_index = i
+        if selector is not None:
+            selector.paused = paused
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ A quantizer is per output channel (``channel_axis=0``, used for weights) or per 
 (``channel_axis=None``, used for activations). It can hold several *parameter sets*
 (``n_sets > 1``): one scale / zero-point per sampling step, selected by ``set_index``. That is
 how finite set calibration (FSC) is represented; with one set it is an ordinary quantizer.
+``set_index`` is an int (one set for the whole call, as while sampling) or, for per-tensor
+quantizers, a LongTensor with one set per row of the batch (calibration batches that mix steps).
 """
 
 from __future__ import annotations
@@ -83,13 +85,16 @@ class UniformQuantizer(nn.Module):
 
     def _ensure_params(self, x: torch.Tensor) -> None:
         shape = (self.n_sets,) + self._param_shape(x)
-        if tuple(self.scale.shape) != shape:
-            self.scale.data = torch.ones(shape, device=x.device, dtype=torch.float32)
-            self.zero_point = torch.zeros(shape, device=x.device, dtype=torch.float32)
+        if tuple(self.scale.shape) != shape:    # on the quantizer's device, wherever x was observed
+            device = self.initialized.device
+            self.scale.data = torch.ones(shape, device=device, dtype=torch.float32)
+            self.zero_point = torch.zeros(shape, device=device, dtype=torch.float32)
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero-point of the active parameter set."""
         i = self.set_index if self.n_sets > 1 else 0
+        if torch.is_tensor(i):
+            i = i.to(self.scale.device)
         return self.scale[i], self.zero_point[i]
 
     # ---- ranges ---------------------------------------------------------------
@@ -115,8 +120,8 @@ class UniformQuantizer(nn.Module):
         scale, zero = self.params_from_range(x_min.float(), x_max.float())
         shape = self._param_shape(like)
         idx = slice(None) if set_index is None else set_index
-        self.scale.data[idx] = scale.reshape(shape)
-        self.zero_point[idx] = zero.reshape(shape)
+        self.scale.data[idx] = scale.reshape(shape).to(self.scale.device)
+        self.zero_point[idx] = zero.reshape(shape).to(self.zero_point.device)
         self.initialized[idx] = True
 
     # ---- quantization ----------------------------------------------------------
@@ -141,7 +146,19 @@ class UniformQuantizer(nn.Module):
         if self.scale.numel() == 0:
             raise RuntimeError("quantizer used before its range was initialised")
         scale, zero = self.current()
+        if self.n_sets > 1 and torch.is_tensor(self.set_index) and self.set_index.dim() == 1:
+            scale, zero = self._per_row(x, scale, zero)
         return self.fake_quant(x, scale.to(x.dtype), zero.to(x.dtype))
+
+    def _per_row(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        """Broadcast per-row parameters (one set per batch row) over ``x``'s other dimensions."""
+        rows = self.set_index.shape[0]
+        if self.channel_axis is not None or x.dim() == 0 or x.shape[0] != rows:
+            raise RuntimeError(
+                f"per-row parameter sets ({rows} rows) need a per-tensor quantizer whose input has the "
+                f"batch first; got input shape {tuple(x.shape)}")
+        shape = (rows,) + (1,) * (x.dim() - 1)
+        return scale.reshape(shape), zero.reshape(shape)
 
     def extra_repr(self) -> str:
         kind = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
