@@ -142,7 +142,7 @@ def test_fsc_config_validation():
     with pytest.raises(ValueError, match="interval_length"):
         tfmq.QuantConfig.for_method("tfmq", interval_length=0)
     cfg = tfmq.QuantConfig.for_method("tfmq", abits=32)
-    assert cfg.fsc == "all" and cfg.effective_fsc == "none"   # weights-only: nothing to calibrate
+    assert cfg.fsc == "tib" and cfg.effective_fsc == "none"   # weights-only: nothing to calibrate
 
 
 def test_tib_mode_act_learning_uses_each_rows_step_and_keeps_tib_ranges():

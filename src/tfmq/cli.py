@@ -126,13 +126,15 @@ def add_temporal_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interval-length", type=_positive, default=None,
                    help="weight reconstruction uses every K-th sampling step's data (default 20)")
     g.add_argument("--fsc", choices=FSC_MODES, default=None,
-                   help="finite set calibration: per-step activation parameters for every quantizer "
-                        "(all, the official code's; default), for the temporal block only (tib), or none")
+                   help="finite set calibration: per-step activation parameters for the temporal "
+                        "block only (tib, default: measured best here), for every quantizer (all, the "
+                        "official code's), or none")
     g.add_argument("--temporal", choices=TEMPORAL_MODES, default=None,
                    help="temporal information block: reconstruct it with TIAR (default) or replace it "
                         "by its precomputed full-precision features (cache)")
     g.add_argument("--tiar-iters", type=int, default=None,
-                   help="AdaRound iterations of TIAR (default: the reconstruction's iterations)")
+                   help="AdaRound iterations of TIAR (tfmq default 2000, whatever --recon-iters is: "
+                        "the temporal block is small and cheap to reconstruct)")
 
 
 def quantize_overrides(args) -> dict:

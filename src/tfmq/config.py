@@ -51,7 +51,7 @@ class QuantConfig:
     fsc: str = "none"                    # finite set calibration: none, tib or all
     fsc_momentum: float = 0.95           # running-statistics momentum of fsc='all'
     temporal: str | None = None          # temporal block: tiar (reconstruct) or cache (FP table)
-    tiar_iters: int | None = None        # AdaRound iterations of TIAR (None: recon_iters)
+    tiar_iters: int | None = None        # AdaRound iterations of TIAR (None: recon_iters; tfmq: 2000)
     # Q-Diffusion / block reconstruction (see tfmq.calib.reconstruction, tfmq.calib.act_learning)
     calib_steps: int | None = None       # steps, spread uniformly, feeding reconstruction (--cali_st)
     split_shortcut: bool = False         # separate input ranges for the two halves of up-block concats

@@ -58,11 +58,11 @@ from ..quant.model import act_quantizers, row_steps, weight_quantizers
 RECON_PRESETS: dict[str, dict] = {
     # the values of the Q-Diffusion / TFMQ-DM reference code (CIFAR-10 / LDM; SD uses batch 8)
     "reference": {"recon_iters": 20000, "recon_batch_size": 32, "recon_lr": 1e-3,
-                  "act_learn_iters": 5000, "act_learn_lr": 4e-4},
+                  "act_learn_iters": 5000, "act_learn_lr": 4e-4, "tiar_iters": 20000},
     # the project's defaults: 10x fewer iterations, with a step large enough for alpha to reach
     # hard 0 / 1 offsets within them (see the module docstring)
     "default": {"recon_iters": 2000, "recon_batch_size": 32, "recon_lr": 5e-3,
-                "act_learn_iters": 500, "act_learn_lr": 4e-4},
+                "act_learn_iters": 500, "act_learn_lr": 4e-4, "tiar_iters": 2000},
 }
 
 EVAL_ROWS = 256          # rows on which the per-unit error before / after is measured
