@@ -10,7 +10,9 @@ straight-through rounding of :class:`~tfmq.quant.quantizer.UniformQuantizer` (th
 Settings (``QuantConfig``): ``act_learn_iters`` (project default 500; the reference uses 5,000),
 ``act_learn_lr`` (4e-4, the reference's), ``act_learn_p`` (loss exponent, 2.4 as the reference's
 ``--cali_p``), batch size / rows / units shared with weight reconstruction. ``act_learn_iters=0``
-skips the pass. Multi-set (per-step, FSC) quantizers are not learned here.
+skips the pass. Multi-set (per-step, FSC) quantizers are not learned here; they stay as FSC set
+them, and the unit forwards quantize each calibration row with its own step's set (so in tfmq
+with ``fsc='tib'`` every quantizer but the temporal block's is learned, with ``fsc='all'`` none).
 """
 
 from __future__ import annotations
