@@ -94,3 +94,16 @@ def tiny_sd(tmp_path):
     d = tmp_path / "tok"
     d.mkdir()
     return tiny_sd_pipeline(d)
+
+
+def tiny_qdiff(wbits=4, abits=8, recon_iters=20, act_learn_iters=20, recon_batch_size=8, **overrides):
+    """A qdiff config sized for the tiny test models (4 trajectories, 3 of 6 DDIM steps, policy
+    all); tests override what they are about."""
+    import tfmq
+    from tfmq.sampling import SamplerConfig
+    values = dict(wbits=wbits, abits=abits, layer_policy="all", calib_size=4, calib_steps=3,
+                  sampler=SamplerConfig(steps=6), recon_iters=recon_iters, act_learn_iters=act_learn_iters,
+                  recon_batch_size=recon_batch_size, calib_batch_size=8)
+    values.update(overrides)
+    return tfmq.QuantConfig.for_method("qdiff", **values)
+

@@ -7,27 +7,18 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_ddpm_pipeline
+from conftest import tiny_ddpm_pipeline, tiny_qdiff
 
 import tfmq
 from tfmq.calib.reconstruction import RECON_PRESETS
 from tfmq.calib.report import REPORT_FILE, format_calibration_time, write_calibration_time
 from tfmq.quant.layers import GroupActQuantizer
 from tfmq.recipes import RECIPES
-from tfmq.sampling import SamplerConfig
 
 SPLIT_LAYER = "up_blocks.1.resnets.0.conv_shortcut"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_qdiff(**overrides):
-    values = dict(wbits=4, abits=8, layer_policy="all", calib_size=4, calib_steps=3,
-                  sampler=SamplerConfig(steps=6), recon_iters=20, act_learn_iters=20, recon_batch_size=8,
-                  calib_batch_size=8)
-    values.update(overrides)
-    return tfmq.QuantConfig.for_method("qdiff", **values)
 
 
 def concat_input(pipe, layer_name: str) -> torch.Tensor:

@@ -6,24 +6,21 @@ reconstruction lower each unit's output error against rounding to nearest?), not
 
 import pytest
 import torch
+import conftest
 from conftest import tiny_ddpm_pipeline, tiny_unet2d
 
 import tfmq
 from tfmq.calib.reconstruction import calibration_steps, reconstruction_steps
 from tfmq.models.units import find_units, order_units, select_units, shortcut_splits
 from tfmq.quant.model import WrapSpec, quant_layers, wrap_denoiser
-from tfmq.sampling import SamplerConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_qdiff(**overrides):
-    values = dict(wbits=4, abits=32, layer_policy="all", calib_size=4, calib_steps=3,
-                  sampler=SamplerConfig(steps=6), recon_iters=60, act_learn_iters=0, recon_batch_size=8,
-                  calib_batch_size=8)
-    values.update(overrides)
-    return tfmq.QuantConfig.for_method("qdiff", **values)
+    """Weights only, 60 AdaRound iterations: what these reconstruction tests measure."""
+    return conftest.tiny_qdiff(**{"abits": 32, "recon_iters": 60, "act_learn_iters": 0, **overrides})
 
 
 def example_input():

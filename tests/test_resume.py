@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+import conftest
 from conftest import tiny_ddpm_pipeline
 from safetensors.torch import load_file
 
 import tfmq
 from tfmq.calib.resume import MANIFEST, PROGRESS_DIR, ResumeError
 from tfmq.checkpoint import TENSOR_FILE
-from tfmq.sampling import SamplerConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,11 +24,7 @@ class Interrupt(Exception):
 
 
 def tiny_qdiff(**overrides):
-    values = dict(wbits=4, abits=8, layer_policy="all", calib_size=4, calib_steps=3,
-                  sampler=SamplerConfig(steps=6), recon_iters=15, act_learn_iters=10, recon_batch_size=4,
-                  calib_batch_size=8)
-    values.update(overrides)
-    return tfmq.QuantConfig.for_method("qdiff", **values)
+    return conftest.tiny_qdiff(**{"recon_iters": 15, "act_learn_iters": 10, "recon_batch_size": 4, **overrides})
 
 
 def interrupt_after(n: int, phase: str | None = None):

