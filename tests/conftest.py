@@ -50,23 +50,49 @@ def tiny_pipe_dir(tmp_path):
     return path
 
 
-def tiny_sd_pipeline(tmp_dir, seed=0, clip_sample=False):
-    """Tiny Stable-Diffusion-shaped pipeline (cross-attention UNet2DConditionModel, a 1-layer CLIP
-    text encoder with a made-up 54-token vocabulary, a small VAE). RANDOM weights: plumbing only."""
+def _tiny_vocab(tmp_dir):
+    """A made-up 54-token CLIP vocabulary (letters), written to tmp_dir; returns the tokenizer."""
     import json
     transformers = pytest.importorskip("transformers")
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in "abcdefghijklmnopqrstuvwxyz":
         vocab[ch] = len(vocab)
         vocab[ch + "</w>"] = len(vocab)
     (tmp_dir / "vocab.json").write_text(json.dumps(vocab))
     (tmp_dir / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(tmp_dir / "vocab.json"), str(tmp_dir / "merges.txt"),
-                                     model_max_length=16)
+    return transformers.CLIPTokenizer(str(tmp_dir / "vocab.json"), str(tmp_dir / "merges.txt"),
+                                      model_max_length=16)
+
+
+def tiny_clip_dir(tmp_dir, seed=0):
+    """A tiny CLIP model + processor (RANDOM weights, 32 px images) saved in tmp_dir/clip, for
+    the CLIP-score plumbing; its scores mean nothing."""
+    transformers = pytest.importorskip("transformers")
+    tok = _tiny_vocab(tmp_dir)
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tok.get_vocab()), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                         bos_token_id=0, eos_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=8)
+    model = transformers.CLIPModel(cfg).eval()
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    out = tmp_dir / "clip"
+    model.save_pretrained(out)
+    transformers.CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(out)
+    return out
+
+
+def tiny_sd_pipeline(tmp_dir, seed=0, clip_sample=False):
+    """Tiny Stable-Diffusion-shaped pipeline (cross-attention UNet2DConditionModel, a 1-layer CLIP
+    text encoder with a made-up 54-token vocabulary, a small VAE). RANDOM weights: plumbing only."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    tok = _tiny_vocab(tmp_dir)
     torch.manual_seed(seed)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        vocab_size=len(tok.get_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1)).eval()
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),

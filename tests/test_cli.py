@@ -81,3 +81,6 @@ def test_help_explains_every_flag():
     r = run_cli("sample", "--help")
     for flag in ("--num-images", "--batch-size", "--guidance-scale", "--class-labels", "--prompt"):
         assert flag in r.stdout
+    r = run_cli("evaluate", "--help")
+    for flag in ("--methods", "--bits", "--reference", "--prompt", "--clip-model", "--set"):
+        assert flag in r.stdout

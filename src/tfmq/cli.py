@@ -286,6 +286,10 @@ def build_evaluate(sub) -> None:
     p.add_argument("--set", dest="overrides", type=_set_value, action="append", default=[],
                    metavar="KEY=VALUE", help="extra QuantConfig option for every method, e.g. "
                                              "--set recon_iters=200 (repeatable)")
+    p.add_argument("--clip-model", default=None, metavar="DIR",
+                   help="local CLIP model + processor folder for the CLIP score of text-to-image "
+                        "models (default: $TFMQ_CLIP_MODEL, else openai/clip-vit-large-patch14 if "
+                        "it is in the local Hugging Face cache; skipped with a message otherwise)")
     p.add_argument("--out", type=Path, required=True, help="output folder (reused to continue)")
     add_sampler_flags(p, steps_default=100)
     p.set_defaults(func=run_evaluate)
@@ -293,16 +297,16 @@ def build_evaluate(sub) -> None:
 
 def run_evaluate(args) -> int:
     from .eval.evaluate import EvalSettings, evaluate
-    if args.class_labels or args.prompt:
-        raise SystemExit("error: evaluate samples the model's own conditioning; --class-labels / "
-                         "--prompt do not apply")
+    if args.class_labels:
+        raise SystemExit("error: evaluate draws class labels with --seed; --class-labels does not apply")
     settings = EvalSettings(
         model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         bits=[b.strip() for b in args.bits.split(",") if b.strip()], num_images=args.num_images,
         seed=args.seed, sampler=sampler_from_flags(args),
         batch_size=args.batch_size, calib_size=args.calib_size, layer_policy=args.layer_policy,
         reference=None if args.reference == "none" else args.reference,
-        reference_size=args.reference_size, device=args.device, quant_overrides=dict(args.overrides))
+        reference_size=args.reference_size, device=args.device, quant_overrides=dict(args.overrides),
+        prompts=args.prompt, clip_model=args.clip_model)
     settings.validate()
     _check_device(args.device)
     from .eval.evaluate import markdown_report

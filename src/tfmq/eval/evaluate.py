@@ -6,6 +6,8 @@ noise and follow comparable trajectories) and measures:
 
 * FID (and sFID where the network exposes spatial features) against a real data set's cached
   reference statistics; IS only where the network has a classifier, else "not available";
+* CLIP score for text-to-image models (``prompts``) where CLIP weights are found locally
+  (:mod:`tfmq.eval.clip_score`), else skipped with the reason in the report;
 * PSNR / MSE of the final images against FP's (trajectory deviation);
 * calibration time, checkpoint size against the FP32 denoiser, sampling time.
 
@@ -30,7 +32,8 @@ SETTINGS_FILE = "settings.json"
 FRECHET_METHOD = "eigh"
 #: settings that may change between runs into one folder: they do not change finished cells
 #: (samples are seeded per image; metrics are cached per reference set)
-FREE_SETTINGS = ("methods", "bits", "reference", "reference_size", "device", "batch_size", "grid_images")
+FREE_SETTINGS = ("methods", "bits", "reference", "reference_size", "device", "batch_size", "grid_images",
+                 "clip_model")
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
@@ -62,6 +65,8 @@ class EvalSettings:
     device: str = "cpu"
     grid_images: int = 8
     quant_overrides: dict = field(default_factory=dict)
+    prompts: list[str] | None = None     # text-to-image models: cycled over the images
+    clip_model: str | None = None        # local CLIP folder for the CLIP score (None: see clip_score)
 
     def cells(self) -> list[tuple[str, str, int, int]]:
         """(cell name, method, wbits, abits), FP first."""
@@ -91,9 +96,10 @@ class EvalSettings:
 
     def quant_config(self, method: str, wbits: int, abits: int):
         from ..config import QuantConfig
+        extra = {"prompts": self.prompts} if self.prompts and "prompts" not in self.quant_overrides else {}
         return QuantConfig.for_method(method, wbits=wbits, abits=abits, sampler=self.sampler,
                                       calib_size=self.calib_size, seed=self.seed,
-                                      layer_policy=self.layer_policy, **self.quant_overrides)
+                                      layer_policy=self.layer_policy, **extra, **self.quant_overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,6 +183,40 @@ class _Metrics:
         return out
 
 
+class _ClipMetric:
+    """CLIP score of a cell's images against their prompts (text-to-image models only), cached per
+    cell and CLIP source in ``metrics-clip.json``; the scorer is loaded on first use."""
+    CACHE = "metrics-clip.json"
+
+    def __init__(self, settings: EvalSettings, progress: bool):
+        from .clip_score import clip_source
+        self.settings = settings
+        self.progress = progress
+        self.source = clip_source(settings.clip_model)
+        self.scorer = None
+        self.reason = None if settings.prompts else "only for text-to-image models (evaluated with --prompt)"
+
+    def for_cell(self, cell_dir: Path, images: np.ndarray) -> dict:
+        if self.reason is not None:
+            return {"clip_score": None}
+        cached = cell_dir / self.CACHE
+        if cached.exists():
+            data = json.loads(cached.read_text())
+            if data.get("source") == self.source and data.get("prompts") == self.settings.prompts:
+                return {"clip_score": data["clip_score"]}
+        if self.scorer is None:
+            from .clip_score import ClipScorer, ClipUnavailable
+            try:
+                self.scorer = ClipScorer(self.settings.clip_model, self.settings.device)
+            except ClipUnavailable as exc:
+                self.reason = f"skipped: {exc}"
+                return {"clip_score": None}
+        value = self.scorer.score(images, self.settings.prompts, self.progress)
+        cached.write_text(json.dumps({"source": self.source, "prompts": self.settings.prompts,
+                                      "clip_score": value}, indent=2))
+        return {"clip_score": value}
+
+
 def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits: int, cell_dir: Path,
               fp_images: np.ndarray | None, progress: bool) -> tuple[dict, np.ndarray]:
     import tfmq
@@ -201,7 +241,7 @@ def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits:
         row["checkpoint_ratio"] = row["checkpoint_bytes"] / row["fp32_denoiser_bytes"]
     t0 = time.perf_counter()
     images = generate(pipe, settings.sampler, settings.num_images, settings.batch_size, settings.seed,
-                      progress=progress, desc=f"sampling {name}")
+                      prompts=settings.prompts, progress=progress, desc=f"sampling {name}")
     row["sampling_s"] = time.perf_counter() - t0
     if fp_images is not None and method != "fp":
         from .metrics import mse, psnr
@@ -217,6 +257,7 @@ def evaluate(settings: EvalSettings, out: str | Path, progress: bool = True) -> 
     out = Path(out)
     _open_out(out, settings)
     metrics = _Metrics(settings, progress)
+    clip = _ClipMetric(settings, progress)
     rows, samples = [], {}
     fp_images = None
     cells = settings.cells()
@@ -230,14 +271,14 @@ def evaluate(settings: EvalSettings, out: str | Path, progress: bool = True) -> 
             cell_dir.mkdir(parents=True, exist_ok=True)
             row, images = _run_cell(settings, name, method, w, a, cell_dir, fp_images, progress)
             done.write_text(json.dumps(row, indent=2))
-        row = {**row, **metrics.for_cell(cell_dir, images)}
+        row = {**row, **metrics.for_cell(cell_dir, images), **clip.for_cell(cell_dir, images)}
         if method == "fp":
             fp_images = images
         rows.append(row)
         samples[name] = images[: settings.grid_images]
     report = {"settings": settings.to_dict(), "rows": rows,
               "metric_notes": {"is": next((r.get("is_note") for r in rows if r.get("is_note")), None),
-                               "fid": metrics.reason}}
+                               "fid": metrics.reason, "clip": clip.reason}}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))
     save_comparison_grid(samples, out / "grid.png")
@@ -260,14 +301,14 @@ def markdown_report(report: dict) -> str:
         f"({s['reference_size'] or 'all'} images), calibration {s['calib_size']} trajectories, "
         f"layer policy {s['layer_policy']}.",
         "",
-        "| method | W/A | FID | sFID | IS | PSNR vs FP (dB) | MSE vs FP | calib (s) | ckpt (MB) | ckpt / FP32 | sampling (s) | policy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | W/A | FID | sFID | IS | CLIP | PSNR vs FP (dB) | MSE vs FP | calib (s) | ckpt (MB) | ckpt / FP32 | sampling (s) | policy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         ck = r.get("checkpoint_bytes")
         lines.append(
             f"| {r['method']} | {r['wbits']}/{r['abits']} | {_fmt(r.get('fid'))} | {_fmt(r.get('sfid'))} | "
-            f"{_fmt(r.get('is'))} | {_fmt(r.get('psnr_vs_fp'))} | {_fmt(r.get('mse_vs_fp'), '.1f')} | "
+            f"{_fmt(r.get('is'))} | {_fmt(r.get('clip_score'))} | {_fmt(r.get('psnr_vs_fp'))} | {_fmt(r.get('mse_vs_fp'), '.1f')} | "
             f"{_fmt(r.get('calibration_s'), '.1f')} | {_fmt(ck / 1e6 if ck else None)} | "
             f"{_fmt(r.get('checkpoint_ratio'), '.1%')} | {_fmt(r.get('sampling_s'), '.1f')} | "
             f"{r.get('layer_policy') or '-'} |")
@@ -276,6 +317,8 @@ def markdown_report(report: dict) -> str:
         lines += ["", f"IS: not available ({notes['is']})."]
     if notes.get("fid"):
         lines += ["", f"FID: {notes['fid']}."]
+    if notes.get("clip"):
+        lines += ["", f"CLIP score: {notes['clip']}."]
     return "\n".join(lines) + "\n"
 
 
