@@ -118,6 +118,7 @@ def test_calibration_spills_to_disk_over_budget(tiny_pipe):
     spill = disk.spill_dir
     for i in range(len(mem)):
         assert torch.equal(mem.step(i)["sample"], disk.step(i)["sample"])
+        assert disk.rows(i) == mem.rows(i) == disk.step(i)["sample"].shape[0] == 4   # from shapes
     disk.cleanup()
     assert not spill.exists()
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..sampling import Conditioning, SamplerConfig, build_conditioning, denoise
@@ -45,7 +46,15 @@ class CalibrationData:
         return any(isinstance(c, Path) for chunks in self.chunks for c in chunks)
 
     def rows(self, i: int) -> int:
-        return self.step(i)["sample"].shape[0]
+        """Rows of step ``i``, read from the shapes (a spilled step is not loaded)."""
+        n = 0
+        for c in self.chunks[i]:
+            if isinstance(c, Path):
+                with safe_open(str(c), "pt") as f:
+                    n += f.get_slice("sample").get_shape()[0]
+            else:
+                n += c["sample"].shape[0]
+        return n
 
     def batch(self, step_indices, rows: int | None = None, generator: torch.Generator | None = None,
               device="cpu") -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..config import FSC_MODES  # noqa: F401  (re-exported: none, tib, all)
 from ..models.temporal import (call_arguments, find_temporal_block, finite_set, model_classes,
                                temporal_features, timestep_key, tib_layer_names)
-from ..quant.model import act_quantizers, set_quant_state
+from ..quant.model import act_quantizers, multi_set_quantizers, set_quant_state
 from ..quant.quantizer import UniformQuantizer
 from .data import CalibrationData
 from .ranges import calibrate_activations
@@ -57,10 +57,6 @@ def tib_act_quantizers(denoiser: nn.Module) -> dict[str, UniformQuantizer]:
     """Activation quantizers of the TIB's layers, by name."""
     prefixes = tuple(n + "." for n in tib_layer_names(denoiser))
     return {n: q for n, q in act_quantizers(denoiser).items() if n.startswith(prefixes)}
-
-
-def multi_set_quantizers(denoiser: nn.Module) -> list[UniformQuantizer]:
-    return [q for q in act_quantizers(denoiser).values() if q.n_sets > 1]
 
 
 # ---- step selection at sampling time --------------------------------------------------------------

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from ..models.units import Unit, find_units, order_units, select_units
 from ..quant.adaround import AdaRound, pack_mask, unpack_mask
 from ..quant.layers import GroupActQuantizer, QuantLayer
-from ..quant.model import act_quantizers, row_steps, weight_quantizers
+from ..quant.model import act_quantizers, multi_set_quantizers, row_steps, weight_quantizers
 
 #: Named sets of reconstruction settings (QuantConfig fields).
 RECON_PRESETS: dict[str, dict] = {
@@ -202,13 +202,12 @@ class CalibRows:
         return v.to(self.device)
 
     def batches(self):
+        """``(batch, steps)`` in row order: the inputs on the model's device / dtype and the rows'
+        step indices (None without ``steps``)."""
         for i in range(0, len(self), self.batch_size):
-            yield {k: self._to(v[i:i + self.batch_size]) for k, v in self.inputs.items()}
-
-    def batch_steps(self):
-        """Step indices of the rows of each batch of :meth:`batches` (None without ``steps``)."""
-        for i in range(0, len(self), self.batch_size):
-            yield None if self.steps is None else self.steps[i:i + self.batch_size]
+            sl = slice(i, i + self.batch_size)
+            yield ({k: self._to(v[sl]) for k, v in self.inputs.items()},
+                   None if self.steps is None else self.steps[sl])
 
     def example(self) -> dict[str, torch.Tensor]:
         return {k: self._to(v[:1]) for k, v in self.inputs.items()}
@@ -220,8 +219,7 @@ def calibration_rows(data, steps: list[int], max_rows: int | None, seed: int, ba
     random subset, in original order), with each row's step index."""
     inputs = data.batch(steps)
     n = inputs["sample"].shape[0]
-    row_steps = torch.cat([torch.full((data.step(s)["sample"].shape[0],), s, dtype=torch.long)
-                           for s in steps])
+    row_steps = torch.cat([torch.full((data.rows(s),), s, dtype=torch.long) for s in steps])
     if row_steps.shape[0] != n:
         raise RuntimeError("calibration data rows do not add up over the chosen steps")
     if max_rows is not None and max_rows < n:
@@ -348,7 +346,7 @@ def capture(model: nn.Module, unit: Unit, rows: CalibRows, what: str, budget_byt
         raise ValueError(f"what must be 'input' or 'output', not {what!r}")
     current = [0]
     try:
-        for batch, steps in zip(rows.batches(), rows.batch_steps()):
+        for batch, steps in rows.batches():
             current[0] = batch["sample"].shape[0]
             try:
                 with row_steps(model, steps):
@@ -451,10 +449,6 @@ def unit_error(unit: Unit, inputs: UnitTensors, targets: UnitTensors, device, ba
     return total / len(idx)
 
 
-def _has_multi_set(module: nn.Module) -> bool:
-    return any(q.n_sets > 1 for q in act_quantizers(module).values())
-
-
 def _set_state(model: nn.Module, weight: bool, act: bool) -> None:
     for q in weight_quantizers(model).values():
         q.enabled = weight
@@ -516,11 +510,11 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             _set_state(model, w_on, a_on)
             # per-step (FSC) quantizers take each row's own step while activations are quantized
             steps = None
-            if a_on and _has_multi_set(unit.module):
+            if a_on and multi_set_quantizers(unit.module):
                 if rows.steps is None:
                     raise ValueError(f"unit {unit.name} has per-step activation quantizers but the "
                                      "calibration rows carry no step indices")
-                steps = rows.steps.to(device)
+                steps = rows.steps      # on the CPU: the bounds check of row_steps needs no GPU sync
             before = unit_error(unit, inputs, targets, device, settings.batch_size, steps)
 
             gen = torch.Generator().manual_seed(unit_seed(settings.seed, work.phase, index))

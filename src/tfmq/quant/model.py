@@ -109,13 +109,17 @@ def set_quant_state(model: nn.Module, weight: bool | None = None, act: bool | No
             q.enabled = act
 
 
+def multi_set_quantizers(model: nn.Module) -> list[UniformQuantizer]:
+    """The activation quantizers holding several parameter sets (FSC: one per step)."""
+    return [q for q in act_quantizers(model).values() if q.n_sets > 1]
+
+
 def set_step(model: nn.Module, index: int) -> None:
     """Select parameter set ``index`` of every multi-set (FSC) activation quantizer."""
-    for q in act_quantizers(model).values():
-        if q.n_sets > 1:
-            if not 0 <= index < q.n_sets:
-                raise IndexError(f"step index {index} outside the {q.n_sets} calibrated steps")
-            q.set_index = index
+    for q in multi_set_quantizers(model):
+        if not 0 <= index < q.n_sets:
+            raise IndexError(f"step index {index} outside the {q.n_sets} calibrated steps")
+        q.set_index = index
 
 
 @contextmanager
@@ -127,7 +131,7 @@ def row_steps(model: nn.Module, steps: torch.Tensor | None):
     if steps is None:
         yield
         return
-    multi = [q for q in act_quantizers(model).values() if q.n_sets > 1]
+    multi = multi_set_quantizers(model)
     if multi and int(steps.max()) >= min(q.n_sets for q in multi):
         raise IndexError(f"step index {int(steps.max())} outside the calibrated steps")
     selector = getattr(model, "_tfmq_step_selector", None)
