@@ -8,7 +8,7 @@ from conftest import tiny_ddpm_pipeline
 
 import tfmq
 from tfmq.calib.data import collect_calibration_data
-from tfmq.checkpoint import CheckpointError, apply_checkpoint, checkpoint_size
+from tfmq.checkpoint import CheckpointError, checkpoint_size
 from tfmq.models.adapter import UnsupportedModelError, get_denoiser, quantizable_layers
 from tfmq.quant.layers import QuantLayer
 from tfmq.quant.model import quant_layers
@@ -166,10 +166,15 @@ def test_save_refuses_non_empty_folder(tiny_pipe, tmp_path):
 def test_checkpoint_errors(tiny_pipe, tmp_path):
     tfmq.quantize(tiny_pipe, wbits=4, abits=8, calib_size=2, sampler=STEPS, progress=False)
     out = tfmq.save(tiny_pipe, tmp_path / "ckpt")
-    # another model
-    other = tiny_ddpm_pipeline(num_class_embeds=5)
+    # another model: the denoiser config no longer matches the tensors' fingerprint
+    unet_cfg = out / "unet" / "config.json"
+    good_unet = unet_cfg.read_text()
+    changed = json.loads(good_unet)
+    changed["num_class_embeds"] = 5
+    unet_cfg.write_text(json.dumps(changed))
     with pytest.raises(CheckpointError, match="another model"):
-        apply_checkpoint(other.unet, out)
+        tfmq.load(out)
+    unet_cfg.write_text(good_unet)
     # unknown format version
     cfg_path = out / "quantization_config.json"
     good = cfg_path.read_text()

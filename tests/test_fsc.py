@@ -118,12 +118,20 @@ def test_mismatched_sampler_is_refused(tib_pipe, tmp_path):
         generate(tib_pipe, SamplerConfig("ddim", 8), 1, progress=False)
     with pytest.raises(CalibrationMismatchError, match="ddpm"):
         generate(tib_pipe, SamplerConfig("ddpm", 4), 1, progress=False)
-    # diffusers' own pipeline: an unknown timestep, and a step count whose timesteps are a
-    # subset of the calibrated ones (DDIM-2: 500, 0 inside DDIM-4: 750, 500, 250, 0)
-    with pytest.raises(CalibrationMismatchError, match="not one this quantized model was calibrated for"):
+    # diffusers' own pipeline is checked before it starts: another step count, including one whose
+    # timesteps are a subset of the calibrated ones (DDIM-2: 500, 0 inside DDIM-4: 750, 500, 250, 0)
+    with pytest.raises(CalibrationMismatchError, match="calibrated for ddim with 4 steps"):
         tib_pipe(batch_size=1, num_inference_steps=3, output_type="np")
-    with pytest.raises(CalibrationMismatchError, match="does not follow"):
+    with pytest.raises(CalibrationMismatchError, match="calibrated for ddim with 4 steps"):
         tib_pipe(batch_size=1, num_inference_steps=2, output_type="np")
+    # direct denoiser calls: the step index refuses an unknown timestep and a skipped step
+    x = torch.zeros(1, 3, 16, 16)
+    tib_pipe.unet.tfmq_steps.reset()
+    with pytest.raises(CalibrationMismatchError, match="not one this quantized model was calibrated for"):
+        tib_pipe.unet(x, torch.tensor([666]))
+    tib_pipe.unet(x, torch.tensor([750]))
+    with pytest.raises(CalibrationMismatchError, match="does not follow"):
+        tib_pipe.unet(x, torch.tensor([250]))
     assert tib_pipe(batch_size=1, num_inference_steps=4, output_type="np").images.shape == (1, 16, 16, 3)
     # the same checks after a save / load round trip
     tfmq.save(tib_pipe, tmp_path / "ck")

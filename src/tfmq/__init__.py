@@ -6,15 +6,15 @@ Public API::
     pipe = tfmq.load_pipeline("path/or/hub-id")
     qpipe = tfmq.quantize(pipe, tfmq.QuantConfig.for_method("naive", wbits=8, abits=8))
     tfmq.save(qpipe, "out_dir")
-    qpipe = tfmq.load("out_dir")
+    qpipe = tfmq.load("out_dir", backend="reference")   # runtime modules: packed weights
 """
 
 __version__ = "0.1.0"
 
-from .api import default_model_path, load, quantize, save  # noqa: E402
+from .api import convert, default_model_path, load, quantize, save  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 from .models.adapter import load_pipeline  # noqa: E402
 from .sampling import SamplerConfig, generate  # noqa: E402
 
-__all__ = ["QuantConfig", "SamplerConfig", "default_model_path", "generate", "load", "load_pipeline",
+__all__ = ["QuantConfig", "SamplerConfig", "convert", "default_model_path", "generate", "load", "load_pipeline",
            "quantize", "save", "__version__"]

@@ -16,6 +16,9 @@ from .models.adapter import get_denoiser, load_pipeline
 from .models.units import shortcut_splits
 from .quant.model import WrapSpec, freeze, set_quant_state, wrap_denoiser
 from .recipes import QuantContext, StageTimer, get_recipe, run_recipe
+from .runtime.backends import BackendUnavailable, get_backend, set_backend
+from .runtime.convert import convert as runtime_convert
+from .runtime.pipeline import bind_quantized
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = "fmnist-ddpm"
@@ -101,6 +104,7 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
         "calibration_time": timer.to_dict(),
     }
     denoiser.tfmq_info.update(ctx.extra.get("tfmq_info", {}))   # stage results (fsc, temporal)
+    bind_quantized(pipe, denoiser)
     return pipe
 
 
@@ -109,21 +113,37 @@ def save(pipe, out_dir, overwrite: bool = False) -> Path:
     return checkpoint.save(pipe, out_dir, overwrite)
 
 
-def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Load a compact checkpoint as a diffusers pipeline with a quantized denoiser."""
+def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         backend: str = "reference"):
+    """Load a compact checkpoint as a diffusers pipeline whose denoiser is made of runtime modules
+    (:mod:`tfmq.runtime`): packed weights, no FP copy of a quantized weight, computing with
+    ``backend`` (``reference``, ``weight-only`` or ``w8a8``; see :mod:`tfmq.runtime.backends`).
+
+    ``pipe.scheduler`` is the calibrated scheduler; ``pipe(...)`` works as for any diffusers
+    pipeline, and refuses another scheduler or step count where the model holds per-step
+    parameters."""
     ckpt_dir = Path(ckpt_dir)
     cfg = checkpoint.read_config(ckpt_dir)
-    import diffusers
-    cls = getattr(diffusers, cfg["denoiser_class"], None)
-    if cls is None:
-        raise checkpoint.CheckpointError(f"unknown denoiser class {cfg['denoiser_class']!r}")
-    denoiser = cls.from_config(cls.load_config(str(ckpt_dir / cfg["denoiser_component"]))).eval()
-    if dtype != torch.float32:
-        denoiser = denoiser.to(dtype)
-    checkpoint.apply_checkpoint(denoiser, ckpt_dir, cfg)
-    pipe = DiffusionPipeline.from_pretrained(str(ckpt_dir), unet=denoiser, dtype=dtype)
+    reason = get_backend(backend).available(torch.device(device))   # fail before any work
+    if reason is not None:
+        raise BackendUnavailable(reason)
+    denoiser = checkpoint.load_denoiser(ckpt_dir, dtype, backend="reference", cfg=cfg)
+    pipe = DiffusionPipeline.from_pretrained(str(ckpt_dir), **{cfg["denoiser_component"]: denoiser},
+                                             dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if backend != "reference":
+        set_backend(denoiser, backend)
+    bind_quantized(pipe, denoiser)
+    return pipe
+
+
+def convert(pipe, backend: str = "reference"):
+    """Turn a quantized pipeline's calibrated (fake-quant) denoiser into runtime modules computing
+    with ``backend``, in place (see :func:`tfmq.runtime.convert`); returns the pipeline."""
+    denoiser = get_denoiser(pipe)
+    runtime_convert(denoiser, backend)
+    return pipe
 
 
 def load_any(model_or_dir, device="cpu", dtype=torch.float32):

@@ -20,6 +20,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from .models.adapter import denoiser_kind, get_denoiser, has_class_labels
+from .runtime.steps import check_timesteps
 
 #: Sampler name -> diffusers scheduler class.
 SCHEDULERS = {
@@ -149,12 +150,11 @@ def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed
     """Run the sampler and return the final latents / images (float, model space).
 
     ``on_step(step_index, t, model_input, kwargs)`` sees exactly what the denoiser receives
-    at every step (with the guidance batch doubled). ``denoiser`` overrides ``pipe.unet``.
+    at every step (with the guidance batch doubled). ``denoiser`` overrides the pipeline's own.
     """
     sampler.validate()
     denoiser = denoiser or get_denoiser(pipe)
-    from .calib.fsc import check_sampler
-    check_sampler(pipe, sampler, denoiser)      # per-step quantized models: the calibrated sampler only
+    check_timesteps(denoiser, sampler.to_dict(), sampler_timesteps(pipe, sampler))  # per-step models
     cond = cond or Conditioning()
     device = next(denoiser.parameters()).device
     dtype = next(denoiser.parameters()).dtype

@@ -14,11 +14,12 @@ quantizer (``UniformQuantizer(n_sets=T)``) holds one scale / zero-point per step
     every step, initialised by the MSE range search on that step's calibration data and refined
     with running statistics (an exponential moving average of each batch's min / max).
 
-While sampling, a forward pre-hook on the denoiser (:class:`StepSelector`) maps the call's
-timestep to its index in the calibrated timesteps and selects that parameter set, so tfmq's
-sampler and diffusers' own ``pipe()`` both work. A timestep outside the calibrated set, or a
-sequence that is not the calibrated sampler's, is refused with a message saying what the
-checkpoint was calibrated for (:class:`CalibrationMismatchError`).
+While sampling, the runtime's step index (:class:`tfmq.runtime.steps.StepIndex`, set by a
+forward pre-hook on the denoiser) maps the call's timestep to its index in the calibrated
+timesteps and selects that parameter set, so tfmq's sampler and diffusers' own ``pipe()`` both
+work. A timestep outside the calibrated set, or a sequence that is not the calibrated sampler's,
+is refused with a message saying what the model was calibrated for
+(:class:`~tfmq.runtime.steps.CalibrationMismatchError`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import FSC_MODES  # noqa: F401  (re-exported: none, tib, all)
-from ..models.temporal import (call_arguments, find_temporal_block, finite_set, model_classes,
-                               temporal_features, timestep_key, tib_layer_names)
+from ..models.temporal import (find_temporal_block, finite_set, model_classes, temporal_features,
+                               tib_layer_names)
 from ..quant.model import act_quantizers, multi_set_quantizers, set_quant_state
 from ..quant.quantizer import UniformQuantizer
+from ..runtime.steps import (CalibrationMismatchError, StepIndex, attach_step_index,  # noqa: F401
+                             describe_calibration, detach_step_index)
 from .data import CalibrationData
 from .ranges import calibrate_activations
 
@@ -39,17 +41,6 @@ from .ranges import calibrate_activations
 RUNNING_MOMENTUM = 0.95
 #: Rows of the finite set processed at once when calibrating the TIB.
 TIB_CHUNK_ROWS = 4096
-
-
-class CalibrationMismatchError(ValueError):
-    """Sampling does not match what per-step (FSC / cached) parameters were calibrated for."""
-
-
-def describe_calibration(sampler: dict, timesteps: list[int]) -> str:
-    """'ddim with 100 steps (timesteps 990, 980, ..., 0)'."""
-    ts = [int(t) for t in timesteps]
-    shown = ", ".join(map(str, ts)) if len(ts) <= 4 else f"{ts[0]}, {ts[1]}, ..., {ts[-1]}"
-    return f"{sampler.get('name', '?')} with {sampler.get('steps', len(ts))} steps (timesteps {shown})"
 
 
 # ---- which quantizers --------------------------------------------------------------------------
@@ -60,125 +51,26 @@ def tib_act_quantizers(denoiser: nn.Module) -> dict[str, UniformQuantizer]:
 
 
 # ---- step selection at sampling time --------------------------------------------------------------
-class StepSelector:
-    """Forward pre-hook selecting each call's parameter set from its timestep.
-
-    ``strict`` (the default) also checks the ORDER of the calls: a trajectory starts at the first
-    calibrated timestep and each call stays at the current step (guidance, repeated evaluations)
-    or moves to the next one. That is what refuses another step count whose timesteps happen to
-    be a subset of the calibrated ones (DDIM-50 inside DDIM-100)."""
-
-    def __init__(self, denoiser: nn.Module, timesteps: list[int], sampler: dict, strict: bool = True):
-        self.timesteps = [int(t) for t in timesteps]
-        self.sampler = dict(sampler)
-        self.strict = strict
-        self.first_index: dict[int, int] = {}
-        for i, t in enumerate(self.timesteps):
-            self.first_index.setdefault(timestep_key(t), i)
-        self.quantizers = multi_set_quantizers(denoiser)
-        self.last: int | None = None
-        self.paused = False        # set by tfmq.quant.model.row_steps while calibrating
-
-    def describe(self) -> str:
-        return describe_calibration(self.sampler, self.timesteps)
-
-    def index_for(self, key: int) -> int:
-        if key not in self.first_index:
-            raise CalibrationMismatchError(
-                f"timestep {key} is not one this quantized model was calibrated for: its per-step "
-                f"activation parameters are for {self.describe()}; sample with that sampler and "
-                f"step count (or quantize again for yours)")
-        if not self.strict:
-            return self.first_index[key]
-        ts, last = self.timesteps, self.last
-        if last is not None:
-            if last + 1 < len(ts) and ts[last + 1] == key:
-                return last + 1
-            if ts[last] == key:
-                return last
-        if ts[0] == key:
-            return 0
-        raise CalibrationMismatchError(
-            f"timestep {key} does not follow the calibrated sampler's sequence "
-            f"(previous step: {'none' if last is None else ts[last]}); this model's per-step "
-            f"activation parameters are for {self.describe()}: another sampler or step count was used")
-
-    def select(self, timestep) -> int:
-        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
-        keys = {timestep_key(v) for v in t.reshape(-1).tolist()}
-        if len(keys) != 1:
-            raise CalibrationMismatchError(
-                f"one denoiser call mixes timesteps {sorted(keys)}; per-step activation parameters "
-                "need a single timestep per call")
-        index = self.index_for(keys.pop())
-        for q in self.quantizers:
-            q.set_index = index
-        self.last = index
-        return index
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
-        if self.paused:
-            return None
-        self.select(call_arguments(module, args, kwargs)["timestep"])
-        return None
-
-
 def attach_step_selector(denoiser: nn.Module, timesteps: list[int], sampler: dict,
-                         strict: bool = True) -> StepSelector | None:
-    """Install (or replace) the step-selecting pre-hook; None when no quantizer has several sets."""
-    detach_step_selector(denoiser)
-    selector = StepSelector(denoiser, timesteps, sampler, strict)
-    if not selector.quantizers:
+                         strict: bool = True) -> StepIndex | None:
+    """Give the calibrated (fake-quant) denoiser the runtime's :class:`StepIndex` and make it
+    select the parameter set of every multi-set quantizer; None when no quantizer has several sets."""
+    quantizers = multi_set_quantizers(denoiser)
+    if not quantizers:
+        detach_step_index(denoiser)
         return None
-    n_sets = {q.n_sets for q in selector.quantizers}
-    if n_sets != {len(selector.timesteps)}:
+    n_sets = {q.n_sets for q in quantizers}
+    if n_sets != {len(timesteps)}:
         raise CalibrationMismatchError(f"quantizers hold {sorted(n_sets)} parameter sets but "
-                                       f"{len(selector.timesteps)} timesteps were calibrated")
-    denoiser._tfmq_step_hook = denoiser.register_forward_pre_hook(selector, with_kwargs=True)
-    denoiser._tfmq_step_selector = selector
-    return selector
+                                       f"{len(timesteps)} timesteps were calibrated")
+    steps = attach_step_index(denoiser, timesteps, sampler, strict)
 
+    def select(index: int) -> None:
+        for q in quantizers:
+            q.set_index = index
 
-def detach_step_selector(denoiser: nn.Module) -> None:
-    hook = getattr(denoiser, "_tfmq_step_hook", None)
-    if hook is not None:
-        hook.remove()
-    denoiser._tfmq_step_hook = None
-    denoiser._tfmq_step_selector = None
-
-
-def attach_from_info(denoiser: nn.Module) -> None:
-    """Re-install the step selector of a loaded checkpoint from its ``tfmq_info``."""
-    info = getattr(denoiser, "tfmq_info", None) or {}
-    if info.get("fsc", {}).get("n_sets", 1) > 1:
-        attach_step_selector(denoiser, info["timesteps"], info["sampler"])
-
-
-def is_step_dependent(denoiser: nn.Module) -> bool:
-    """Whether the quantized denoiser holds per-step parameters (FSC) or per-step cached
-    temporal features, i.e. is tied to its calibration sampler."""
-    info = getattr(denoiser, "tfmq_info", None) or {}
-    return info.get("fsc", {}).get("n_sets", 1) > 1 or info.get("temporal", {}).get("mode") == "cache"
-
-
-def check_sampler(pipe, sampler, denoiser: nn.Module | None = None) -> None:
-    """Refuse sampling a step-dependent quantized model with another sampler / step count than
-    its calibration's (called at the sampling entry)."""
-    from ..sampling import sampler_timesteps
-    denoiser = denoiser if denoiser is not None else pipe.unet
-    if not is_step_dependent(denoiser):
-        return
-    info = denoiser.tfmq_info
-    cal = info["sampler"]
-    ts = sampler_timesteps(pipe, sampler)
-    if sampler.name != cal["name"] or sampler.steps != cal["steps"] or ts != [int(t) for t in info["timesteps"]]:
-        raise CalibrationMismatchError(
-            f"this quantized model was calibrated for {describe_calibration(cal, info['timesteps'])} "
-            f"and holds per-step parameters; requested {describe_calibration(sampler.to_dict(), ts)}. "
-            f"Sample with --sampler {cal['name']} --steps {cal['steps']}, or quantize again for this sampler")
-    selector = getattr(denoiser, "_tfmq_step_selector", None)
-    if selector is not None:
-        selector.last = None                      # a new trajectory starts
+    steps.listeners.append(select)
+    return steps
 
 
 # ---- calibration ---------------------------------------------------------------------------------

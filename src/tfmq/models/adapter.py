@@ -35,6 +35,12 @@ def load_pipeline(model: str | Path, device: str | torch.device = "cpu",
     return pipe.to(device)
 
 
+def denoiser_component(pipe) -> str:
+    """The name of the pipeline component that is the denoiser (after checking it is supported)."""
+    get_denoiser(pipe)
+    return "unet"
+
+
 def get_denoiser(pipe) -> nn.Module:
     """The pipeline's denoiser (``pipe.unet``); a clear error for anything unsupported."""
     denoiser = getattr(pipe, "unet", None)

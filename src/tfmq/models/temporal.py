@@ -17,7 +17,6 @@ up by name, so a wrapped ``time_emb_proj`` runs with its quantizers.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +25,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from ..quant.layers import QuantLayer
+from ..runtime.steps import call_arguments, timestep_key  # noqa: F401  (re-exported)
 from .adapter import UnsupportedModelError
 
 #: Module type names that read the time embedding without a ``time_emb_proj``; a model using
@@ -223,23 +223,6 @@ def temporal_features(denoiser: nn.Module, timesteps, class_labels: torch.Tensor
         set_step(denoiser, step_index)
     emb = embed_time(denoiser, timesteps, class_labels, encoder_hidden_states, added_cond_kwargs)
     return project_features(denoiser, emb, block)
-
-
-# ---- reading a denoiser call's timestep / class labels ---------------------------------------------
-def call_arguments(denoiser: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The named arguments of a ``denoiser(...)`` call (for forward pre-hooks)."""
-    sig = getattr(denoiser, "_tfmq_forward_sig", None)
-    if sig is None:
-        sig = inspect.signature(type(denoiser).forward)
-        denoiser._tfmq_forward_sig = sig
-    bound = sig.bind_partial(denoiser, *args, **kwargs)
-    return bound.arguments
-
-
-def timestep_key(t) -> int:
-    """The integer key of a timestep value: tfmq's sampler passes ``int(t)``, diffusers'
-    pipelines may pass the float or the tensor; both map to the truncated integer."""
-    return int(float(t))
 
 
 # ---- the finite set of temporal inputs ------------------------------------------------------------

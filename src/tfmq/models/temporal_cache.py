@@ -7,9 +7,8 @@ up at run time, so the time projection, the time-embedding MLP, the class embedd
 resnet's ``time_emb_proj`` leave the runtime path: their weights are neither quantized nor stored,
 and the temporal features are exact.
 
-At run time a forward pre-hook on the denoiser reads the call's timesteps / class labels and
-picks the rows of the table; each resnet's ``time_emb_proj`` is a :class:`CachedProjection`
-returning its rows, and the removed embedding modules return zero-width tensors.
+This module builds the table (calibration); the runtime module that serves it is
+:mod:`tfmq.runtime.temporal_cache`.
 """
 
 from __future__ import annotations
@@ -18,123 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .temporal import (call_arguments, find_temporal_block, finite_set, model_classes,
-                       temporal_features, timestep_key)
+from ..runtime.temporal_cache import (CacheMissError, CachedProjection, RemovedEmbedding,  # noqa: F401
+                                      TemporalFeatureCache, _check_cacheable, install_cache,
+                                      install_from_info)
+from .temporal import find_temporal_block, finite_set, model_classes, temporal_features
 
 CHUNK_ROWS = 4096
-
-
-class CacheMissError(ValueError):
-    """A (timestep, class) outside the cached finite set."""
-
-
-class TemporalFeatureCache(nn.Module):
-    """The table ``feature_i[step, class] = g_i(h(timesteps[step], classes[class]))``."""
-
-    def __init__(self, timesteps: list[int], classes: list[int] | None, dims: list[int],
-                 resnets: list[str], sampler: dict | None = None):
-        super().__init__()
-        self.resnets = list(resnets)
-        self.sampler = dict(sampler or {})
-        self.register_buffer("timesteps", torch.tensor([int(t) for t in timesteps], dtype=torch.long))
-        self.register_buffer("classes", None if classes is None else torch.tensor(classes, dtype=torch.long))
-        n_c = 1 if classes is None else len(classes)
-        for i, d in enumerate(dims):
-            self.register_buffer(f"feature_{i}", torch.zeros(len(timesteps), n_c, d))
-        self.dims = list(dims)
-        self.rows: torch.Tensor | None = None
-
-    def feature_table(self, i: int) -> torch.Tensor:
-        return getattr(self, f"feature_{i}")
-
-    def _describe(self) -> str:
-        ts = self.timesteps.tolist()
-        shown = ", ".join(map(str, ts)) if len(ts) <= 4 else f"{ts[0]}, {ts[1]}, ..., {ts[-1]}"
-        what = f"{self.sampler.get('name')} with {len(ts)} steps" if self.sampler else f"{len(ts)} timesteps"
-        return f"{what} (timesteps {shown})"
-
-    @staticmethod
-    def _index(values: torch.Tensor, table: torch.Tensor, what: str, describe) -> torch.Tensor:
-        match = values[:, None] == table[None, :].to(values.device)
-        found = match.any(dim=1)
-        if not bool(found.all()):
-            missing = sorted(set(values[~found].tolist()))[:5]
-            raise CacheMissError(f"{what} {missing} not in the temporal feature cache, which holds "
-                                 f"{describe()}; sample with the calibrated sampler and step count")
-        return match.int().argmax(dim=1)
-
-    def lookup_rows(self, timesteps, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Row of the flattened ``[steps * classes]`` table for every sample of a call."""
-        t = timesteps if torch.is_tensor(timesteps) else torch.tensor(timesteps)
-        t = t.reshape(-1)
-        if t.is_floating_point():
-            t = torch.tensor([timestep_key(v) for v in t.tolist()], device=t.device)
-        t = t.long().expand(batch) if t.numel() == 1 else t.long()
-        step = self._index(t, self.timesteps, "timestep(s)", self._describe)
-        if self.classes is None:
-            if class_labels is not None:
-                raise ValueError("this model is not class-conditional: class labels do not apply")
-            return step
-        if class_labels is None:
-            raise ValueError("this model is class-conditional: class labels are needed")
-        c = self._index(class_labels.reshape(-1).long().expand(batch) if class_labels.numel() == 1
-                        else class_labels.reshape(-1).long(), self.classes, "class label(s)",
-                        lambda: f"classes {self.classes.tolist()[:8]}...")
-        return step * len(self.classes) + c
-
-    def features_for(self, timesteps, class_labels: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The cached ``[g_0, ..., g_n]`` for a batch of timesteps (and class labels)."""
-        n_t = (timesteps if torch.is_tensor(timesteps) else torch.tensor(timesteps)).numel()
-        batch = max(n_t, class_labels.numel() if class_labels is not None else 1)
-        rows = self.lookup_rows(timesteps, class_labels, batch)
-        return [self.feature_table(i).flatten(0, 1)[rows.to(self.timesteps.device)] for i in range(len(self.dims))]
-
-    def feature(self, i: int) -> torch.Tensor:
-        if self.rows is None:
-            raise RuntimeError("temporal feature cache used outside a denoiser call")
-        return self.feature_table(i).flatten(0, 1)[self.rows]
-
-    def pre_hook(self, denoiser: nn.Module, args: tuple, kwargs: dict):
-        a = call_arguments(denoiser, args, kwargs)
-        batch = a["sample"].shape[0]
-        self.rows = self.lookup_rows(a["timestep"], a.get("class_labels"), batch).to(self.timesteps.device)
-        return None
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-
-class CachedProjection(nn.Module):
-    """Stands in for a resnet's ``time_emb_proj``: returns the cached feature of the call."""
-
-    def __init__(self, cache: TemporalFeatureCache, index: int):
-        super().__init__()
-        self._cache = [cache]          # a list: not a submodule, so its buffers are stored once
-        self.index = index
-
-    def forward(self, temb: torch.Tensor) -> torch.Tensor:
-        return self._cache[0].feature(self.index).to(temb.dtype)
-
-    def extra_repr(self) -> str:
-        return f"cached feature {self.index}"
-
-
-class RemovedEmbedding(nn.Module):
-    """Stands in for a removed embedding module: a zero-width ``[B, 0]`` tensor."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        return torch.zeros((x.shape[0], 0), device=x.device, dtype=dtype)
-
-
-def _check_cacheable(denoiser: nn.Module):
-    block = find_temporal_block(denoiser)
-    if block.needs_conditioning:
-        raise ValueError("temporal feature caching needs a time embedding that depends on the timestep "
-                         "and class only; this model's also reads text / image inputs (add_embedding)")
-    if getattr(denoiser.config, "class_embeddings_concat", False):
-        raise ValueError("temporal feature caching does not support class_embeddings_concat")
-    return block
 
 
 def _cache_classes(denoiser: nn.Module, block, classes: list[int] | None) -> list[int] | None:
@@ -146,26 +34,6 @@ def _cache_classes(denoiser: nn.Module, block, classes: list[int] | None) -> lis
     if table is None:
         raise ValueError("this model's class labels are not a finite table: give the classes to cache")
     return table
-
-
-def install_cache(denoiser: nn.Module, cache: TemporalFeatureCache) -> TemporalFeatureCache:
-    """Put ``cache`` in the denoiser's runtime path (in place): the TIB modules are replaced."""
-    if getattr(denoiser, "tfmq_temporal_cache", None) is not None:
-        raise RuntimeError("this denoiser already uses a temporal feature cache")
-    block = _check_cacheable(denoiser)
-    if block.resnets != cache.resnets:
-        raise ValueError("the temporal feature cache was built for another model (resnet blocks differ)")
-    if getattr(denoiser, "tfmq_fp_fingerprint", None) is None:
-        from ..checkpoint import denoiser_fingerprint
-        denoiser.tfmq_fp_fingerprint = denoiser_fingerprint(denoiser)   # before the modules change
-    for name in block.embedding:
-        if name != "time_embed_act":
-            setattr(denoiser, name, RemovedEmbedding())
-    for i, name in enumerate(block.resnets):
-        denoiser.get_submodule(name).time_emb_proj = CachedProjection(cache, i)
-    denoiser.tfmq_temporal_cache = cache
-    denoiser._tfmq_cache_hook = denoiser.register_forward_pre_hook(cache.pre_hook, with_kwargs=True)
-    return cache
 
 
 @torch.no_grad()
@@ -197,14 +65,6 @@ def cache_info(cache: TemporalFeatureCache) -> dict:
             "classes": None if cache.classes is None else cache.classes.tolist(),
             "dims": list(cache.dims), "resnets": list(cache.resnets), "sampler": cache.sampler,
             "bytes": cache.nbytes()}
-
-
-def install_from_info(denoiser: nn.Module, info: dict) -> TemporalFeatureCache:
-    """Rebuild an (empty) cache of a checkpoint's shape and install it; the state dict fills it."""
-    cache = TemporalFeatureCache(info["timesteps"], info["classes"], info["dims"], info["resnets"],
-                                 info.get("sampler"))
-    device = next(denoiser.parameters()).device
-    return install_cache(denoiser, cache.to(device))
 
 
 def keep_tib_full_precision(denoiser: nn.Module) -> list[str]:

@@ -170,6 +170,21 @@ class QuantAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        hidden_states, out_dtype = self.attend(attn, query, key, value, attention_mask)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[0](hidden_states.to(out_dtype))
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    @staticmethod
+    def attend(attn, query, key, value, attention_mask):
+        """``softmax(q kᵀ * scale + mask) v`` with q, k, v and the probabilities quantized by
+        ``attn.tfmq_attn`` (when present). Returns the result and the dtype ``to_out`` reads."""
         quant = getattr(attn, "tfmq_attn", None)
         if quant is not None:
             query, key, value = quant.q(query), quant.k(key), quant.v(value)
@@ -184,13 +199,4 @@ class QuantAttnProcessor:
         probs = scores.softmax(dim=-1).to(dtype)
         if quant is not None:
             probs = quant.softmax(probs)
-        hidden_states = torch.matmul(probs, value)
-
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[0](hidden_states.to(query.dtype))
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return torch.matmul(probs, value), query.dtype

@@ -125,8 +125,8 @@ def set_step(model: nn.Module, index: int) -> None:
 @contextmanager
 def row_steps(model: nn.Module, steps: torch.Tensor | None):
     """Within the block, every multi-set (FSC) activation quantizer uses parameter set
-    ``steps[i]`` for row ``i`` of its input, and the step-selecting hook of a calibrated model
-    (:class:`tfmq.calib.fsc.StepSelector`) is paused. For calibration batches whose rows come
+    ``steps[i]`` for row ``i`` of its input, and the step index of a calibrated model
+    (:class:`tfmq.runtime.steps.StepIndex`) is paused. For calibration batches whose rows come
     from several steps. ``steps=None`` changes nothing."""
     if steps is None:
         yield
@@ -134,7 +134,7 @@ def row_steps(model: nn.Module, steps: torch.Tensor | None):
     multi = multi_set_quantizers(model)
     if multi and int(steps.max()) >= min(q.n_sets for q in multi):
         raise IndexError(f"step index {int(steps.max())} outside the calibrated steps")
-    selector = getattr(model, "_tfmq_step_selector", None)
+    selector = getattr(model, "tfmq_steps", None)
     saved = [q.set_index for q in multi]
     paused = selector.paused if selector is not None else None
     try:

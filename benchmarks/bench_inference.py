@@ -1,0 +1,293 @@
+"""Inference benchmark: per-call latency and memory of the quantized runtime vs FP.
+
+Models:
+  (a) the bundled Fashion-MNIST DDPM (trained weights), batch 256;
+  (b) a UNet2DConditionModel with Stable Diffusion v1.5's config (RANDOM weights, seeded; timings
+      depend on shapes, not weights), batch 2, 64x64 latents, 77-token context, channels-last;
+plus the sampling wall time of 1000 bundled-model images (DDIM 100) and the PSNR of every
+backend's final images vs the ``reference`` backend's (same noise).
+
+Quantized models are calibrated in the run with tfmq W8A8 / W4A8 at timing-only settings (no
+reconstruction iterations: the speed and memory of a layer do not depend on how its integer
+codes were chosen); the SD UNet uses naive W8A8 with 16-bit softmax outputs (as Q-Diffusion does
+for Stable Diffusion). Every row says what it measured; a configuration that fails is reported
+with its error, never replaced by another.
+
+    python benchmarks/bench_inference.py --device cuda --json benchmarks/results/inference_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tfmq
+from tfmq.runtime import backend_summary, runtime_nbytes
+from tfmq.sampling import SamplerConfig
+
+SD15_UNET_CONFIG = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
+    "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 768, "attention_head_dim": 8,
+}
+
+
+def time_call(fn, iters: int, warmup: int) -> dict:
+    """Median / min per-call milliseconds (CUDA events) and peak memory during the calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)), "iters": iters,
+            "resident_mb": base / 2**20, "peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
+def cuda_graph(fn):
+    """Capture ``fn`` (no arguments, fixed input tensors) in a CUDA graph; returns replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return (lambda: (g.replay(), out)[1]), out
+
+
+def measure(rows, label, model, make_fn, iters, warmup, note=""):
+    """Time ``make_fn()`` (-> a no-argument callable) and append a row; errors are rows too."""
+    try:
+        t0 = time.perf_counter()
+        fn = make_fn()
+        with torch.no_grad():
+            r = time_call(fn, iters, warmup)
+        r["setup_s"] = round(time.perf_counter() - t0, 1)
+    except Exception as exc:  # report, never substitute
+        r = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    r.update({"model": model, "config": label, "note": note})
+    rows.append(r)
+    print(f"  {model:10s} {label:38s} " + (f"{r['median_ms']:9.3f} ms  peak {r['peak_mb']:8.1f} MB"
+                                            if "median_ms" in r else r["error"]), flush=True)
+    return r
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def ckpt_tensor_bytes(path: Path) -> int:
+    from safetensors.torch import load_file
+    return sum(t.numel() * t.element_size() for t in load_file(str(path / "tfmq_denoiser.safetensors")).values())
+
+
+def bundled(args, out: dict, work: Path) -> None:
+    dev = args.device
+    sampler = SamplerConfig("ddim", args.steps)
+    fp = tfmq.load_pipeline(tfmq.default_model_path(), dev)
+    unet = fp.unet
+    c = unet.config
+    x = torch.randn(args.batch, c.in_channels, c.sample_size, c.sample_size, device=dev)
+    ts = [int(t) for t in tfmq.sampling.sampler_timesteps(fp, sampler)]
+    t_mid = torch.full((args.batch,), ts[len(ts) // 2], device=dev, dtype=torch.long)
+    rows = out["rows"]
+    print("(a) bundled model, batch", args.batch)
+    measure(rows, "fp32 eager", "bundled", lambda: (lambda: unet(x, t_mid).sample), args.iters, 3)
+    ub = tfmq.load_pipeline(tfmq.default_model_path(), dev, torch.bfloat16).unet
+    xb = x.to(torch.bfloat16)
+    measure(rows, "bf16 eager", "bundled", lambda: (lambda: ub(xb, t_mid).sample), args.iters, 3)
+    cb = torch.compile(ub)
+    measure(rows, "bf16 torch.compile", "bundled", lambda: (lambda: cb(xb, t_mid).sample), args.iters, 3)
+    ckpts = {}
+    for name, w, a in (("w8a8", 8, 8), ("w4a8", 4, 8)):
+        pipe = tfmq.load_pipeline(tfmq.default_model_path(), dev)
+        cfg = tfmq.QuantConfig.for_method("tfmq", wbits=w, abits=a, calib_size=args.calib_size, sampler=sampler,
+                                          recon_iters=0, act_learn_iters=0, tiar_iters=0)
+        tfmq.quantize(pipe, cfg, progress=False)
+        ckpts[name] = tfmq.save(pipe, work / f"bundled-{name}", overwrite=True)
+        del pipe
+    out["bundled_checkpoints"] = {k: {"tensor_bytes": ckpt_tensor_bytes(v)} for k, v in ckpts.items()}
+    for ck, backend, dtype in (("w8a8", "reference", torch.float32), ("w8a8", "reference", torch.bfloat16),
+                               ("w8a8", "w8a8", torch.bfloat16), ("w4a8", "weight-only", torch.bfloat16),
+                               ("w4a8", "weight-only", torch.float32)):
+        label = f"{ck} {backend} {str(dtype).replace('torch.', '')}"
+        try:
+            q = tfmq.load(ckpts[ck], dev, dtype, backend=backend).unet
+        except Exception as exc:
+            rows.append({"model": "bundled", "config": label, "error": f"{type(exc).__name__}: {exc}"})
+            print("  ", label, "failed:", exc)
+            continue
+        xx = x.to(dtype)
+
+        def step_fn(q=q, xx=xx):
+            q.tfmq_steps.set(len(ts) // 2) if getattr(q, "tfmq_steps", None) is not None else None
+            return lambda: q(xx, t_mid).sample
+        r = measure(rows, label, "bundled", step_fn, args.iters, 3)
+        r["runtime_bytes"] = runtime_nbytes(q)
+        r["backend_summary"] = backend_summary(q)
+        if backend == "w8a8":
+            measure(rows, label + " + CUDA graph", "bundled", lambda q=q, xx=xx: cuda_graph(lambda: q(xx, t_mid).sample)[0],
+                    args.iters, 3)
+        del q
+    # sampling wall time + PSNR vs the reference backend's images
+    print("sampling", args.num_images, "images, DDIM", args.steps)
+    imgs, samp = {}, []
+    runs = [("fp32", None, None, torch.float32), ("w8a8 reference fp32", "w8a8", "reference", torch.float32),
+            ("w8a8 w8a8 bf16", "w8a8", "w8a8", torch.bfloat16), ("w8a8 reference bf16", "w8a8", "reference", torch.bfloat16),
+            ("w4a8 reference fp32", "w4a8", "reference", torch.float32),
+            ("w4a8 weight-only fp32", "w4a8", "weight-only", torch.float32)]
+    for label, ck, backend, dtype in runs:
+        try:
+            pipe = (tfmq.load_pipeline(tfmq.default_model_path(), dev, dtype) if ck is None
+                    else tfmq.load(ckpts[ck], dev, dtype, backend=backend))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            im = tfmq.generate(pipe, sampler, args.num_images, args.sample_batch, seed=0, progress=False)
+            torch.cuda.synchronize()
+            r = {"config": label, "images": args.num_images, "seconds": time.perf_counter() - t0}
+            imgs[label] = im
+        except Exception as exc:
+            r = {"config": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        samp.append(r)
+        print("  ", r, flush=True)
+    n = min(256, args.num_images)
+    for r in samp:
+        lab = r["config"]
+        if lab in imgs and lab != "fp32":
+            ref = "w8a8 reference fp32" if lab.startswith("w8a8") else "w4a8 reference fp32"
+            if ref in imgs and ref != lab:
+                r["psnr_vs_reference_db_first_256"] = psnr(imgs[lab][:n], imgs[ref][:n])
+            r["psnr_vs_fp32_db"] = psnr(imgs[lab], imgs["fp32"]) if "fp32" in imgs else None
+    out["sampling"] = samp
+
+
+def sd_unet(args, out: dict, work: Path) -> None:
+    import transformers
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    dev = args.device
+    rows = out["rows"]
+    print("(b) SD-v1.5-config UNet (random weights), batch 2, 64x64 latents, 77 tokens")
+    torch.manual_seed(0)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (work / "vocab.json").write_text(json.dumps(vocab))
+    (work / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(work / "vocab.json"), str(work / "merges.txt"), model_max_length=77)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=768, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=12,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1)).eval()
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    ctx = torch.randn(2, 77, 768, device=dev)
+    x = torch.randn(2, 4, 64, 64, device=dev)
+    t = torch.full((2,), 500, device=dev, dtype=torch.long)
+    out["sd_unet_params"] = sum(p.numel() for p in unet.parameters())
+    measure(rows, "fp32 eager", "sd15-unet", lambda: (lambda: unet(x, t, ctx).sample), args.iters, 3)
+    ub = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().to(dev, torch.bfloat16).to(memory_format=torch.channels_last)
+    ub.load_state_dict(unet.state_dict())
+    xb, cb_ = x.to(torch.bfloat16).to(memory_format=torch.channels_last), ctx.to(torch.bfloat16)
+    measure(rows, "bf16 eager", "sd15-unet", lambda: (lambda: ub(xb, t, cb_).sample), args.iters, 3)
+    comp = torch.compile(ub)
+    measure(rows, "bf16 torch.compile", "sd15-unet", lambda: (lambda: comp(xb, t, cb_).sample), args.iters, 5)
+    del comp, ub
+    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=2,
+                                      sampler=SamplerConfig("ddim", 4), prompts=["a photo"])
+    tfmq.quantize(pipe, cfg, progress=False)
+    out["sd_quantize_s"] = time.perf_counter() - t0
+    ckpt = tfmq.save(pipe, work / "sd-w8a8", overwrite=True)
+    out["sd_checkpoint_tensor_bytes"] = ckpt_tensor_bytes(ckpt)
+    del pipe, unet
+    torch.cuda.empty_cache()
+    results = {}
+    for backend in ("reference", "w8a8"):
+        try:
+            q = tfmq.load(ckpt, dev, torch.bfloat16, backend=backend).unet.to(memory_format=torch.channels_last)
+        except Exception as exc:
+            rows.append({"model": "sd15-unet", "config": f"w8a8 {backend} bf16", "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        with torch.no_grad():
+            results[backend] = q(xb, t, cb_).sample.float()
+        r = measure(rows, f"w8a8 {backend} bf16", "sd15-unet", lambda q=q: (lambda: q(xb, t, cb_).sample), args.iters, 3)
+        r["backend_summary"] = backend_summary(q)
+        r["runtime_bytes"] = runtime_nbytes(q)
+        if backend == "w8a8":
+            measure(rows, "w8a8 w8a8 bf16 + CUDA graph", "sd15-unet",
+                    lambda q=q: cuda_graph(lambda: q(xb, t, cb_).sample)[0], args.iters, 3)
+            measure(rows, "w8a8 w8a8 bf16 torch.compile", "sd15-unet",
+                    lambda q=q: (lambda c=torch.compile(q): c(xb, t, cb_).sample), args.iters, 5)
+        del q
+        torch.cuda.empty_cache()
+    if "reference" in results and "w8a8" in results:
+        d = (results["w8a8"] - results["reference"]).abs()
+        out["sd_w8a8_vs_reference"] = {"max_abs": float(d.max()), "mean_abs": float(d.mean()),
+                                       "ref_abs_mean": float(results["reference"].abs().mean())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--calib-size", type=int, default=32)
+    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--sample-batch", type=int, default=250)
+    p.add_argument("--parts", default="bundled,sd")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: this benchmark times CUDA calls; no CUDA GPU here", file=sys.stderr)
+        return 2
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+           "settings": vars(args) | {"json": str(args.json)}, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        parts = args.parts.split(",")
+        if "bundled" in parts:
+            bundled(args, out, work)
+        if "sd" in parts:
+            sd_unet(args, out, work)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2))
+    print(f"\n{'model':10s} {'config':40s} {'median ms':>10s} {'peak MB':>9s}")
+    for r in out["rows"]:
+        print(f"{r['model']:10s} {r['config']:40s} " + (f"{r['median_ms']:10.3f} {r['peak_mb']:9.1f}"
+                                                       if "median_ms" in r else "failed: " + r["error"][:80]))
+    print("written", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""How a converted layer computes: the runtime backends.
+
+``reference``
+    Expand the packed codes to the weight (``(code - zero) * scale``, float32, then the model
+    dtype), fake-quantize the input, compute in the model dtype: the calibrated model's numbers
+    exactly. The accuracy reference for every other backend.
+``weight-only``
+    The memory-first backend: weights stay packed in memory (uint8, two 4-bit codes a byte) and
+    each layer expands its own weight when it runs, so the resident denoiser is its packed codes,
+    scales and the layers kept in full precision. Numerically identical to ``reference``; on CPU
+    and CUDA the expansion uses tensor operations (no fused kernel yet).
+``w8a8``
+    Real 8-bit compute on CUDA (compute capability >= 8.0, Triton): the layer's input is
+    quantized to its calibrated int8 grid with the static (per-step) scale, the product runs on
+    INT8 tensor cores with int32 accumulation (Triton GEMM for Linear, implicit-GEMM for Conv2d),
+    and the zero-point corrections and scales are applied in the kernel's epilogue. Layers that are
+    not W8A8 (kept in full precision by the layer policy, or of other bit widths) compute as in
+    ``reference``; :func:`backend_summary` says which ran how.
+
+Every backend is tested against ``reference`` on the same inputs (tests/test_runtime.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (no GPU, no Triton, unsupported layer)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+
+    def available(self, device: torch.device) -> str | None:
+        """None when the backend can run on ``device``, else the reason it cannot."""
+        return None
+
+    def prepare(self, layer) -> None:
+        """Derive what the backend needs from the layer's packed representation (once)."""
+        layer.prepared = {}
+
+    def handles(self, layer) -> bool:
+        """Whether this backend's own kernels run ``layer`` (else it computes as ``reference``)."""
+        return True
+
+    def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if layer.act is not None:
+            x = layer.act(x)
+        return layer.compute(x, layer.dequantized_weight(x.dtype))
+
+
+class WeightOnlyBackend(Backend):
+    pass
+
+
+class W8A8Backend(Backend):
+    def available(self, device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return ("the w8a8 backend runs INT8 tensor-core kernels on a CUDA GPU; this model is on "
+                    f"{device}. Use the reference or weight-only backend on CPU")
+        from .kernels import int8
+        if not int8.available():
+            return "the w8a8 backend needs Triton and a GPU of compute capability 8.0 or newer"
+        return None
+
+    def handles(self, layer) -> bool:
+        act = layer.act
+        if layer.qweight is None or layer.qweight.bits != 8 or act is None or act.bits != 8:
+            return False
+        return layer.kind != "conv" or (layer.groups == 1 and not isinstance(layer.padding, str)
+                                        and layer.dilation == (1, 1))
+
+    def prepare(self, layer) -> None:
+        from .kernels import int8
+        layer.prepared = {}
+        if not self.handles(layer):
+            return
+        q = layer.qweight
+        codes = q.codes()                                     # int16, PyTorch weight layout
+        ow = int8.offset_for(q.qmin, q.qmax)
+        if hasattr(layer.act, "groups"):                      # split input: one GEMM per channel group
+            s = layer.act.split
+            parts = [codes[:, :s], codes[:, s:]]
+        else:
+            parts = [codes]
+        layer.prepared = {"parts": [int8.prepare_weight(p.contiguous(), q.zero_point, ow) for p in parts]}
+
+    def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+        parts = layer.prepared.get("parts")
+        if parts is None:                                    # not a W8A8 layer: reference math
+            return Backend.run(self, layer, x)
+        from .kernels import int8
+        split = hasattr(layer.act, "groups")
+        quants = list(layer.act.groups) if split else [layer.act]
+        inputs = layer.act.chunks(x) if split else [x]
+        out = None
+        for i, (aq, xi, (w8, cb, bsum)) in enumerate(zip(quants, inputs, parts)):
+            sx, zx = aq.params()
+            ca = int8.offset_for(aq.qmin, aq.qmax) - zx           # (code - zero) = a + ca
+            bias = layer.bias if i == 0 else None
+            if layer.kind == "conv":
+                a, asum = int8.quantize_act(xi, sx, zx, aq.qmin, aq.qmax, nhwc=True, return_sums=True)
+                y = int8.int8_conv2d(a, w8, layer.stride, layer.padding, sx, ca, layer.qweight.scale, cb, bsum,
+                                     bias, x.dtype, asum=asum)
+            else:
+                a, asum = int8.quantize_act(xi, sx, zx, aq.qmin, aq.qmax, return_sums=True)
+                y = int8.int8_linear(a, w8, sx, ca, layer.qweight.scale, cb, bsum, bias, x.dtype, asum=asum)
+            out = y if out is None else out + y
+        return out
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", "packed weights expanded per call, fake-quantized activations, "
+                                      "model dtype: the calibrated numbers exactly"),
+    "weight-only": WeightOnlyBackend("weight-only", "packed weights resident, expanded per layer at run "
+                                                    "time (lowest memory); same numbers as reference"),
+    "w8a8": W8A8Backend("w8a8", "INT8 tensor cores (CUDA, Triton) for W8A8 layers with the calibrated "
+                                "integer grids; other layers as reference"),
+}
+
+
+def _runtime_layers(model: nn.Module) -> dict:
+    return {n: m for n, m in model.named_modules() if hasattr(m, "qweight") and hasattr(m, "prepared")}
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}") from None
+
+
+def set_backend(denoiser: nn.Module, name: str) -> nn.Module:
+    """Run every quantized layer of a converted denoiser with backend ``name`` (in place).
+    Raises :class:`BackendUnavailable` before changing anything when it cannot run here."""
+    backend = get_backend(name)
+    layers = _runtime_layers(denoiser)
+    if not layers:
+        raise ValueError("this denoiser has no quantized runtime layers: convert it first "
+                         "(tfmq.runtime.convert) or load a checkpoint with tfmq.load")
+    device = next(iter(next(iter(layers.values())).buffers()), None)
+    device = device.device if device is not None else next(denoiser.parameters()).device
+    reason = backend.available(device)
+    if reason is not None:
+        raise BackendUnavailable(reason)
+    for layer in layers.values():
+        backend.prepare(layer)
+        layer.backend = name
+    for m in denoiser.modules():
+        if hasattr(m, "quantizers") and hasattr(m, "softmax") and hasattr(m, "backend"):
+            m.backend = name                                  # attention parameters
+    denoiser.tfmq_backend = name
+    return denoiser
+
+
+def backend_summary(denoiser: nn.Module) -> dict:
+    """How the layers of a converted denoiser compute: the backend, and how many of its layers
+    run the backend's own kernels vs the reference math."""
+    layers = _runtime_layers(denoiser)
+    name = getattr(denoiser, "tfmq_backend", "reference")
+    backend = get_backend(name)
+    own = sum(1 for l in layers.values() if backend.handles(l))
+    return {"backend": name, "layers": len(layers), "backend_kernels": own,
+            "reference_math": len(layers) - own}

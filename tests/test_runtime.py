@@ -1,0 +1,215 @@
+"""The deployable runtime (tfmq.runtime) against the calibrated fake-quant model.
+
+Tiny models here have RANDOM weights: they check numerics (runtime == fake-quant reference,
+bit for bit), memory accounting, round trips and errors, not quality.
+"""
+
+import pytest
+import torch
+from conftest import tiny_ddpm_pipeline, tiny_qdiff
+from safetensors.torch import load_file
+
+import tfmq
+from tfmq.quant.layers import QuantLayer
+from tfmq.runtime import (BackendUnavailable, CalibrationMismatchError, PackedWeight, backend_summary,
+                          runtime_layers, runtime_nbytes, set_backend)
+from tfmq.sampling import SamplerConfig
+
+STEPS = SamplerConfig(steps=4)
+FAST = dict(recon_iters=0, act_learn_iters=0, tiar_iters=0, calib_size=2, sampler=STEPS)
+CONFIGS = {
+    "naive-w4a8": lambda: tfmq.QuantConfig.for_method("naive", wbits=4, abits=8, calib_size=2, sampler=STEPS),
+    "tfmq-fsc-all": lambda: tfmq.QuantConfig.for_method("tfmq", wbits=4, abits=8, fsc="all", **FAST),
+    "tfmq-cache-w3": lambda: tfmq.QuantConfig.for_method("tfmq", wbits=3, abits=6, temporal="cache", **FAST),
+    "qdiff-split-w8a8": lambda: tiny_qdiff(wbits=8, abits=8, recon_iters=0, act_learn_iters=0),
+}
+
+
+def trajectory_outputs(pipe, sampler, seed=3, n=2, class_labels=None):
+    """Denoiser outputs along one deterministic trajectory (the sampler's timesteps in order)."""
+    outs = []
+
+    def record(i, t, x, kw):
+        with torch.no_grad():
+            outs.append(pipe.unet(x, torch.full((x.shape[0],), t), **kw).sample.clone())
+    from tfmq.sampling import build_conditioning, denoise
+    cond = build_conditioning(pipe, n, seed, class_labels)
+    denoise(pipe, sampler, n, n, seed, cond, on_step=record, progress=False)
+    return outs
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_convert_computes_what_fakequant_did(name, one_thread):
+    cls = 5 if name == "tfmq-cache-w3" else None
+    pipe = tiny_ddpm_pipeline(cls)
+    config = CONFIGS[name]()
+    tfmq.quantize(pipe, config, progress=False)
+    labels = [0, 3] if cls else None
+    want_imgs = tfmq.generate(pipe, config.sampler, 2, 2, seed=5, class_labels=labels, progress=False)
+    want = trajectory_outputs(pipe, config.sampler, class_labels=labels)
+    tfmq.convert(pipe, "reference")
+    assert runtime_layers(pipe.unet)
+    assert not any(isinstance(m, QuantLayer) for m in pipe.unet.modules())
+    got = trajectory_outputs(pipe, config.sampler, class_labels=labels)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    got_imgs = tfmq.generate(pipe, config.sampler, 2, 2, seed=5, class_labels=labels, progress=False)
+    assert (want_imgs == got_imgs).all()
+    set_backend(pipe.unet, "weight-only")                   # same numbers, packed weights
+    assert backend_summary(pipe.unet)["backend"] == "weight-only"
+    again = trajectory_outputs(pipe, config.sampler, class_labels=labels)
+    for a, b in zip(want, again):
+        assert torch.equal(a, b)
+
+
+def test_no_fp_copy_of_quantized_weights_and_memory(one_thread, tmp_path):
+    pipe = tiny_ddpm_pipeline()
+    tfmq.quantize(pipe, wbits=4, abits=8, calib_size=2, sampler=STEPS, progress=False)
+    ckpt = tfmq.save(pipe, tmp_path / "ckpt")
+    loaded = tfmq.load(ckpt, backend="weight-only")
+    layers = runtime_layers(loaded.unet)
+    assert layers
+    for name, layer in layers.items():
+        if layer.qweight is None:
+            continue
+        numel = torch.Size(layer.qweight.shape).numel()
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            assert not (t.is_floating_point() and t.numel() == numel), f"{name} keeps an FP weight"
+        # 4-bit codes: half a byte each, plus a float32 scale and zero-point per channel
+        assert layer.qweight.packed.numel() == (numel + 1) // 2
+    sizes = runtime_nbytes(loaded.unet)
+    packed = sum(m.nbytes() for m in loaded.unet.modules() if isinstance(m, PackedWeight))
+    assert sizes["packed_weights"] == packed
+    fp32 = sum(p.numel() * 4 for p in tiny_ddpm_pipeline().unet.parameters())
+    assert sizes["total"] < 0.5 * fp32                   # tiny model: FP-kept layers weigh a lot
+
+
+def test_checkpoint_round_trip_is_exact(one_thread, tmp_path):
+    pipe = tiny_ddpm_pipeline()
+    config = CONFIGS["tfmq-fsc-all"]()
+    tfmq.quantize(pipe, config, progress=False)
+    first = tfmq.save(pipe, tmp_path / "a")
+    loaded = tfmq.load(first)
+    second = tfmq.save(loaded, tmp_path / "b")
+    a, b = load_file(str(first / "tfmq_denoiser.safetensors")), load_file(str(second / "tfmq_denoiser.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    imgs = [tfmq.generate(p, config.sampler, 2, 2, seed=1, progress=False) for p in (pipe, loaded)]
+    assert (imgs[0] == imgs[1]).all()
+
+
+def test_pipeline_call_after_load(one_thread, tmp_path):
+    pipe = tiny_ddpm_pipeline()
+    tfmq.quantize(pipe, CONFIGS["tfmq-fsc-all"](), progress=False)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    loaded = tfmq.load(tfmq.save(pipe, tmp_path / "ckpt"))
+    assert type(loaded.scheduler).__name__ == "DDIMScheduler"
+    out = loaded(batch_size=2, num_inference_steps=STEPS.steps, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert out.shape == (2, 16, 16, 3) and torch.isfinite(torch.from_numpy(out)).all()
+    with pytest.raises(CalibrationMismatchError, match="4 steps"):
+        loaded(batch_size=1, num_inference_steps=3, output_type="np")
+    from diffusers import DDPMScheduler
+    loaded.scheduler = DDPMScheduler.from_config(loaded.scheduler.config)
+    with pytest.raises(CalibrationMismatchError, match="DDPMScheduler"):
+        loaded(batch_size=1, num_inference_steps=STEPS.steps, output_type="np")
+    # the freshly quantized pipeline checks the same way
+    with pytest.raises(CalibrationMismatchError):
+        pipe(batch_size=1, num_inference_steps=10, output_type="np")
+
+
+def test_pipeline_call_tiny_sd(tiny_sd, one_thread, tmp_path):
+    tfmq.quantize(tiny_sd, wbits=8, abits=8, calib_size=2, sampler=STEPS, prompts=["a cat"], progress=False)
+    loaded = tfmq.load(tfmq.save(tiny_sd, tmp_path / "ckpt"))
+    out = loaded("a cat", num_inference_steps=4, guidance_scale=1.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0), height=16, width=16).images
+    assert out.shape == (1, 16, 16, 3)
+    a = tfmq.generate(tiny_sd, STEPS, 2, 2, seed=0, prompts=["a cat", "a dog"], progress=False)
+    b = tfmq.generate(loaded, STEPS, 2, 2, seed=0, prompts=["a cat", "a dog"], progress=False)
+    assert (a == b).all()
+
+
+def test_backend_errors(tiny_pipe, tmp_path):
+    tfmq.quantize(tiny_pipe, wbits=8, abits=8, calib_size=2, sampler=STEPS, progress=False)
+    ckpt = tfmq.save(tiny_pipe, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="unknown backend"):
+        tfmq.load(ckpt, backend="magic")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="CUDA"):
+            tfmq.load(ckpt, backend="w8a8")
+    with pytest.raises(ValueError, match="not a calibrated"):
+        tfmq.convert(tiny_ddpm_pipeline())
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_equals_eager(one_thread, tmp_path):
+    """The per-step index is data: the converted denoiser compiles with fullgraph=True (no graph
+    break) and computes what eager mode does at every step."""
+    pipe = tiny_ddpm_pipeline()
+    config = CONFIGS["tfmq-fsc-all"]()
+    tfmq.quantize(pipe, config, progress=False)
+    loaded = tfmq.load(tfmq.save(pipe, tmp_path / "ckpt"))
+    unet = loaded.unet
+    ts = unet.tfmq_info["timesteps"]
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = [unet(x, torch.full((2,), t)).sample for t in ts]
+        compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
+        for t, want in zip(ts, eager):
+            got = compiled(x, torch.full((2,), t)).sample
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replay_follows_the_step_index(tmp_path):
+    pipe = tiny_ddpm_pipeline()
+    config = CONFIGS["tfmq-fsc-all"]()
+    tfmq.quantize(pipe, config, progress=False)
+    loaded = tfmq.load(tfmq.save(pipe, tmp_path / "ckpt"), device="cuda")
+    unet = loaded.unet
+    ts = unet.tfmq_info["timesteps"]
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    t_in = torch.full((2,), ts[0], device="cuda")
+    with torch.no_grad():
+        eager = [unet(x, torch.full((2,), t, device="cuda")).sample for t in ts]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                unet(x, t_in)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = unet(x, t_in).sample
+        for t, want in zip(ts, eager):
+            t_in.fill_(t)
+            g.replay()
+            torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_w8a8_backend_matches_reference_on_cuda(tmp_path):
+    """Real int8 tensor-core layers compute the calibrated grid: per-call outputs close to the
+    reference backend, and final images >= 40 dB PSNR vs reference (same noise)."""
+    from tfmq.runtime.kernels import int8
+    if not int8.available():
+        pytest.skip("int8 kernels need Triton and compute capability >= 8.0")
+    pipe = tiny_ddpm_pipeline()
+    config = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, layer_policy="all", **FAST)
+    tfmq.quantize(pipe, config, progress=False)
+    ckpt = tfmq.save(pipe, tmp_path / "ckpt")
+    ref = tfmq.load(ckpt, "cuda", backend="reference")
+    fast = tfmq.load(ckpt, "cuda", backend="w8a8")
+    summary = backend_summary(fast.unet)
+    assert summary["backend_kernels"] > 0.8 * summary["layers"]
+    want = trajectory_outputs(ref, config.sampler)
+    got = trajectory_outputs(fast, config.sampler)
+    for a, b in zip(want, got):
+        assert (a - b).abs().max() <= 0.02 * a.abs().max() + 1e-3
+    a = tfmq.generate(ref, config.sampler, 16, 16, seed=0, progress=False).astype("float64")
+    b = tfmq.generate(fast, config.sampler, 16, 16, seed=0, progress=False).astype("float64")
+    mse = ((a - b) ** 2).mean()
+    assert mse == 0 or 10 * torch.log10(torch.tensor(255.0 ** 2 / mse)) >= 40
