@@ -8,7 +8,8 @@ per graph, so launch overhead is amortised as in a graph-captured / compiled UNe
 * ``int_mm``: cuBLAS ``torch._int_mm`` (int8 x int8 -> int32, no epilogue; linear only);
 * ``int8``: our kernel on pre-quantized int8 activations (row / pixel sums given);
 * ``q+int8``: ``quantize_act`` (codes + sums) followed by the kernel: the full W8A8 op;
-* ``fused``: the kernel reading the bf16 activation and quantizing tiles in registers.
+* ``fused`` (with ``--fused``): the kernel reading the bf16 activation and quantizing tiles in
+  registers (slow so far: results/int8_kernels_h100_v1.json has it).
 
 It also checks every int8 variant against the float64 reference (``ref_linear`` / ``ref_conv2d``)
 and records max abs / relative errors. Usage::
@@ -109,6 +110,9 @@ def _best(tuned):
     return None if cfg is None else str(cfg)
 
 
+FUSED = False
+
+
 def bench_linear(name, m, k, n, gen, dev):
     sx, zx, b, cb, bsum, sw, bias, w_deq = _quant_params(gen, n, (n, k), dev)
     ca = 128 - zx
@@ -128,6 +132,8 @@ def bench_linear(name, m, k, n, gen, dev):
         "q+int8": lambda: _q_int8_linear(x, sx, zx, ca, b, sw, cb, bsum, b16),
         "fused": lambda: K.int8_linear(x, b, sx, None, sw, cb, bsum, b16, torch.bfloat16, zx=zx, qmin=0, qmax=255),
     }
+    if not FUSED:
+        variants.pop("fused")
     cfgs = {}
     for key, fn in variants.items():
         out = fn()
@@ -137,7 +143,8 @@ def bench_linear(name, m, k, n, gen, dev):
             cfgs[key] = _best(_tm().int8_linear_tuned)
     out32 = K.int8_linear(a, b, sx, ca, sw, cb, bsum, bias, torch.float32, asum=asum)
     errs["int8 fp32-out"] = _errs(out32, K.ref_linear(a, b, sx, ca, sw, cb, bias))
-    return dict(kind="linear", name=name, M=m, K=k, N=n, times_us=times, errors=errs, configs=cfgs)
+    return dict(kind="linear", name=name, M=m, K=k, N=n, split_k=K._split_k(m, n, k, None), times_us=times,
+                errors=errs, configs=cfgs)
 
 
 def _q_int8_linear(x, sx, zx, ca, b, sw, cb, bsum, bias):
@@ -174,6 +181,8 @@ def bench_conv(name, bsz, cin, h, w, cout, ks, stride, pad, gen, dev):
         "fused": lambda: K.int8_conv2d(x, b, stride, pad, sx, None, sw, cb, bsum, b16, torch.bfloat16,
                                        zx=zx, qmin=0, qmax=255),
     }
+    if not FUSED:
+        variants.pop("fused")
     for key, fn in variants.items():
         out = fn()
         errs[key] = _errs(out, ref)
@@ -182,15 +191,33 @@ def bench_conv(name, bsz, cin, h, w, cout, ks, stride, pad, gen, dev):
             cfgs[key] = _best(_tm().int8_conv_tuned)
     out32 = K.int8_conv2d(a, b, stride, pad, sx, ca, sw, cb, bsum, bias, torch.float32, asum=ps)
     errs["int8 fp32-out"] = _errs(out32, K.ref_conv2d(a, b, stride, pad, sx, ca, sw, cb, bias))
+    m = bsz * ((h + 2 * pad - ks) // stride + 1) * ((w + 2 * pad - ks) // stride + 1)
     return dict(kind="conv", name=name, B=bsz, Cin=cin, H=h, W=w, Cout=cout, k=ks, stride=stride, pad=pad,
-                times_us=times, errors=errs, configs=cfgs)
+                split_k=K._split_k(m, cout, ks * ks * cin, None), times_us=times, errors=errs, configs=cfgs)
+
+
+def mma_summary(jit_fn) -> dict:
+    """Which matrix instructions the compiled variants of a kernel use (PTX: wgmma / mma.sync)."""
+    res = {}
+    try:
+        for entry in jit_fn.device_caches.values():
+            for kern in entry[0].values():
+                ptx = kern.asm.get("ptx", "")
+                kind = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
+                res[kind] = res.get(kind, 0) + 1
+    except Exception as e:  # introspection only: never fail the benchmark over it
+        res["error"] = repr(e)
+    return res
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/int8_kernels_h100.json")
     p.add_argument("--only", choices=["linear", "conv"], default=None)
+    p.add_argument("--fused", action="store_true", help="also time the fused-quantize kernels")
     args = p.parse_args(argv)
+    global FUSED
+    FUSED = args.fused
     if not K.available():
         raise SystemExit("needs a CUDA GPU of compute capability >= 8.0 with Triton")
     import triton
@@ -215,13 +242,17 @@ def main(argv=None):
     print(head)
     for r in rows:
         t = r["times_us"]
-        sp = {c: t["bf16"] / t[c] for c in ("int8", "q+int8", "fused")}
+        sp = {c: t["bf16"] / t[c] for c in ("int8", "q+int8", "fused") if c in t}
         r["speedup_vs_bf16"] = sp
         line = f"{r['name'][:28]:28s}" + "".join(f"{t[c]:9.1f}" if c in t else f"{'-':>9s}" for c in cols)
-        line += f"  |   {sp['int8']:5.2f}  {sp['q+int8']:5.2f}  {sp['fused']:5.2f}"
+        line += "  |  " + "".join(f"{sp[c]:6.2f}" if c in sp else f"{'-':>6s}" for c in ("int8", "q+int8", "fused"))
+        line += f" s{r['split_k']}"
         line += f" | {max(e[1] for e in r['errors'].values()):.1e}"
         print(line)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+    tm = _tm()
+    mma = {"linear": mma_summary(tm._int8_linear_kernel), "conv": mma_summary(tm._int8_conv_kernel)}
+    print("matrix instructions in compiled kernels:", mma)
+    result = dict(device=torch.cuda.get_device_name(), mma_instructions=mma, torch=torch.__version__, triton=triton.__version__,
                   cuda=torch.version.cuda, autotune=os.environ.get("TFMQ_INT8_AUTOTUNE", "1") != "0",
                   timing="CUDA graph of 10 calls, median of 100 replays (CUDA events), after warm-up; "
                          "bf16 inputs/outputs for bf16/int8 variants, fp32 for fp32; activations random normal",

@@ -179,16 +179,17 @@ def test_int8_linear_matches_reference(mnk, grid, mode):
     x, sx, zx, sw, bias, b, cb, bsum, ca = _dev(x, sx, zx, sw, bias, b, cb, bsum, ca)
     a, asum = K.quantize_act(x, sx, zx, qmin, qmax, return_sums=True)
     ref = K.ref_linear(a, b, sx, ca, sw, cb, bias)
-    for out_dtype in (torch.float32, torch.bfloat16):
+    for out_dtype, split in ((torch.float32, None), (torch.bfloat16, None), (torch.float32, 3)):
         if mode == "fused":
-            out = K.int8_linear(x, b, sx, None, sw, cb, bsum, bias, out_dtype, zx=zx, qmin=qmin, qmax=qmax)
+            out = K.int8_linear(x, b, sx, None, sw, cb, bsum, bias, out_dtype, zx=zx, qmin=qmin, qmax=qmax,
+                                split_k=split)
         else:
             out = K.int8_linear(a, b, sx, ca, sw, cb, bsum, bias, out_dtype,
-                                asum=asum if mode == "int8+asum" else None)
+                                asum=asum if mode == "int8+asum" else None, split_k=split)
         assert out.shape == (m, n) and out.dtype == out_dtype
         assert torch.isfinite(out).all()
         err = _rel_err(out, ref)
-        assert err < _tol(out_dtype), (mode, out_dtype, err)
+        assert err < _tol(out_dtype), (mode, out_dtype, split, err)
 
 
 CONV_CASES = [  # B, H, W, Cin, Cout, k, stride, pad
@@ -218,18 +219,18 @@ def test_int8_conv2d_matches_reference(case, grid, mode):
     x, sx, zx, sw, bias, b, cb, bsum, ca = _dev(x, sx, zx, sw, bias, b, cb, bsum, ca)
     a, psum = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True)
     ref = K.ref_conv2d(a, b, stride, pad, sx, ca, sw, cb, bias)
-    for out_dtype in (torch.float32, torch.bfloat16):
+    for out_dtype, split in ((torch.float32, None), (torch.bfloat16, None), (torch.float32, 3)):
         if mode == "fused":
             out = K.int8_conv2d(x, b, stride, pad, sx, None, sw, cb, bsum, bias, out_dtype,
-                                zx=zx, qmin=qmin, qmax=qmax)
+                                zx=zx, qmin=qmin, qmax=qmax, split_k=split)
         else:
             out = K.int8_conv2d(a, b, stride, pad, sx, ca, sw, cb, bsum, bias, out_dtype,
-                                asum=psum if mode == "int8+asum" else None)
+                                asum=psum if mode == "int8+asum" else None, split_k=split)
         assert out.shape == ref.shape and out.dtype == out_dtype
         assert out.is_contiguous(memory_format=torch.channels_last)
         assert torch.isfinite(out).all()
         err = _rel_err(out, ref)
-        assert err < _tol(out_dtype), (mode, out_dtype, err)
+        assert err < _tol(out_dtype), (mode, out_dtype, split, err)
 
 
 @needs_kernels
@@ -247,6 +248,8 @@ def test_int8_kernels_reject_bad_input():
         K.int8_linear(a, w, sw, one, sw, i8, i8)
     with pytest.raises(ValueError, match="int8"):
         K.int8_linear(a.float(), w, one, one, sw, i8, i8)
+    with pytest.raises(ValueError, match="split_k"):
+        K.int8_linear(a, w, one, one, sw, i8, i8, split_k=0)
     with pytest.raises(ValueError, match="NHWC"):
         K.int8_conv2d(a.view(1, 2, 2, 16).permute(0, 3, 1, 2), w.view(8, 1, 1, 16), 1, 0, one, one, sw, i8, i8)
 

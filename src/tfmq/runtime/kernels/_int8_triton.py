@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to the nearest integer, ties to even
+_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to the nearest integer, ties to even
 
 
 @triton.jit
@@ -75,29 +75,60 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _epilogue(acc, asum, rm, rn, M, N, K, ca, sx, out_ptr, stride_om, sw_ptr, cb_ptr, bsum_ptr,
-              bias_ptr, HAS_BIAS: tl.constexpr):
-    """``out = sx * sw[n] * (acc + ca*bsum[n] + cb[n]*asum[m] + K*ca*cb[n]) + bias[n]``."""
+def _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, stride_om, sw_ptr, cb_ptr,
+            bsum_ptr, bias_ptr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Add this K-split's integer corrections, then write ``out`` (one split) or the int32 partial.
+
+    All correction terms are linear in the sums, so each split adds ``cb[n] * asum_split[m]`` and
+    split 0 also adds ``ca*bsum[n] + K*ca*cb[n]``; the partials add up to the exact ``acc``.
+    ``asum`` passed here is already this split's share.
+    """
     nmask = rn < N
     bsum = tl.load(bsum_ptr + rn, mask=nmask, other=0)
     cb = tl.load(cb_ptr + rn, mask=nmask, other=0)
-    col = ca * bsum + (K * ca) * cb
+    col = (ca * bsum + (K * ca) * cb) * (pid_k == 0).to(tl.int32)
     acc = acc + col[None, :] + cb[None, :] * asum[:, None]
-    sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    out = acc.to(tl.float32) * (sx * sw)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        out = out + bias[None, :]
     mask = (rm[:, None] < M) & nmask[None, :]
-    ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K == 1:
+        sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        out = acc.to(tl.float32) * (sx * sw)[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+            out = out + bias[None, :]
+        ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ptrs = ws_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
+        tl.store(ptrs, acc, mask=mask)
 
 
 @triton.jit
-def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, cb_ptr, bsum_ptr,
+def _splitk_reduce_kernel(ws_ptr, out_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_om,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``out = sx * sw[n] * sum_s ws[s, m, n] + bias[n]`` (exact int32 sum of the K-split partials)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    mask = (rm[:, None] < M) & nmask[None, :]
+    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for sidx in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + sidx * M * N + offs, mask=mask, other=0)
+    sx = tl.load(sx_ptr).to(tl.float32)
+    sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    out = acc.to(tl.float32) * (sx * sw)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, cb_ptr, bsum_ptr,
                         bias_ptr, asum_ptr, M, N, K, stride_am, stride_bn, stride_om,
                         A_FLOAT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_ASUM: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_ASUM: tl.constexpr, SPLIT_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -107,8 +138,13 @@ def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, c
     # clamp row indices for the loads (rows >= M are never stored), so loads need only a K mask
     ram = tl.minimum(rm, M - 1).to(tl.int64)
     rbn = tl.minimum(rn, N - 1).to(tl.int64)
-    a_ptrs = a_ptr + ram[:, None] * stride_am + rk[None, :]
-    b_ptrs = b_ptr + rbn[:, None] * stride_bn + rk[None, :]
+    a_rows = a_ptr + ram[:, None] * stride_am + rk[None, :]
+    b_rows = b_ptr + rbn[:, None] * stride_bn + rk[None, :]
+    pid_k = tl.program_id(1)
+    nk = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(nk, SPLIT_K)
+    k_lo = pid_k * per
+    k_hi = tl.minimum(nk, k_lo + per)
     sx = tl.load(sx_ptr).to(tl.float32)
     if A_FLOAT:
         zx = tl.load(zx_ptr).to(tl.float32)
@@ -117,9 +153,11 @@ def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, c
         ca = tl.load(ca_ptr).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     asum_acc = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for kc in range(k_lo, k_hi):
+        k0 = kc * BLOCK_K
         kmask = (k0 + rk) < K
-        b = tl.load(b_ptrs, mask=kmask[None, :], other=0)
+        a_ptrs = a_rows + k0
+        b = tl.load(b_rows + k0, mask=kmask[None, :], other=0)
         if A_FLOAT:
             x = tl.load(a_ptrs, mask=kmask[None, :], other=0.0).to(tl.float32)
             a32 = tl.where(kmask[None, :], _quant_codes(x, sx, zx, QMIN, QMAX), 0)
@@ -130,23 +168,21 @@ def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, c
             if not HAS_ASUM:
                 asum_acc += tl.sum(a.to(tl.int32), axis=1)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
     if HAS_ASUM and not A_FLOAT:
-        asum = tl.load(asum_ptr + ram)
+        asum = tl.load(asum_ptr + ram) * (pid_k == 0).to(tl.int32)
     else:
         asum = asum_acc
-    _epilogue(acc, asum, rm, rn, M, N, K, ca, sx, out_ptr, stride_om, sw_ptr, cb_ptr, bsum_ptr,
-              bias_ptr, HAS_BIAS)
+    _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, stride_om, sw_ptr, cb_ptr,
+            bsum_ptr, bias_ptr, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
-def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, cb_ptr, bsum_ptr,
+def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, cb_ptr, bsum_ptr,
                       bias_ptr, psum_ptr, Bsz, H, W, CIN, HO, WO, N,
                       KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr,
                       STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
                       A_FLOAT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_ASUM: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_ASUM: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
     M = Bsz * HO * WO
@@ -175,7 +211,12 @@ def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, cb_
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     asum_acc = tl.zeros([BLOCK_M], dtype=tl.int32)
     nck = tl.cdiv(CIN, BLOCK_K)
-    for kk in range(0, KH * KW * nck):
+    pid_k = tl.program_id(1)
+    nk = KH * KW * nck
+    per = tl.cdiv(nk, SPLIT_K)
+    k_lo = pid_k * per
+    k_hi = tl.minimum(nk, k_lo + per)
+    for kk in range(k_lo, k_hi):
         tap = kk // nck
         c0 = (kk - tap * nck) * BLOCK_K
         r = tap // KW
@@ -210,10 +251,11 @@ def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, cb_
             pix = ((bb * H + hi) * W + wi).to(tl.int64)
             ps = tl.load(psum_ptr + pix, mask=inb & mmask, other=0)
             asum += tl.where(inb, ps, CIN * (-ca))
+        asum = asum * (pid_k == 0).to(tl.int32)
     else:
         asum = asum_acc
-    _epilogue(acc, asum, rm, rn, M, N, K, ca, sx, out_ptr, N, sw_ptr, cb_ptr, bsum_ptr,
-              bias_ptr, HAS_BIAS)
+    _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, N, sw_ptr, cb_ptr, bsum_ptr,
+            bias_ptr, HAS_BIAS, SPLIT_K)
 
 
 def _configs():
@@ -223,6 +265,7 @@ def _configs():
         (128, 256, 64, 4, 8),
         (128, 128, 128, 4, 8),
         (128, 128, 64, 5, 4),
+        (128, 128, 128, 3, 8),
         (128, 64, 128, 4, 4),
         (64, 128, 128, 4, 4),
         (64, 64, 128, 4, 4),
@@ -232,8 +275,8 @@ def _configs():
     return cfgs
 
 
-int8_linear_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "A_FLOAT", "HAS_ASUM"])(
+int8_linear_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "A_FLOAT", "HAS_ASUM", "SPLIT_K"])(
     _int8_linear_kernel)
 int8_conv_tuned = triton.autotune(
     configs=_configs(),
-    key=["Bsz", "H", "W", "CIN", "N", "KH", "KW", "STRIDE_H", "A_FLOAT", "HAS_ASUM"])(_int8_conv_kernel)
+    key=["Bsz", "H", "W", "CIN", "N", "KH", "KW", "STRIDE_H", "A_FLOAT", "HAS_ASUM", "SPLIT_K"])(_int8_conv_kernel)

@@ -217,8 +217,37 @@ def _heuristic(m: int, n: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_stages=3, num_warps=4 if bm == 64 else 8)
 
 
-def _grid(m: int, n: int):
-    return lambda meta: (triton_next_cdiv(m, meta["BLOCK_M"]) * triton_next_cdiv(n, meta["BLOCK_N"]),)
+def _grid(m: int, n: int, split: int):
+    return lambda meta: (triton_next_cdiv(m, meta["BLOCK_M"]) * triton_next_cdiv(n, meta["BLOCK_N"]), split)
+
+
+def _split_k(m: int, n: int, k: int, split_k: Optional[int]) -> int:
+    """K-split count: explicit, or enough splits to fill ~132 SMs when 128x128 tiles are too few."""
+    if split_k is not None:
+        if not isinstance(split_k, int) or not 1 <= split_k <= 16:
+            raise ValueError(f"split_k must be an int in [1, 16], got {split_k!r}")
+        return split_k
+    tiles = triton_next_cdiv(m, 128) * triton_next_cdiv(n, 128)
+    if tiles >= 96:
+        return 1
+    split = min(8, triton_next_cdiv(132, tiles))
+    return max(1, min(split, triton_next_cdiv(k, 128) // 4))
+
+
+def _launch(tm, tuned, raw, args, flags, m, n, split, out, sx, sw, bias):
+    """Launch the GEMM kernel (autotuned or heuristic config), plus the split-K reduction if split > 1."""
+    ws = torch.empty((split, m, n), dtype=torch.int32, device=out.device) if split > 1 else out
+    args = args[:3] + (ws,) + args[3:]
+    if _autotune():
+        tuned[_grid(m, n, split)](*args, **flags, SPLIT_K=split)
+    else:
+        cfg = _heuristic(m, n)
+        raw[_grid(m, n, split)(cfg)](*args, **flags, SPLIT_K=split, **cfg)
+    if split > 1:
+        grid = (triton_next_cdiv(m, 64), triton_next_cdiv(n, 128))
+        tm._splitk_reduce_kernel[grid](ws, out, sx, sw, bias if bias is not None else sw, m, n, n,
+                                       SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK_M=64, BLOCK_N=128,
+                                       num_warps=4)
 
 
 def _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, n):
@@ -239,7 +268,7 @@ def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca
                 sw: torch.Tensor, cb: torch.Tensor, bsum: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 out_dtype: torch.dtype = torch.bfloat16, *, asum: Optional[torch.Tensor] = None,
                 zx: Optional[torch.Tensor] = None, qmin: Optional[int] = None,
-                qmax: Optional[int] = None) -> torch.Tensor:
+                qmax: Optional[int] = None, split_k: Optional[int] = None) -> torch.Tensor:
     """W8A8 linear: ``out[M, N] = sx*sw[n]*(a @ b.T + ca*bsum[n] + cb[n]*asum[m] + K*ca*cb[n]) + bias[n]``.
 
     ``a_int8``: ``[..., K]`` int8 activations from :func:`quantize_act` (last dim contiguous);
@@ -252,6 +281,9 @@ def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca
     Fused-quantize mode: pass the float activation as ``a_int8`` together with ``zx``, ``qmin`` and
     ``qmax`` (and ``ca=None``): each tile is quantized in registers, bit-identical to
     :func:`quantize_act`, without writing the int8 tensor.
+
+    ``split_k``: number of K splits (int32 partials summed exactly by a second small kernel);
+    None picks one from the shape (more splits when there are too few output tiles to fill the GPU).
     """
     tm = _kernels()
     fused = zx is not None
@@ -292,11 +324,8 @@ def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca
             m, n, k, a2.stride(0), w_int8.stride(0), out.stride(0))
     flags = dict(A_FLOAT=fused, QMIN=qmin if fused else 0, QMAX=qmax if fused else 255,
                  HAS_BIAS=bias is not None, HAS_ASUM=asum is not None)
-    if _autotune():
-        tm.int8_linear_tuned[_grid(m, n)](*args, **flags)
-    else:
-        cfg = _heuristic(m, n)
-        tm._int8_linear_kernel[_grid(m, n)(cfg)](*args, **flags, **cfg)
+    _launch(tm, tm.int8_linear_tuned, tm._int8_linear_kernel, args, flags, m, n, _split_k(m, n, k, split_k),
+            out, sx, sw, bias)
     return out.reshape(*lead, n)
 
 
@@ -312,7 +341,8 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
                 ca: Optional[torch.Tensor], sw: torch.Tensor, cb: torch.Tensor, bsum: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16, *,
                 asum: Optional[torch.Tensor] = None, zx: Optional[torch.Tensor] = None,
-                qmin: Optional[int] = None, qmax: Optional[int] = None) -> torch.Tensor:
+                qmin: Optional[int] = None, qmax: Optional[int] = None,
+                split_k: Optional[int] = None) -> torch.Tensor:
     """W8A8 conv2d (groups=1, dilation 1) as an implicit GEMM on int8 tensor cores.
 
     ``a_int8``: NHWC int8 ``[B, H, W, Cin]`` (contiguous) from ``quantize_act(..., nhwc=True)``;
@@ -325,7 +355,7 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
 
     Fused-quantize mode: pass the float activation ``[B, Cin, H, W]`` (channels_last memory) as
     ``a_int8`` with ``zx``, ``qmin``, ``qmax`` and ``ca=None``; tiles are quantized in registers
-    (a padded real zero quantizes to ``zx``, the same pad code).
+    (a padded real zero quantizes to ``zx``, the same pad code). ``split_k`` as in :func:`int8_linear`.
     """
     tm = _kernels()
     fused = zx is not None
@@ -376,11 +406,8 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
         flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, PAD_H=ph, PAD_W=pw, A_FLOAT=fused,
                      QMIN=qmin if fused else 0, QMAX=qmax if fused else 255,
                      HAS_BIAS=bias is not None, HAS_ASUM=asum is not None)
-        if _autotune():
-            tm.int8_conv_tuned[_grid(m, cout)](*args, **flags)
-        else:
-            cfg = _heuristic(m, cout)
-            tm._int8_conv_kernel[_grid(m, cout)(cfg)](*args, **flags, **cfg)
+        _launch(tm, tm.int8_conv_tuned, tm._int8_conv_kernel, args, flags, m, cout,
+                _split_k(m, cout, kh * kw * cin, split_k), out, sx, sw, bias)
     return out.permute(0, 3, 1, 2)
 
 
