@@ -222,16 +222,21 @@ def _grid(m: int, n: int, split: int):
 
 
 def _split_k(m: int, n: int, k: int, split_k: Optional[int]) -> int:
-    """K-split count: explicit, or enough splits to fill ~132 SMs when 128x128 tiles are too few."""
+    """K-split count: explicit, or the default rule measured on an H100 (benchmarks/results/).
+
+    Splitting helped there only with a moderate number of 128x128 output tiles (40..95) and long K
+    (>= 1440 per split): 3x3 1280@16 (74 -> 53 us with 4 splits), 640@32, 320->640@32 (2 splits). It
+    did not help, or hurt, with fewer tiles (3x3 @8, stride-2 640/1280: up to 1.8x slower) or short K
+    (linears with K <= 2560), so those run unsplit.
+    """
     if split_k is not None:
         if not isinstance(split_k, int) or not 1 <= split_k <= 16:
             raise ValueError(f"split_k must be an int in [1, 16], got {split_k!r}")
         return split_k
     tiles = triton_next_cdiv(m, 128) * triton_next_cdiv(n, 128)
-    if tiles >= 96:
+    if not 40 <= tiles < 96 or k < 2880:
         return 1
-    split = min(8, triton_next_cdiv(132, tiles))
-    return max(1, min(split, triton_next_cdiv(k, 128) // 4))
+    return max(1, min(8, triton_next_cdiv(132, tiles), k // 1440))
 
 
 def _launch(tm, tuned, raw, args, flags, m, n, split, out, sx, sw, bias):
