@@ -1,0 +1,282 @@
+"""Triton kernels behind :mod:`tfmq.runtime.kernels.int8` (imported lazily: needs Triton).
+
+Three kernels:
+
+* ``_quant_rows_kernel``: per-tensor static activation quantizer over a row-major ``[R, C]`` view
+  (``C`` = features of a linear input, or channels of an NHWC conv input). Writes the int8 codes
+  ``a = clamp(rint(x / sx) + zx, QMIN, QMAX) - OX`` and, optionally, the int32 row sums of ``a``.
+* ``_int8_linear_kernel``: ``out[M, N] = sx * sw[n] * acc + bias[n]`` with
+  ``acc = sum_k a*b + ca*bsum[n] + cb[n]*asum[m] + K*ca*cb[n]`` (int8 x int8 -> int32 dot).
+* ``_int8_conv_kernel``: the same epilogue over an implicit GEMM of an NHWC activation and a
+  ``[Cout, KH, KW, Cin]`` weight (``M = B*Ho*Wo``, ``K = KH*KW*Cin``); padded input positions hold
+  the code of a real zero, ``a = zx - OX = -ca``.
+
+Both GEMM kernels take either int8 activations (``A_FLOAT=False``) or the float activation itself
+(``A_FLOAT=True``), quantizing each loaded tile in registers, which saves the separate quantize pass.
+``asum`` comes either precomputed (``HAS_ASUM``: row sums for linear, per-pixel channel sums for
+conv, both from the quantize kernel) or is summed from the loaded tiles.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to the nearest integer, ties to even
+
+
+@triton.jit
+def _quant_codes(x, sx, zx, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """int32 codes ``clamp(rint(x / sx) + zx, QMIN, QMAX) - OX`` of a float32 block (OX = QMIN + 128)."""
+    v = tl.math.div_rn(x, sx)
+    # clamp before rounding keeps |v| small for the magic-number rounding; the final clamp is unchanged
+    v = tl.minimum(tl.maximum(v, QMIN - zx - 1.0), QMAX - zx + 1.0)
+    q = ((v + _MAGIC) - _MAGIC) + zx
+    q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
+    return q.to(tl.int32) - (QMIN + 128)
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, sum_ptr, sx_ptr, zx_ptr, R, C,
+                       QMIN: tl.constexpr, QMAX: tl.constexpr, WRITE_SUM: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    sx = tl.load(sx_ptr).to(tl.float32)
+    zx = tl.load(zx_ptr).to(tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        m = rmask[:, None] & (cols[None, :] < C)
+        offs = rows[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        a = _quant_codes(x, sx, zx, QMIN, QMAX)
+        tl.store(q_ptr + offs, a.to(tl.int8), mask=m)
+        if WRITE_SUM:
+            total += tl.sum(tl.where(m, a, 0), axis=1)
+    if WRITE_SUM:
+        tl.store(sum_ptr + rows, total, mask=rmask)
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-tiles share each column sweep (L2 reuse of the weight)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % size_m)
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, stride_om, sw_ptr, cb_ptr,
+            bsum_ptr, bias_ptr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Add this K-split's integer corrections, then write ``out`` (one split) or the int32 partial.
+
+    All correction terms are linear in the sums, so each split adds ``cb[n] * asum_split[m]`` and
+    split 0 also adds ``ca*bsum[n] + K*ca*cb[n]``; the partials add up to the exact ``acc``.
+    ``asum`` passed here is already this split's share.
+    """
+    nmask = rn < N
+    bsum = tl.load(bsum_ptr + rn, mask=nmask, other=0)
+    cb = tl.load(cb_ptr + rn, mask=nmask, other=0)
+    col = (ca * bsum + (K * ca) * cb) * (pid_k == 0).to(tl.int32)
+    acc = acc + col[None, :] + cb[None, :] * asum[:, None]
+    mask = (rm[:, None] < M) & nmask[None, :]
+    if SPLIT_K == 1:
+        sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        out = acc.to(tl.float32) * (sx * sw)[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+            out = out + bias[None, :]
+        ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ptrs = ws_ptr + (pid_k.to(tl.int64) * M + rm[:, None]) * N + rn[None, :]
+        tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, out_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_om,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``out = sx * sw[n] * sum_s ws[s, m, n] + bias[n]`` (exact int32 sum of the K-split partials)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    mask = (rm[:, None] < M) & nmask[None, :]
+    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for sidx in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + sidx * M * N + offs, mask=mask, other=0)
+    sx = tl.load(sx_ptr).to(tl.float32)
+    sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    out = acc.to(tl.float32) * (sx * sw)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, cb_ptr, bsum_ptr,
+                        bias_ptr, asum_ptr, M, N, K, stride_am, stride_bn, stride_om,
+                        A_FLOAT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_ASUM: tl.constexpr, SPLIT_K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # clamp row indices for the loads (rows >= M are never stored), so loads need only a K mask
+    ram = tl.minimum(rm, M - 1).to(tl.int64)
+    rbn = tl.minimum(rn, N - 1).to(tl.int64)
+    a_rows = a_ptr + ram[:, None] * stride_am + rk[None, :]
+    b_rows = b_ptr + rbn[:, None] * stride_bn + rk[None, :]
+    pid_k = tl.program_id(1)
+    nk = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(nk, SPLIT_K)
+    k_lo = pid_k * per
+    k_hi = tl.minimum(nk, k_lo + per)
+    sx = tl.load(sx_ptr).to(tl.float32)
+    if A_FLOAT:
+        zx = tl.load(zx_ptr).to(tl.float32)
+        ca = (QMIN + 128) - zx.to(tl.int32)
+    else:
+        ca = tl.load(ca_ptr).to(tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    asum_acc = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for kc in range(k_lo, k_hi):
+        k0 = kc * BLOCK_K
+        kmask = (k0 + rk) < K
+        a_ptrs = a_rows + k0
+        b = tl.load(b_rows + k0, mask=kmask[None, :], other=0)
+        if A_FLOAT:
+            x = tl.load(a_ptrs, mask=kmask[None, :], other=0.0).to(tl.float32)
+            a32 = tl.where(kmask[None, :], _quant_codes(x, sx, zx, QMIN, QMAX), 0)
+            a = a32.to(tl.int8)
+            asum_acc += tl.sum(a32, axis=1)
+        else:
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
+            if not HAS_ASUM:
+                asum_acc += tl.sum(a.to(tl.int32), axis=1)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    if HAS_ASUM and not A_FLOAT:
+        asum = tl.load(asum_ptr + ram) * (pid_k == 0).to(tl.int32)
+    else:
+        asum = asum_acc
+    _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, stride_om, sw_ptr, cb_ptr,
+            bsum_ptr, bias_ptr, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, cb_ptr, bsum_ptr,
+                      bias_ptr, psum_ptr, Bsz, H, W, CIN, HO, WO, N,
+                      KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr,
+                      STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+                      A_FLOAT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_ASUM: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    M = Bsz * HO * WO
+    K = KH * KW * CIN
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mmask = rm < M
+    rmc = tl.minimum(rm, M - 1)
+    wo = rmc % WO
+    t = rmc // WO
+    ho = t % HO
+    bb = t // HO
+    hbase = ho * STRIDE_H - PAD_H
+    wbase = wo * STRIDE_W - PAD_W
+    rbn = tl.minimum(rn, N - 1).to(tl.int64)
+    b_rows = b_ptr + rbn[:, None] * K + rk[None, :]
+    sx = tl.load(sx_ptr).to(tl.float32)
+    if A_FLOAT:
+        zx = tl.load(zx_ptr).to(tl.float32)
+        ca = (QMIN + 128) - zx.to(tl.int32)
+    else:
+        ca = tl.load(ca_ptr).to(tl.int32)
+    pad = (-ca).to(tl.int8)  # code of a real zero: a = zx - OX
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    asum_acc = tl.zeros([BLOCK_M], dtype=tl.int32)
+    nck = tl.cdiv(CIN, BLOCK_K)
+    pid_k = tl.program_id(1)
+    nk = KH * KW * nck
+    per = tl.cdiv(nk, SPLIT_K)
+    k_lo = pid_k * per
+    k_hi = tl.minimum(nk, k_lo + per)
+    for kk in range(k_lo, k_hi):
+        tap = kk // nck
+        c0 = (kk - tap * nck) * BLOCK_K
+        r = tap // KW
+        s = tap - r * KW
+        hi = hbase + r
+        wi = wbase + s
+        inb = mmask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        pix = ((bb * H + hi) * W + wi).to(tl.int64)
+        ck = c0 + rk
+        cmask = ck < CIN
+        lmask = inb[:, None] & cmask[None, :]
+        a_ptrs = a_ptr + pix[:, None] * CIN + ck[None, :]
+        b = tl.load(b_rows + (tap * CIN + c0), mask=cmask[None, :], other=0)
+        if A_FLOAT:
+            # a padded real zero quantizes to zx, i.e. a = -ca, exactly as the int8 path pads
+            x = tl.load(a_ptrs, mask=lmask, other=0.0).to(tl.float32)
+            a32 = tl.where(cmask[None, :], _quant_codes(x, sx, zx, QMIN, QMAX), 0)
+            a = a32.to(tl.int8)
+            asum_acc += tl.sum(a32, axis=1)
+        else:
+            a = tl.load(a_ptrs, mask=lmask, other=pad)
+            if not HAS_ASUM:
+                asum_acc += tl.sum(tl.where(cmask[None, :], a.to(tl.int32), 0), axis=1)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    if HAS_ASUM and not A_FLOAT:
+        # window sums of the per-pixel channel sums; padded taps contribute CIN * pad each
+        asum = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for tap in tl.static_range(KH * KW):
+            hi = hbase + tap // KW
+            wi = wbase + tap % KW
+            inb = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            pix = ((bb * H + hi) * W + wi).to(tl.int64)
+            ps = tl.load(psum_ptr + pix, mask=inb & mmask, other=0)
+            asum += tl.where(inb, ps, CIN * (-ca))
+        asum = asum * (pid_k == 0).to(tl.int32)
+    else:
+        asum = asum_acc
+    _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, N, sw_ptr, cb_ptr, bsum_ptr,
+            bias_ptr, HAS_BIAS, SPLIT_K)
+
+
+def _configs():
+    cfgs = []
+    for bm, bn, bk, stages, warps in [
+        (128, 256, 128, 3, 8),
+        (128, 256, 64, 4, 8),
+        (128, 128, 128, 4, 8),
+        (128, 128, 64, 5, 4),
+        (128, 128, 128, 3, 8),
+        (128, 64, 128, 4, 4),
+        (64, 128, 128, 4, 4),
+        (64, 64, 128, 4, 4),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_stages=stages, num_warps=warps))
+    return cfgs
+
+
+int8_linear_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "A_FLOAT", "HAS_ASUM", "SPLIT_K"])(
+    _int8_linear_kernel)
+int8_conv_tuned = triton.autotune(
+    configs=_configs(),
+    key=["Bsz", "H", "W", "CIN", "N", "KH", "KW", "STRIDE_H", "A_FLOAT", "HAS_ASUM", "SPLIT_K"])(_int8_conv_kernel)

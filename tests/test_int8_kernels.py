@@ -1,0 +1,287 @@
+"""W8A8 int8 kernels (tfmq.runtime.kernels.int8): reference algebra on CPU, Triton kernels on CUDA.
+
+The CPU tests check that the integer decomposition used by the kernels (int8 offsets, ``ca``/``cb``
+corrections, the padding code) equals fake quantization in float64. The kernel tests run on a CUDA
+GPU (skipped otherwise), or on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tfmq.runtime.kernels import int8 as K
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_KERNELS = K.available() or INTERPRET
+DEV = "cuda" if K.available() else "cpu"
+needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU (cc >= 8.0) with Triton")
+needs_cuda = pytest.mark.skipif(not K.available(), reason="needs a CUDA GPU (cc >= 8.0) with Triton")
+
+GRIDS = {"unsigned": (0, 255), "signed": (-128, 127)}
+
+
+def _problem(gen, qmin, qmax, n, wshape, asym_w=True):
+    """Random activation grid params and weight codes (the weight grid is [0,255] asym or signed)."""
+    zx = torch.randint(qmin, qmax + 1, (1,), generator=gen).float() if qmin == 0 else torch.zeros(1)
+    sx = torch.rand(1, generator=gen) * 0.05 + 0.01
+    if asym_w:
+        wq = torch.randint(0, 256, wshape, generator=gen).float()
+        zw = torch.randint(0, 256, (n,), generator=gen).float()
+        ow = 128
+    else:
+        wq = torch.randint(-128, 128, wshape, generator=gen).float()
+        zw = torch.zeros(n)
+        ow = 0
+    sw = torch.rand(n, generator=gen) * 0.02 + 0.001
+    return sx, zx, wq, zw, ow, sw
+
+
+# ------------------------------------------------------------------------------------------ CPU
+
+@pytest.mark.parametrize("grid", ["unsigned", "signed"])
+@pytest.mark.parametrize("asym_w", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_ref_linear_equals_fake_quant(grid, asym_w, with_bias):
+    gen = torch.Generator().manual_seed(0)
+    qmin, qmax = GRIDS[grid]
+    m, n, k = 13, 7, 29
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, n, (n, k), asym_w)
+    xq = torch.randint(qmin, qmax + 1, (m, k), generator=gen).float()
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    ox = K.offset_for(qmin, qmax)
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    assert b.dtype == torch.int8 and torch.equal(bsum, b.int().sum(1))
+    a = (xq - ox).to(torch.int8)
+    ca = ox - zx
+    out = K.ref_linear(a, b, sx, ca, sw, cb, bias)
+    d = torch.float64
+    ref = F.linear((xq - zx).to(d) * sx.to(d), (wq - zw[:, None]).to(d) * sw[:, None].to(d),
+                   None if bias is None else bias.to(d))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ksize,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 1, 2)])
+@pytest.mark.parametrize("grid", ["unsigned", "signed"])
+def test_ref_conv2d_equals_fake_quant(ksize, stride, padding, grid):
+    gen = torch.Generator().manual_seed(1)
+    qmin, qmax = GRIDS[grid]
+    bsz, cin, h, w, cout = 2, 5, 7, 6, 4
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, cout, (cout, cin, ksize, ksize))
+    if grid == "unsigned":
+        zx = torch.tensor([200.0])  # far from ox: a wrong padding code would show
+    xq = torch.randint(qmin, qmax + 1, (bsz, cin, h, w), generator=gen).float()
+    bias = torch.randn(cout, generator=gen)
+    ox = K.offset_for(qmin, qmax)
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    assert b.shape == (cout, ksize, ksize, cin)
+    a = (xq - ox).to(torch.int8).permute(0, 2, 3, 1).contiguous()      # NHWC
+    out = K.ref_conv2d(a, b, stride, padding, sx, ox - zx, sw, cb, bias)
+    d = torch.float64
+    ref = F.conv2d((xq - zx).to(d) * sx.to(d), (wq - zw.view(-1, 1, 1, 1)).to(d) * sw.view(-1, 1, 1, 1).to(d),
+                   bias.to(d), stride=stride, padding=padding)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_ref_quantize_act_codes():
+    x = torch.tensor([-1.0, -0.25, 0.0, 0.25, 0.5, 0.75, 100.0, -100.0])
+    sx, zx = torch.tensor([0.5]), torch.tensor([3.0])
+    # round half to even: -0.5 -> -0, 0.5 -> 0, 1.5 -> 2; then + 3, clamp [0, 255], - 128
+    codes = K.ref_quantize_act(x, sx, zx, 0, 255).long() + 128
+    assert codes.tolist() == [1, 3, 3, 3, 4, 5, 203, 0]
+    assert K.ref_quantize_act(x, sx, torch.zeros(1), -128, 127).tolist() == [-2, 0, 0, 0, 1, 2, 127, -128]
+
+
+def test_prepare_weight_and_grid_errors():
+    with pytest.raises(ValueError, match="integers"):
+        K.prepare_weight(torch.full((2, 3), 0.5), torch.zeros(2), 128)
+    with pytest.raises(ValueError, match="outside"):
+        K.prepare_weight(torch.full((2, 3), 256.0), torch.zeros(2), 128)
+    with pytest.raises(ValueError, match="outside"):
+        K.prepare_weight(torch.full((2, 3), -1.0), torch.zeros(2), 128)
+    with pytest.raises(ValueError, match="elements"):
+        K.prepare_weight(torch.zeros(2, 3), torch.zeros(3), 128)
+    with pytest.raises(ValueError, match="8 bits"):
+        K.offset_for(0, 511)
+    assert K.offset_for(0, 255) == 128 and K.offset_for(-128, 127) == 0
+
+
+@pytest.mark.skipif(HAS_KERNELS, reason="checks the error raised where the kernels cannot run")
+def test_unavailable_raises_clearly():
+    assert not K.available()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        K.quantize_act(torch.randn(4, 8), torch.ones(1), torch.zeros(1), 0, 255)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        K.int8_linear(torch.zeros(2, 8, dtype=torch.int8), torch.zeros(3, 8, dtype=torch.int8), torch.ones(1),
+                      torch.zeros(1), torch.ones(3), torch.zeros(3, dtype=torch.int32),
+                      torch.zeros(3, dtype=torch.int32))
+
+
+# ------------------------------------------------------------------------------------- kernels
+
+def _dev(*ts):
+    return [None if t is None else t.to(DEV) for t in ts]
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+
+
+@needs_kernels
+@pytest.mark.parametrize("grid", ["unsigned", "signed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_act_matches_reference(grid, dtype):
+    gen = torch.Generator().manual_seed(2)
+    qmin, qmax = GRIDS[grid]
+    x = (torch.randn(3, 5, 37, generator=gen) * 3).to(dtype)
+    x.view(-1)[:8] = torch.tensor([0.5, 1.5, -0.5, 2.5, 0.0, -1e6, 1e6, 0.25]).to(dtype)  # ties, clamps
+    sx = torch.tensor([0.5 if dtype == torch.float32 else 0.03])
+    zx = torch.tensor([17.0]) if grid == "unsigned" else torch.zeros(1)
+    x, sx, zx = _dev(x, sx, zx)
+    q, sums = K.quantize_act(x, sx, zx, qmin, qmax, return_sums=True)
+    ref = K.ref_quantize_act(x, sx, zx, qmin, qmax)
+    assert q.dtype == torch.int8 and torch.equal(q, ref)
+    assert torch.equal(sums, ref.int().sum(-1))
+    # NHWC from an NCHW tensor, contiguous or channels_last
+    x4 = (torch.randn(2, 24, 5, 3, generator=gen) * 3).to(dtype).to(DEV)
+    for xin in (x4, x4.contiguous(memory_format=torch.channels_last)):
+        q4, s4 = K.quantize_act(xin, sx, zx, qmin, qmax, nhwc=True, return_sums=True)
+        ref4 = K.ref_quantize_act(x4, sx, zx, qmin, qmax).permute(0, 2, 3, 1)
+        assert q4.shape == (2, 5, 3, 24) and q4.is_contiguous() and torch.equal(q4, ref4)
+        assert torch.equal(s4, ref4.int().sum(-1))
+
+
+LIN_SHAPES = [(1, 1, 1), (37, 45, 70), (130, 200, 333), (154, 64, 128)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("mnk", LIN_SHAPES)
+@pytest.mark.parametrize("grid", ["unsigned", "signed"])
+@pytest.mark.parametrize("mode", ["int8", "int8+asum", "fused"])
+def test_int8_linear_matches_reference(mnk, grid, mode):
+    m, n, k = mnk
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    qmin, qmax = GRIDS[grid]
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, n, (n, k), asym_w=(grid == "unsigned"))
+    ox = K.offset_for(qmin, qmax)
+    x = torch.randn(m, k, generator=gen) * sx * 60 + (zx - ox) * 0.1 * sx
+    bias = torch.randn(n, generator=gen) if (m + n) % 2 else None
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    ca = torch.tensor([float(ox)]) - zx
+    x, sx, zx, sw, bias, b, cb, bsum, ca = _dev(x, sx, zx, sw, bias, b, cb, bsum, ca)
+    a, asum = K.quantize_act(x, sx, zx, qmin, qmax, return_sums=True)
+    ref = K.ref_linear(a, b, sx, ca, sw, cb, bias)
+    for out_dtype, split in ((torch.float32, None), (torch.bfloat16, None), (torch.float32, 3)):
+        if mode == "fused":
+            out = K.int8_linear(x, b, sx, None, sw, cb, bsum, bias, out_dtype, zx=zx, qmin=qmin, qmax=qmax,
+                                split_k=split)
+        else:
+            out = K.int8_linear(a, b, sx, ca, sw, cb, bsum, bias, out_dtype,
+                                asum=asum if mode == "int8+asum" else None, split_k=split)
+        assert out.shape == (m, n) and out.dtype == out_dtype
+        assert torch.isfinite(out).all()
+        err = _rel_err(out, ref)
+        assert err < _tol(out_dtype), (mode, out_dtype, split, err)
+
+
+CONV_CASES = [  # B, H, W, Cin, Cout, k, stride, pad
+    (2, 9, 7, 20, 36, 3, 1, 1),
+    (1, 10, 11, 64, 70, 3, 2, 1),
+    (2, 8, 8, 48, 33, 1, 1, 0),
+    (1, 5, 6, 130, 17, 3, 1, 1),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("grid", ["unsigned", "signed"])
+@pytest.mark.parametrize("mode", ["int8", "int8+asum", "fused"])
+def test_int8_conv2d_matches_reference(case, grid, mode):
+    bsz, h, w, cin, cout, ks, stride, pad = case
+    gen = torch.Generator().manual_seed(h * 100 + cin + cout)
+    qmin, qmax = GRIDS[grid]
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, cout, (cout, cin, ks, ks), asym_w=(grid == "unsigned"))
+    if grid == "unsigned":
+        zx = torch.tensor([190.0])
+    ox = K.offset_for(qmin, qmax)
+    x = (torch.randn(bsz, cin, h, w, generator=gen) * sx * 50).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(cout, generator=gen) if cin % 2 == 0 else None
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    ca = torch.tensor([float(ox)]) - zx
+    x, sx, zx, sw, bias, b, cb, bsum, ca = _dev(x, sx, zx, sw, bias, b, cb, bsum, ca)
+    a, psum = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True)
+    ref = K.ref_conv2d(a, b, stride, pad, sx, ca, sw, cb, bias)
+    for out_dtype, split in ((torch.float32, None), (torch.bfloat16, None), (torch.float32, 3)):
+        if mode == "fused":
+            out = K.int8_conv2d(x, b, stride, pad, sx, None, sw, cb, bsum, bias, out_dtype,
+                                zx=zx, qmin=qmin, qmax=qmax, split_k=split)
+        else:
+            out = K.int8_conv2d(a, b, stride, pad, sx, ca, sw, cb, bsum, bias, out_dtype,
+                                asum=psum if mode == "int8+asum" else None, split_k=split)
+        assert out.shape == ref.shape and out.dtype == out_dtype
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isfinite(out).all()
+        err = _rel_err(out, ref)
+        assert err < _tol(out_dtype), (mode, out_dtype, split, err)
+
+
+@needs_kernels
+def test_int8_kernels_reject_bad_input():
+    a = torch.zeros(4, 16, dtype=torch.int8, device=DEV)
+    w = torch.zeros(8, 16, dtype=torch.int8, device=DEV)
+    one = torch.ones(1, device=DEV)
+    sw = torch.ones(8, device=DEV)
+    i8 = torch.zeros(8, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        K.int8_linear(a, w[:, :8].contiguous(), one, one, sw, i8, i8)
+    with pytest.raises(ValueError, match="cb"):
+        K.int8_linear(a, w, one, one, sw, i8.float(), i8)
+    with pytest.raises(ValueError, match="1-element"):
+        K.int8_linear(a, w, sw, one, sw, i8, i8)
+    with pytest.raises(ValueError, match="int8"):
+        K.int8_linear(a.float(), w, one, one, sw, i8, i8)
+    with pytest.raises(ValueError, match="split_k"):
+        K.int8_linear(a, w, one, one, sw, i8, i8, split_k=0)
+    with pytest.raises(ValueError, match="NHWC"):
+        K.int8_conv2d(a.view(1, 2, 2, 16).permute(0, 3, 1, 2), w.view(8, 1, 1, 16), 1, 0, one, one, sw, i8, i8)
+
+
+@needs_cuda
+def test_int8_conv2d_cuda_graph_replay():
+    gen = torch.Generator().manual_seed(5)
+    qmin, qmax = 0, 255
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, 40, (40, 32, 3, 3))
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    bias = torch.randn(40, generator=gen)
+    x = (torch.randn(2, 32, 12, 12, generator=gen) * 2).contiguous(memory_format=torch.channels_last)
+    x, sx, zx, sw, bias, b, cb, bsum = _dev(x, sx, zx, sw, bias, b, cb, bsum)
+    ca = 128 - zx
+
+    def step():
+        a, psum = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True)
+        return K.int8_conv2d(a, b, 2, 1, sx, ca, sw, cb, bsum, bias, torch.bfloat16, asum=psum)
+
+    step()  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    # new inputs and new step-dependent scale / zero-point, written in place
+    x.copy_(torch.randn(x.shape, generator=gen).to(DEV) * 3)
+    sx.fill_(0.07)
+    zx.fill_(100.0)
+    ca.copy_(128 - zx)
+    g.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    assert torch.equal(out, eager)
+    a = K.ref_quantize_act(x, sx, zx, qmin, qmax).permute(0, 2, 3, 1)
+    assert _rel_err(out, K.ref_conv2d(a, b, 2, 1, sx, ca, sw, cb, bias)) < 8e-3
