@@ -184,6 +184,76 @@ def bundled(args, out: dict, work: Path) -> None:
     out["sampling"] = samp
 
 
+def bundled_compiled(args, out: dict, work: Path) -> None:
+    """The bundled model's runtime backends with the forward compiled (torch.compile, fullgraph;
+    hooks eager), per call and for sampling 1000 images, against FP32 eager and bf16 compiled."""
+    from tfmq.runtime import compile_denoiser
+    dev = args.device
+    sampler = SamplerConfig("ddim", args.steps)
+    rows = out["rows"]
+    ckpts = {}
+    for name, w, a in (("w8a8", 8, 8), ("w4a8", 4, 8)):
+        pipe = tfmq.load_pipeline(tfmq.default_model_path(), dev)
+        cfg = tfmq.QuantConfig.for_method("tfmq", wbits=w, abits=a, calib_size=args.calib_size, sampler=sampler,
+                                          recon_iters=0, act_learn_iters=0, tiar_iters=0)
+        tfmq.quantize(pipe, cfg, progress=False)
+        ckpts[name] = tfmq.save(pipe, work / f"bundled-{name}", overwrite=True)
+        del pipe
+    fp = tfmq.load_pipeline(tfmq.default_model_path(), dev)
+    c = fp.unet.config
+    x = torch.randn(args.batch, c.in_channels, c.sample_size, c.sample_size, device=dev)
+    ts = [int(t) for t in tfmq.sampling.sampler_timesteps(fp, sampler)]
+    t_mid = torch.full((args.batch,), ts[len(ts) // 2], device=dev, dtype=torch.long)
+    print("(a') bundled model, compiled runtime, batch", args.batch)
+    for ck, backend, dtype in (("w8a8", "reference", torch.bfloat16), ("w4a8", "weight-only", torch.bfloat16),
+                               ("w8a8", "w8a8", torch.bfloat16), ("w4a8", "weight-only", torch.float32)):
+        label = f"{ck} {backend} {str(dtype).replace('torch.', '')} compiled"
+
+        def make(ck=ck, backend=backend, dtype=dtype):
+            q = tfmq.load(ckpts[ck], dev, dtype, backend=backend, compile=True).unet
+            q.tfmq_steps.set(len(ts) // 2)
+            xx = x.to(dtype)
+            return lambda: q(xx, t_mid).sample
+        measure(rows, label, "bundled", make, args.iters, 3)
+    print("sampling", args.num_images, "images, DDIM", args.steps, "(compiled forwards)")
+    imgs, samp = {}, []
+    runs = [("fp32 eager", None, None, torch.float32, False), ("fp32 compiled", None, None, torch.float32, True),
+            ("bf16 compiled", None, None, torch.bfloat16, True),
+            ("w8a8 reference fp32 eager", "w8a8", "reference", torch.float32, False),
+            ("w8a8 reference fp32 compiled", "w8a8", "reference", torch.float32, True),
+            ("w8a8 w8a8 bf16 compiled", "w8a8", "w8a8", torch.bfloat16, True),
+            ("w4a8 weight-only fp32 compiled", "w4a8", "weight-only", torch.float32, True)]
+    for label, ck, backend, dtype, comp in runs:
+        try:
+            if ck is None:
+                pipe = tfmq.load_pipeline(tfmq.default_model_path(), dev, dtype)
+                if comp:
+                    compile_denoiser(pipe.unet)
+            else:
+                pipe = tfmq.load(ckpts[ck], dev, dtype, backend=backend, compile=comp)
+            tfmq.generate(pipe, sampler, args.sample_batch, args.sample_batch, seed=0, progress=False)  # warm
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            im = tfmq.generate(pipe, sampler, args.num_images, args.sample_batch, seed=0, progress=False)
+            torch.cuda.synchronize()
+            r = {"config": label, "images": args.num_images, "seconds": time.perf_counter() - t0,
+                 "note": "after one warm-up batch (compilation excluded)"}
+            imgs[label] = im
+        except Exception as exc:
+            r = {"config": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        samp.append(r)
+        print("  ", r, flush=True)
+    n = min(256, args.num_images)
+    ref = "w8a8 reference fp32 eager"
+    for r in samp:
+        lab = r["config"]
+        if lab in imgs and ref in imgs and lab.startswith("w8a8"):
+            r["psnr_vs_w8a8_reference_db_first_256"] = psnr(imgs[lab][:n], imgs[ref][:n])
+        if lab in imgs and "fp32 eager" in imgs:
+            r["psnr_vs_fp32_db"] = psnr(imgs[lab], imgs["fp32 eager"])
+    out["sampling_compiled"] = samp
+
+
 def sd_unet(args, out: dict, work: Path) -> None:
     import transformers
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -212,13 +282,13 @@ def sd_unet(args, out: dict, work: Path) -> None:
     x = torch.randn(2, 4, 64, 64, device=dev)
     t = torch.full((2,), 500, device=dev, dtype=torch.long)
     out["sd_unet_params"] = sum(p.numel() for p in unet.parameters())
-    measure(rows, "fp32 eager", "sd15-unet", lambda: (lambda: unet(x, t, ctx).sample), args.iters, 3)
+    measure(rows, "fp32 eager", "sd15-unet", lambda: (lambda: unet(x, t, ctx).sample), args.sd_iters, 3)
     ub = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().to(dev, torch.bfloat16).to(memory_format=torch.channels_last)
     ub.load_state_dict(unet.state_dict())
     xb, cb_ = x.to(torch.bfloat16).to(memory_format=torch.channels_last), ctx.to(torch.bfloat16)
-    measure(rows, "bf16 eager", "sd15-unet", lambda: (lambda: ub(xb, t, cb_).sample), args.iters, 3)
+    measure(rows, "bf16 eager", "sd15-unet", lambda: (lambda: ub(xb, t, cb_).sample), args.sd_iters, 3)
     comp = torch.compile(ub)
-    measure(rows, "bf16 torch.compile", "sd15-unet", lambda: (lambda: comp(xb, t, cb_).sample), args.iters, 5)
+    measure(rows, "bf16 torch.compile", "sd15-unet", lambda: (lambda: comp(xb, t, cb_).sample), args.sd_iters, 3)
     del comp, ub
     torch.cuda.empty_cache()
     t0 = time.perf_counter()
@@ -239,14 +309,15 @@ def sd_unet(args, out: dict, work: Path) -> None:
             continue
         with torch.no_grad():
             results[backend] = q(xb, t, cb_).sample.float()
-        r = measure(rows, f"w8a8 {backend} bf16", "sd15-unet", lambda q=q: (lambda: q(xb, t, cb_).sample), args.iters, 3)
+        r = measure(rows, f"w8a8 {backend} bf16", "sd15-unet", lambda q=q: (lambda: q(xb, t, cb_).sample), args.sd_iters, 3)
         r["backend_summary"] = backend_summary(q)
         r["runtime_bytes"] = runtime_nbytes(q)
         if backend == "w8a8":
             measure(rows, "w8a8 w8a8 bf16 + CUDA graph", "sd15-unet",
-                    lambda q=q: cuda_graph(lambda: q(xb, t, cb_).sample)[0], args.iters, 3)
-            measure(rows, "w8a8 w8a8 bf16 torch.compile", "sd15-unet",
-                    lambda q=q: (lambda c=torch.compile(q): c(xb, t, cb_).sample), args.iters, 5)
+                    lambda q=q: cuda_graph(lambda: q(xb, t, cb_).sample)[0], args.sd_iters, 3)
+        from tfmq.runtime import compile_denoiser
+        measure(rows, f"w8a8 {backend} bf16 compiled", "sd15-unet",
+                lambda q=q: (compile_denoiser(q), (lambda: q(xb, t, cb_).sample))[1], args.sd_iters, 3)
         del q
         torch.cuda.empty_cache()
     if "reference" in results and "w8a8" in results:
@@ -261,6 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--sd-iters", type=int, default=20)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--calib-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=1000)
@@ -277,6 +349,8 @@ def main(argv=None) -> int:
         parts = args.parts.split(",")
         if "bundled" in parts:
             bundled(args, out, work)
+        if "bundled-compiled" in parts:
+            bundled_compiled(args, out, work)
         if "sd" in parts:
             sd_unet(args, out, work)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ def trajectory_outputs(pipe, sampler, seed=3, n=2, class_labels=None):
 
     def record(i, t, x, kw):
         with torch.no_grad():
-            outs.append(pipe.unet(x, torch.full((x.shape[0],), t), **kw).sample.clone())
+            outs.append(pipe.unet(x, torch.full((x.shape[0],), t, device=x.device), **kw).sample.clone())
     from tfmq.sampling import build_conditioning, denoise
     cond = build_conditioning(pipe, n, seed, class_labels)
     denoise(pipe, sampler, n, n, seed, cond, on_step=record, progress=False)
@@ -159,6 +159,13 @@ def test_compiled_fullgraph_equals_eager(one_thread, tmp_path):
         for t, want in zip(ts, eager):
             got = compiled(x, torch.full((2,), t)).sample
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        # forward compiled, hooks eager: the step index still checks each call
+        unet.forward = torch.compile(unet.forward, backend="aot_eager", fullgraph=True)
+        unet.tfmq_steps.reset()
+        for t, want in zip(ts, eager):
+            torch.testing.assert_close(unet(x, torch.full((2,), t)).sample, want, rtol=0, atol=1e-5)
+        with pytest.raises(CalibrationMismatchError):
+            unet(x, torch.full((2,), ts[0] + 1))
 
 
 @pytest.mark.cuda

@@ -16,7 +16,7 @@ from .models.adapter import get_denoiser, load_pipeline
 from .models.units import shortcut_splits
 from .quant.model import WrapSpec, freeze, set_quant_state, wrap_denoiser
 from .recipes import QuantContext, StageTimer, get_recipe, run_recipe
-from .runtime.backends import BackendUnavailable, get_backend, set_backend
+from .runtime.backends import BackendUnavailable, compile_denoiser, get_backend, set_backend
 from .runtime.convert import convert as runtime_convert
 from .runtime.pipeline import bind_quantized
 
@@ -114,14 +114,16 @@ def save(pipe, out_dir, overwrite: bool = False) -> Path:
 
 
 def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         backend: str = "reference"):
+         backend: str = "reference", compile: bool = False):
     """Load a compact checkpoint as a diffusers pipeline whose denoiser is made of runtime modules
     (:mod:`tfmq.runtime`): packed weights, no FP copy of a quantized weight, computing with
     ``backend`` (``reference``, ``weight-only`` or ``w8a8``; see :mod:`tfmq.runtime.backends`).
 
     ``pipe.scheduler`` is the calibrated scheduler; ``pipe(...)`` works as for any diffusers
     pipeline, and refuses another scheduler or step count where the model holds per-step
-    parameters."""
+    parameters. ``compile=True`` compiles the denoiser's forward (``torch.compile``,
+    fullgraph; see :func:`tfmq.runtime.compile_denoiser`): the first call of each input shape
+    compiles, later calls run fused kernels."""
     ckpt_dir = Path(ckpt_dir)
     cfg = checkpoint.read_config(ckpt_dir)
     reason = get_backend(backend).available(torch.device(device))   # fail before any work
@@ -134,6 +136,8 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     pipe = pipe.to(device)
     if backend != "reference":
         set_backend(denoiser, backend)
+    if compile:
+        compile_denoiser(denoiser)
     bind_quantized(pipe, denoiser)
     return pipe
 

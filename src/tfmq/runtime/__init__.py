@@ -9,7 +9,8 @@
 * :mod:`~tfmq.runtime.pipeline`: the diffusers pipeline around a quantized denoiser.
 """
 
-from .backends import BACKENDS, BackendUnavailable, backend_summary, get_backend, set_backend
+from .backends import (BACKENDS, BackendUnavailable, backend_summary, compile_denoiser, get_backend,
+                       set_backend)
 from .convert import ConversionError, build_runtime, convert, runtime_nbytes, runtime_tensors
 from .layers import ActQuant, AttentionActQuant, QuantizedConv2d, QuantizedLinear, runtime_layers
 from .packed import PackedWeight
@@ -17,5 +18,5 @@ from .steps import CalibrationMismatchError, StepIndex, check_timesteps, is_step
 
 __all__ = ["ActQuant", "AttentionActQuant", "BACKENDS", "BackendUnavailable", "CalibrationMismatchError",
            "ConversionError", "PackedWeight", "QuantizedConv2d", "QuantizedLinear", "StepIndex",
-           "backend_summary", "build_runtime", "check_timesteps", "convert", "get_backend",
+           "backend_summary", "build_runtime", "compile_denoiser", "check_timesteps", "convert", "get_backend",
            "is_step_dependent", "runtime_layers", "runtime_nbytes", "runtime_tensors", "set_backend"]

@@ -168,3 +168,18 @@ def backend_summary(denoiser: nn.Module) -> dict:
     own = sum(1 for l in layers.values() if backend.handles(l))
     return {"backend": name, "layers": len(layers), "backend_kernels": own,
             "reference_math": len(layers) - own}
+
+
+def compile_denoiser(denoiser: nn.Module, mode: str | None = None) -> nn.Module:
+    """Compile a converted denoiser's forward with ``torch.compile(fullgraph=True)`` (in place).
+
+    Only ``forward`` is compiled: the forward pre-hooks (the step index's check of each call's
+    timestep, the temporal cache's row lookup) keep running in eager mode before it, and the
+    compiled graph reads the per-step parameters through the step-index buffer, so one graph
+    serves every sampling step. ``mode`` is passed to ``torch.compile`` (e.g. ``"max-autotune"``).
+    """
+    if getattr(denoiser, "_tfmq_compiled", False):
+        return denoiser
+    denoiser.forward = torch.compile(denoiser.forward, fullgraph=True, mode=mode)
+    denoiser._tfmq_compiled = True
+    return denoiser
