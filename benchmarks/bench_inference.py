@@ -44,6 +44,9 @@ SD15_UNET_CONFIG = {
 }
 
 
+PARTIAL: tuple | None = None      # (report, path) while a run is in progress
+
+
 def time_call(fn, iters: int, warmup: int) -> dict:
     """Median / min per-call milliseconds (CUDA events) and peak memory during the calls."""
     for _ in range(warmup):
@@ -89,6 +92,8 @@ def measure(rows, label, model, make_fn, iters, warmup, note=""):
         r = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     r.update({"model": model, "config": label, "note": note})
     rows.append(r)
+    if PARTIAL is not None:                    # written after every row: a killed run keeps its rows
+        PARTIAL[1].write_text(json.dumps(PARTIAL[0], indent=2))
     print(f"  {model:10s} {label:38s} " + (f"{r['median_ms']:9.3f} ms  peak {r['peak_mb']:8.1f} MB"
                                             if "median_ms" in r else r["error"]), flush=True)
     return r
@@ -282,7 +287,8 @@ def sd_unet(args, out: dict, work: Path) -> None:
     x = torch.randn(2, 4, 64, 64, device=dev)
     t = torch.full((2,), 500, device=dev, dtype=torch.long)
     out["sd_unet_params"] = sum(p.numel() for p in unet.parameters())
-    measure(rows, "fp32 eager", "sd15-unet", lambda: (lambda: unet(x, t, ctx).sample), args.sd_iters, 3)
+    if not args.sd_lean:
+        measure(rows, "fp32 eager", "sd15-unet", lambda: (lambda: unet(x, t, ctx).sample), args.sd_iters, 3)
     ub = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().to(dev, torch.bfloat16).to(memory_format=torch.channels_last)
     ub.load_state_dict(unet.state_dict())
     xb, cb_ = x.to(torch.bfloat16).to(memory_format=torch.channels_last), ctx.to(torch.bfloat16)
@@ -312,10 +318,12 @@ def sd_unet(args, out: dict, work: Path) -> None:
         r = measure(rows, f"w8a8 {backend} bf16", "sd15-unet", lambda q=q: (lambda: q(xb, t, cb_).sample), args.sd_iters, 3)
         r["backend_summary"] = backend_summary(q)
         r["runtime_bytes"] = runtime_nbytes(q)
-        if backend == "w8a8":
+        if backend == "w8a8" and not args.sd_lean:
             measure(rows, "w8a8 w8a8 bf16 + CUDA graph", "sd15-unet",
                     lambda q=q: cuda_graph(lambda: q(xb, t, cb_).sample)[0], args.sd_iters, 3)
         from tfmq.runtime import compile_denoiser
+        if backend == "reference" and args.sd_lean:
+            continue
         measure(rows, f"w8a8 {backend} bf16 compiled", "sd15-unet",
                 lambda q=q: (compile_denoiser(q), (lambda: q(xb, t, cb_).sample))[1], args.sd_iters, 3)
         del q
@@ -333,6 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--sd-iters", type=int, default=20)
+    p.add_argument("--sd-lean", action="store_true", help="SD part without fp32 eager, the CUDA-graph row and "
+                                                          "the compiled reference (fits one 10-minute call)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--calib-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=1000)
@@ -344,6 +354,9 @@ def main(argv=None) -> int:
         return 2
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
            "settings": vars(args) | {"json": str(args.json)}, "rows": []}
+    global PARTIAL
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    PARTIAL = (out, args.json)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         parts = args.parts.split(",")

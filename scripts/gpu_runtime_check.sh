@@ -10,4 +10,4 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # the kernels' own tests: tests/test_int8_kernels.py (run with TFMQ_INT8_AUTOTUNE=0, see NOTES_int8.md)
   TFMQ_INT8_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_runtime.py 2>&1 | tee "$OUT/cuda_tests.txt"
 fi
-python3 benchmarks/bench_inference.py --device cuda --parts "$PARTS" --json "$OUT/inference_${PARTS//,/_}.json" 2>&1 | tee "$OUT/bench_${PARTS//,/_}.txt"
+python3 benchmarks/bench_inference.py --device cuda --parts "$PARTS" ${BENCH_ARGS:-} --json "$OUT/inference_${PARTS//,/_}.json" 2>&1 | tee "$OUT/bench_${PARTS//,/_}.txt"
