@@ -204,6 +204,16 @@ def test_w8a8_backend_matches_reference_on_cuda(tmp_path):
     from tfmq.runtime.kernels import int8
     if not int8.available():
         pytest.skip("int8 kernels need Triton and compute capability >= 8.0")
+    # the fp32 reference must be fp32: cuDNN convolutions default to TF32 on Ampere and later
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _compare_w8a8_with_reference(tmp_path)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _compare_w8a8_with_reference(tmp_path):
     pipe = tiny_ddpm_pipeline()
     config = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, layer_policy="all", **FAST)
     tfmq.quantize(pipe, config, progress=False)
