@@ -13,9 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from .choices import FSC_MODES, METHOD_DESCRIPTIONS, SAMPLERS, SUPPORTED_BITS, TEMPORAL_MODES
 from .policy import POLICIES
-from .quant.quantizer import SUPPORTED_BITS
-from .sampling import SCHEDULERS
 
 BITS_HELP = f"{SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}, or 32 for full precision"
 
@@ -67,7 +66,7 @@ def _check_out(out: Path, allow_existing: bool, what: str = "--out") -> None:
 
 
 def add_sampler_flags(p: argparse.ArgumentParser, steps_default: int | None) -> None:
-    p.add_argument("--sampler", choices=sorted(SCHEDULERS), default=None,
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                    help="diffusers scheduler used for sampling (default: ddim; a quantized checkpoint "
                         "defaults to the one it was calibrated with)")
     p.add_argument("--steps", type=_positive, default=steps_default,
@@ -92,14 +91,13 @@ def sampler_from_flags(args):
 
 # ---- quantize ------------------------------------------------------------------------------
 def build_quantize(sub) -> None:
-    from .recipes import RECIPES
     p = sub.add_parser("quantize", help="calibrate and quantize a pipeline, write a compact checkpoint",
                        description="Quantize a diffusers pipeline's denoiser and write a compact "
                                    "checkpoint folder that `tfmq sample` and `tfmq.load` read.")
     p.add_argument("model", nargs="?", default="default",
                    help="hub id or local pipeline folder (default: the bundled Fashion-MNIST DDPM)")
-    p.add_argument("--method", choices=sorted(RECIPES), default="naive",
-                   help="; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()))
+    p.add_argument("--method", choices=sorted(METHOD_DESCRIPTIONS), default="naive",
+                   help="; ".join(f"{name}: {text}" for name, text in METHOD_DESCRIPTIONS.items()))
     p.add_argument("--wbits", type=_bits, default=8, help=f"weight bits, {BITS_HELP} (default 8)")
     p.add_argument("--abits", type=_bits, default=8, help=f"activation bits, {BITS_HELP} (default 8)")
     p.add_argument("--softmax-bits", type=int, choices=list(SUPPORTED_BITS) + [16], default=None,
@@ -121,7 +119,6 @@ def build_quantize(sub) -> None:
 
 def add_temporal_flags(p: argparse.ArgumentParser) -> None:
     """TFMQ-DM's options (method tfmq); unset flags take the method's defaults."""
-    from .config import FSC_MODES, TEMPORAL_MODES
     g = p.add_argument_group("TFMQ-DM (--method tfmq)")
     g.add_argument("--interval-length", type=_positive, default=None,
                    help="weight reconstruction uses every K-th sampling step's data (default 20)")

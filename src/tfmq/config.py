@@ -15,8 +15,7 @@ from .quant.quantizer import check_bits
 from .sampling import SamplerConfig
 
 RANGE_METHODS = ("minmax", "mse", "percentile")
-FSC_MODES = ("none", "tib", "all")
-TEMPORAL_MODES = ("tiar", "cache")
+from .choices import FSC_MODES, TEMPORAL_MODES  # noqa: E402,F401  (re-exported)
 
 
 @dataclass
