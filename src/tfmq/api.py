@@ -21,6 +21,32 @@ ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = "fmnist-ddpm"
 
 
+class QuantizedSaveError(RuntimeError):
+    """``save_pretrained`` was called on a quantized pipeline: it would write a dense copy."""
+
+
+def guard_save_pretrained(pipe) -> None:
+    """Make ``save_pretrained`` of a quantized pipeline, and of its denoiser, refuse with a message
+    pointing to :func:`tfmq.save`.
+
+    diffusers' own ``save_pretrained`` would write the fake-quant denoiser's dequantized weights as
+    a full-precision model without its quantization: a user would believe a quantized model was
+    kept when it was not. The guard is set on these two objects only (instance attributes), so
+    other pipelines are unaffected and :func:`tfmq.save` (which saves the other components with
+    their own ``save_pretrained``) works as before.
+    """
+    denoiser = get_denoiser(pipe)
+
+    def refuse(*args, **kwargs):
+        raise QuantizedSaveError(
+            "this pipeline's denoiser is quantized by tfmq: save_pretrained would write a dense "
+            "full-precision copy without its quantization. Use tfmq.save(pipe, DIR) to write the "
+            "compact quantized checkpoint, and tfmq.load(DIR) to read it back.")
+
+    pipe.save_pretrained = refuse
+    denoiser.save_pretrained = refuse
+
+
 def default_model_path() -> Path:
     """The bundled default model (a DDPM trained on Fashion-MNIST)."""
     path = ASSETS / DEFAULT_MODEL
@@ -101,6 +127,7 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
         "calibration_time": timer.to_dict(),
     }
     denoiser.tfmq_info.update(ctx.extra.get("tfmq_info", {}))   # stage results (fsc, temporal)
+    guard_save_pretrained(pipe)
     return pipe
 
 
@@ -123,6 +150,7 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     checkpoint.apply_checkpoint(denoiser, ckpt_dir, cfg)
     pipe = DiffusionPipeline.from_pretrained(str(ckpt_dir), unet=denoiser, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
+    guard_save_pretrained(pipe)
     return pipe.to(device)
 
 
