@@ -3,11 +3,14 @@
 Tiny models from conftest have RANDOM weights (plumbing only).
 """
 
+import json
+
 import pytest
 import torch
 
 import tfmq
 from tfmq.api import QuantizedSaveError
+from tfmq.cli import main
 from tfmq.sampling import SamplerConfig
 
 STEPS = SamplerConfig(steps=3)
@@ -33,3 +36,169 @@ def test_save_pretrained_of_a_quantized_pipeline_refuses(tiny_pipe, tmp_path):
         assert torch.equal(loaded.unet(x, t).sample, tiny_pipe.unet(x, t).sample)
     tfmq.load_pipeline(fp_dir).save_pretrained(tmp_path / "fp2")    # other pipelines unaffected
     assert (tmp_path / "fp2" / "model_index.json").exists()
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def cli(capsys, *argv):
+    """Run the CLI in-process: (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:          # argparse flag errors
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+QUICK = ["--method", "naive", "--steps", "3", "--calib-size", "2"]
+
+
+def tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ---- --resume and --out never destroy what tfmq did not write --------------------------------
+def test_resume_refuses_a_folder_with_other_files(tiny_pipe_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    rc, err = cli(capsys, "quantize", tiny_pipe_dir, *QUICK, "--resume", "--out", out)
+    assert rc == 2 and "nothing was changed" in err and "thesis.tex" in err
+    assert (out / "thesis.tex").read_text() == "years of work" and len(list(out.iterdir())) == 1
+    # the same next to real progress: the user's file is not swept away by the final save
+    (out / ".tfmq-progress").mkdir()
+    (out / ".tfmq-progress" / "manifest.json").write_text(json.dumps({"format": "tfmq-progress"}))
+    rc, err = cli(capsys, "quantize", tiny_pipe_dir, *QUICK, "--resume", "--out", out)
+    assert rc == 2 and "did not write" in err and (out / "thesis.tex").exists()
+    # a progress folder tfmq does not recognise is not continued either
+    (out / "thesis.tex").unlink()
+    (out / ".tfmq-progress" / "manifest.json").write_text("{}")
+    rc, err = cli(capsys, "quantize", tiny_pipe_dir, *QUICK, "--resume", "--out", out)
+    assert rc == 2 and "not a progress folder this tfmq recognises" in err
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "new-inside", "contains"])
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite", None])
+def test_out_may_not_be_the_input_model(tiny_pipe_dir, tmp_path, capsys, where, flag):
+    before = tree(tiny_pipe_dir)
+    out = {"same": tiny_pipe_dir, "inside": tiny_pipe_dir / "unet", "new-inside": tiny_pipe_dir / "q",
+           "contains": tiny_pipe_dir.parent}[where]
+    rc, err = cli(capsys, "quantize", tiny_pipe_dir, *QUICK, *([flag] if flag else []), "--out", out)
+    assert rc == 2
+    if where == "new-inside" or flag == "--overwrite":
+        assert "would destroy it" in err
+    else:                               # a non-empty folder: refused before the model is even looked at
+        assert "nothing was changed" in err if flag == "--resume" else "not empty" in err
+    assert tree(tiny_pipe_dir) == before and not (tiny_pipe_dir / "q").exists()
+
+
+def test_resume_refuses_a_finished_checkpoint_and_the_flag_pair(tiny_pipe_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert cli(capsys, "quantize", tiny_pipe_dir, *QUICK, "--out", out)[0] == 0
+    before = tree(out)
+    rc, err = cli(capsys, "quantize", tiny_pipe_dir, *QUICK, "--resume", "--out", out)
+    assert rc == 2 and "finished checkpoint" in err and tree(out) == before
+    rc, err = cli(capsys, "quantize", tiny_pipe_dir, *QUICK, "--resume", "--overwrite", "--out", out)
+    assert rc == 2 and "pass one" in err and tree(out) == before
+
+
+# ---- corrupted tensor data ---------------------------------------------------------------------
+def flip_tensor_bytes(path, count=200, seed=0):
+    """Flip ``count`` bytes of the tensor data (after the safetensors header), like a bad disk."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    g = torch.Generator().manual_seed(seed)
+    for i in torch.randperm(len(data) - start, generator=g)[:count].tolist():
+        data[start + i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_tensor_data_is_refused(tiny_pipe, tmp_path, capsys):
+    from tfmq.checkpoint import CHECKSUMS_KEY, TENSOR_FILE, CheckpointError
+    tfmq.quantize(tiny_pipe, wbits=4, abits=8, calib_size=2, sampler=STEPS, progress=False)
+    ckpt = tfmq.save(tiny_pipe, tmp_path / "ckpt")
+    tfmq.load(ckpt)                                               # intact: loads
+    original = (ckpt / TENSOR_FILE).read_bytes()
+    flip_tensor_bytes(ckpt / TENSOR_FILE)
+    with pytest.raises(CheckpointError, match="changed since it was written"):
+        tfmq.load(ckpt)
+    rc, err = cli(capsys, "sample", ckpt, "--num-images", "1", "--out", tmp_path / "s")
+    assert rc == 2 and "is corrupt" in err and not (tmp_path / "s").exists()
+    # a single flipped byte is enough
+    data = bytearray(original)
+    data[-3] ^= 0x01
+    (ckpt / TENSOR_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="changed since it was written"):
+        tfmq.load(ckpt)
+    # a file without checksums cannot be verified: refused, not trusted
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    (ckpt / TENSOR_FILE).write_bytes(original)
+    with safe_open(str(ckpt / TENSOR_FILE), "pt") as f:
+        meta = f.metadata()
+    del meta[CHECKSUMS_KEY]
+    save_file(load_file(str(ckpt / TENSOR_FILE)), str(ckpt / TENSOR_FILE), metadata=meta)
+    with pytest.raises(CheckpointError, match="no tensor checksums"):
+        tfmq.load(ckpt)
+
+
+# ---- non-finite values -------------------------------------------------------------------------
+@pytest.mark.parametrize("flag,value", [("--eta", "nan"), ("--guidance-scale", "inf"),
+                                        ("--guidance-scale", "nan"), ("--eta", "-inf"),
+                                        ("--recon-lr", "nan"), ("--act-ema", "inf")])
+def test_non_finite_flags_are_usage_errors(tmp_path, capsys, flag, value):
+    rc, err = cli(capsys, "quantize", "/no/such/model", "--out", tmp_path / "o", f"{flag}={value}")
+    assert rc == 2 and "finite" in err and not (tmp_path / "o").exists()
+    if flag in ("--eta", "--guidance-scale"):
+        rc, err = cli(capsys, "sample", "/no/such/model", "--out", tmp_path / "o", f"{flag}={value}")
+        assert rc == 2 and "finite" in err
+
+
+def test_non_finite_sampler_and_config_values_are_refused():
+    nan = float("nan")
+    for bad in (SamplerConfig(eta=nan), SamplerConfig(guidance_scale=float("inf")),
+                SamplerConfig(guidance_scale=nan)):
+        with pytest.raises(ValueError, match="finite"):
+            bad.validate()
+    with pytest.raises(ValueError, match="memory_budget_gb must be finite"):
+        tfmq.QuantConfig.for_method("naive", memory_budget_gb=nan)
+
+
+def test_nan_weight_is_refused_before_any_work(tiny_pipe, tmp_path):
+    from tfmq.calib.finite import NonFiniteError
+    with torch.no_grad():
+        tiny_pipe.unet.down_blocks[0].resnets[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"down_blocks\.0\.resnets\.0\.conv1\.weight"):
+        tfmq.quantize(tiny_pipe, wbits=4, abits=8, calib_size=2, sampler=STEPS, progress=False,
+                      work_dir=tmp_path / "w")
+    assert getattr(tiny_pipe.unet, "tfmq_info", None) is None and not (tmp_path / "w").exists()
+
+
+def test_non_finite_fp_output_is_refused(tmp_path):
+    """A Fourier time embedding takes log(t): NaN at t = 0, the last DDIM step."""
+    from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
+    from tfmq.calib.finite import NonFiniteError
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32), norm_num_groups=8, time_embedding_type="fourier",
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    with pytest.raises(NonFiniteError, match=r"timestep\(s\) 0 "):
+        tfmq.quantize(pipe, wbits=8, abits=8, calib_size=2, sampler=STEPS, progress=False,
+                      work_dir=tmp_path / "w")
+    assert not (tmp_path / "w").exists()            # the failed start left nothing behind
+
+
+def test_non_finite_quantization_parameters_are_never_written(tiny_pipe, tmp_path):
+    from tfmq.calib.finite import NonFiniteError, check_finite_quant_params
+    from tfmq.quant.quantizer import UniformQuantizer
+    tfmq.quantize(tiny_pipe, wbits=8, abits=8, calib_size=2, sampler=STEPS, progress=False)
+    check_finite_quant_params(tiny_pipe.unet)                          # a normal run: all finite
+    name, q = next((n, m) for n, m in tiny_pipe.unet.named_modules()
+                   if isinstance(m, UniformQuantizer) and m.scale.numel())
+    q.scale.data[0] = float("inf")
+    with pytest.raises(NonFiniteError, match=name):
+        check_finite_quant_params(tiny_pipe.unet)
+    with pytest.raises(NonFiniteError, match="refusing to write"):
+        tfmq.save(tiny_pipe, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.iterdir())
