@@ -202,3 +202,200 @@ def test_non_finite_quantization_parameters_are_never_written(tiny_pipe, tmp_pat
     with pytest.raises(NonFiniteError, match="refusing to write"):
         tfmq.save(tiny_pipe, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists() and not list(tmp_path.iterdir())
+
+
+# ---- output folders: writable, checked first; OS errors in one line ---------------------------
+def test_unwritable_out_is_refused_before_work(tiny_pipe_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for cmd in (["sample", tiny_pipe_dir, "--num-images", "1"], ["quantize", tiny_pipe_dir, *QUICK],
+                ["evaluate", tiny_pipe_dir, "--num-images", "2"]):
+        rc, err = cli(capsys, *cmd, "--out", blocker / "sub")
+        assert rc == 2 and "is a file, not a folder" in err, (cmd, err)
+        rc, err = cli(capsys, *cmd, "--out", blocker)
+        assert rc == 2 and "is a file, not a folder" in err, (cmd, err)
+    import os
+    read_only = "/proc/sys/kernel"                    # read-only even for root
+    if os.path.isdir(read_only) and not os.access(read_only, os.W_OK):
+        rc, err = cli(capsys, "sample", tiny_pipe_dir, "--num-images", "1", "--out", f"{read_only}/tfmq")
+        assert rc == 2 and "no write permission" in err
+
+
+def test_os_error_during_work_is_one_line(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
+    import tfmq.eval.grid as grid
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "s" / "000000.png"))
+    monkeypatch.setattr(grid, "save_samples", disk_full)
+    rc, err = cli(capsys, "sample", tiny_pipe_dir, "--num-images", "1", "--steps", "2", "--out", tmp_path / "s")
+    last = err.rstrip().splitlines()[-1].split("\r")[-1]           # after the progress bars
+    assert rc == 1 and last.startswith("error: [Errno 28] No space left on device")
+    assert err.count("error:") == 1 and "Traceback" not in err
+
+
+def test_early_error_leaves_no_progress_folder(tiny_pipe_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["quantize", tiny_pipe_dir, *QUICK, "--out", out]
+    rc, err = cli(capsys, *argv, "--guidance-scale", "2")           # unconditional model
+    assert rc == 2 and "guidance needs a conditional model" in err
+    assert not out.exists()                                         # nothing created, nothing left
+    out.mkdir()
+    rc, err = cli(capsys, *argv, "--guidance-scale", "2")
+    assert rc == 2 and out.is_dir() and not any(out.iterdir())      # a folder it did not create stays
+    assert cli(capsys, *argv)[0] == 0                               # the corrected command runs
+
+
+# ---- messages ----------------------------------------------------------------------------------
+def test_messages_for_incomplete_checkpoints_killed_runs_and_paths(tiny_pipe_dir, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert cli(capsys, "quantize", tiny_pipe_dir, *QUICK, "--out", ckpt)[0] == 0
+    (ckpt / "quantization_config.json").unlink()
+    rc, err = cli(capsys, "sample", ckpt, "--out", tmp_path / "s")
+    assert rc == 2 and "incomplete tfmq checkpoint" in err and "quantization_config.json" in err
+    assert ".bin" not in err
+    killed = tmp_path / "killed"
+    (killed / ".tfmq-progress").mkdir(parents=True)
+    (killed / ".tfmq-progress" / "manifest.json").write_text(json.dumps({"format": "tfmq-progress"}))
+    rc, err = cli(capsys, "sample", killed, "--out", tmp_path / "s")
+    assert rc == 2 and "unfinished `tfmq quantize` run" in err and "--resume" in err
+    rc, err = cli(capsys, "quantize", tiny_pipe_dir, *QUICK, "--out", killed)
+    assert rc == 2 and "unfinished" in err and "--resume" in err
+    rc, err = cli(capsys, "sample", tmp_path / "no" / "such" / "model", "--out", tmp_path / "s")
+    assert rc == 2 and "no such local folder" in err and "hub id" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_usage_errors_exit_2(tiny_pipe_dir, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    for argv in (["sample", tiny_pipe_dir, "--device", "cuda", "--out", tmp_path / "o"],
+                 ["quantize", tiny_pipe_dir, "--out", tmp_path / "full"],
+                 ["quantize", tiny_pipe_dir, "--wbits", "1", "--out", tmp_path / "o"],
+                 ["evaluate", tiny_pipe_dir, "--class-labels", "1", "--out", tmp_path / "o"],
+                 ["analyze", tmp_path / "missing", "--out", tmp_path / "o"]):
+        rc, err = cli(capsys, *argv)
+        assert rc == 2 and err.startswith(("error:", "usage:")), (argv, err)
+
+
+# ---- sample --overwrite -------------------------------------------------------------------------
+def test_sample_overwrite_leaves_no_stale_pngs(tiny_pipe_dir, tmp_path, capsys):
+    import numpy as np
+    out = tmp_path / "s"
+    base = ["sample", tiny_pipe_dir, "--steps", "2", "--out", out]
+    assert cli(capsys, *base, "--num-images", "4")[0] == 0
+    (out / "notes.txt").write_text("mine")
+    assert cli(capsys, *base, "--num-images", "2", "--overwrite", "--seed", "9")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "grid.png", "notes.txt",
+                                                     "samples.npz"]
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 2 and (out / "notes.txt").read_text() == "mine"
+
+
+# ---- interruptions: Ctrl-C and SIGKILL, then --resume -------------------------------------------
+def qdiff_argv(model, iters=5):
+    return ["quantize", model, "--method", "qdiff", "--layer-policy", "all", "--wbits", "4", "--abits", "8",
+            "--steps", "4", "--calib-size", "2", "--calib-steps", "2", "--recon-iters", str(iters),
+            "--act-learn-iters", str(iters), "--recon-batch-size", "2", "--seed", "3"]
+
+
+def assert_same_checkpoint(a, b):
+    """Same tensors bit for bit (dtype and bytes) and the same metadata (whose order in the file
+    header is the safetensors library's hash-map order, not ours)."""
+    from safetensors import safe_open
+    from tfmq.checkpoint import TENSOR_FILE
+    with safe_open(str(a / TENSOR_FILE), "pt") as fa, safe_open(str(b / TENSOR_FILE), "pt") as fb:
+        assert fa.metadata() == fb.metadata() and sorted(fa.keys()) == sorted(fb.keys())
+        for k in fa.keys():
+            ta, tb = fa.get_tensor(k), fb.get_tensor(k)
+            assert ta.dtype == tb.dtype and torch.equal(ta, tb), k
+
+
+def test_ctrl_c_is_one_line_and_resume_gives_the_same_checkpoint(tiny_pipe_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    import tfmq.cli as cli_module
+    from tfmq.checkpoint import TENSOR_FILE
+    argv = qdiff_argv(tiny_pipe_dir)
+    assert cli(capsys, *argv, "--out", tmp_path / "ref")[0] == 0
+    real = cli_module._extra_quantize_kwargs
+
+    def interrupting(args):
+        done = []
+
+        def on_unit(phase, unit, stats):
+            done.append(unit)
+            if len(done) == 3:
+                raise KeyboardInterrupt
+        return {**real(args), "on_unit": on_unit}
+    monkeypatch.setattr(cli_module, "_extra_quantize_kwargs", interrupting)
+    out = tmp_path / "run"
+    rc, err = cli(capsys, *argv, "--out", out)
+    assert rc == 130 and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == (f"interrupted: the finished units are kept in "
+                                             f"{out / '.tfmq-progress'}; continue with the same command "
+                                             f"plus --resume")
+    monkeypatch.undo()
+    assert cli(capsys, *argv, "--resume", "--out", out)[0] == 0
+    assert_same_checkpoint(out, tmp_path / "ref")
+    assert not (out / ".tfmq-progress").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_bit_identical_checkpoint(tiny_pipe_dir, tmp_path, capsys):
+    """A real process killed with SIGKILL mid-reconstruction, then `--resume` in the same --out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tfmq.checkpoint import TENSOR_FILE
+    argv = [str(a) for a in qdiff_argv(tiny_pipe_dir, iters=40)]
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tfmq", *argv, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / ".tfmq-progress" / "manifest.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(manifest.read_text())["done"]:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / TENSOR_FILE).exists() and json.loads(manifest.read_text())["done"]
+    assert cli(capsys, *argv, "--resume", "--out", out)[0] == 0
+    assert cli(capsys, *argv, "--out", tmp_path / "ref")[0] == 0
+    assert_same_checkpoint(out, tmp_path / "ref")
+
+
+# ---- what held and must keep holding -------------------------------------------------------------
+class _Trap:
+    """Unpickling this creates a marker folder: it shows whether anything unpickled the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.mkdir, (self.marker,))
+
+
+def test_loading_a_checkpoint_never_unpickles(tiny_sd, tmp_path):
+    import pickle
+    tfmq.quantize(tiny_sd, wbits=8, abits=8, calib_size=1, sampler=SamplerConfig(steps=2),
+                  prompts=["a cat"], progress=False)
+    ckpt = tfmq.save(tiny_sd, tmp_path / "ckpt")
+    tfmq.load(ckpt)
+    marker = tmp_path / "unpickled"
+    for component in ("vae", "text_encoder"):                  # swap safetensors for a pickle
+        for f in (ckpt / component).glob("*.safetensors"):
+            f.unlink()
+        (ckpt / component / ("diffusion_pytorch_model.bin" if component == "vae" else "pytorch_model.bin")
+         ).write_bytes(pickle.dumps({"weight": _Trap(str(marker))}))
+    with pytest.raises(OSError, match="safetensors"):               # safetensors only, no .bin
+        tfmq.load(ckpt)
+    assert not marker.exists()
