@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -39,8 +40,8 @@ def test_quantize_then_sample(tiny_pipe_dir, tmp_path, capsys):
     # sampling the FP pipeline works too, and refuses to overwrite
     fp_out = tmp_path / "fp"
     assert main(["sample", str(tiny_pipe_dir), "--num-images", "2", "--steps", "2", "--out", str(fp_out)]) == 0
-    with pytest.raises(SystemExit, match="not empty"):
-        main(["sample", str(tiny_pipe_dir), "--num-images", "2", "--steps", "2", "--out", str(fp_out)])
+    assert main(["sample", str(tiny_pipe_dir), "--num-images", "2", "--steps", "2", "--out", str(fp_out)]) == 2
+    assert "not empty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,msg", [
@@ -84,3 +85,31 @@ def test_help_explains_every_flag():
     r = run_cli("evaluate", "--help")
     for flag in ("--methods", "--bits", "--reference", "--prompt", "--clip-model", "--set"):
         assert flag in r.stdout
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["quantize", "--help"],
+                                  ["quantize", "--wbits", "1", "--out", "x"], ["sample"]])
+def test_help_version_and_flag_errors_answer_at_once(argv):
+    """No torch / diffusers import for these (they take seconds): measured in a fresh process."""
+    code = ("import sys, time; t0 = time.perf_counter()\n"
+            "from tfmq.cli import main\n"
+            "try:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('\\nTIMING', time.perf_counter() - t0, 'torch' in sys.modules, 'diffusers' in sys.modules)"
+            % argv)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    seconds, torch_loaded, diffusers_loaded = r.stdout.rsplit("TIMING", 1)[1].split()
+    assert diffusers_loaded == "False" and torch_loaded == "False"
+    assert wall < 3.0, (seconds, wall)       # ~0.15 s alone on 2 cores; generous for a busy CI
+
+
+def test_cli_choices_agree_with_the_registries():
+    from tfmq import choices
+    from tfmq.config import FSC_MODES, TEMPORAL_MODES
+    from tfmq.quant.quantizer import SUPPORTED_BITS
+    from tfmq.recipes import RECIPES
+    from tfmq.sampling import SCHEDULERS
+    assert tuple(SCHEDULERS) == choices.SAMPLERS and SUPPORTED_BITS == choices.SUPPORTED_BITS
+    assert {n: r.description for n, r in RECIPES.items()} == choices.METHOD_DESCRIPTIONS
+    assert (FSC_MODES, TEMPORAL_MODES) == (choices.FSC_MODES, choices.TEMPORAL_MODES)

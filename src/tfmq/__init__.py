@@ -7,14 +7,33 @@ Public API::
     qpipe = tfmq.quantize(pipe, tfmq.QuantConfig.for_method("naive", wbits=8, abits=8))
     tfmq.save(qpipe, "out_dir")
     qpipe = tfmq.load("out_dir", backend="reference")   # runtime modules: packed weights
+
+The names are imported on first use (torch and diffusers take seconds to import), so that
+``import tfmq`` and ``tfmq --version`` stay instant.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .api import convert, default_model_path, load, quantize, save  # noqa: E402
-from .config import QuantConfig  # noqa: E402
-from .models.adapter import load_pipeline  # noqa: E402
-from .sampling import SamplerConfig, generate  # noqa: E402
+_LAZY = {
+    "convert": ".api", "default_model_path": ".api", "load": ".api", "quantize": ".api", "save": ".api",
+    "QuantConfig": ".config", "load_pipeline": ".models.adapter",
+    "SamplerConfig": ".sampling", "generate": ".sampling",
+}
 
 __all__ = ["QuantConfig", "SamplerConfig", "convert", "default_model_path", "generate", "load", "load_pipeline",
            "quantize", "save", "__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tfmq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

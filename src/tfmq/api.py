@@ -10,7 +10,8 @@ from diffusers import DiffusionPipeline
 
 from . import checkpoint
 from .calib.data import collect_calibration_data
-from .calib.resume import ProgressStore, model_fingerprint
+from .finite import FiniteOutputWatch, check_finite_quant_params, check_finite_weights
+from .calib.resume import PROGRESS_DIR, ProgressStore, model_fingerprint
 from .config import QuantConfig
 from .models.adapter import get_denoiser, load_pipeline
 from .models.units import shortcut_splits
@@ -22,6 +23,32 @@ from .runtime.pipeline import bind_quantized
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = "fmnist-ddpm"
+
+
+class QuantizedSaveError(RuntimeError):
+    """``save_pretrained`` was called on a quantized pipeline: it would write a dense copy."""
+
+
+def guard_save_pretrained(pipe) -> None:
+    """Make ``save_pretrained`` of a quantized pipeline, and of its denoiser, refuse with a message
+    pointing to :func:`tfmq.save`.
+
+    diffusers' own ``save_pretrained`` would write the fake-quant denoiser's dequantized weights as
+    a full-precision model without its quantization: a user would believe a quantized model was
+    kept when it was not. The guard is set on these two objects only (instance attributes), so
+    other pipelines are unaffected and :func:`tfmq.save` (which saves the other components with
+    their own ``save_pretrained``) works as before.
+    """
+    denoiser = get_denoiser(pipe)
+
+    def refuse(*args, **kwargs):
+        raise QuantizedSaveError(
+            "this pipeline's denoiser is quantized by tfmq: save_pretrained would write a dense "
+            "full-precision copy without its quantization. Use tfmq.save(pipe, DIR) to write the "
+            "compact quantized checkpoint, and tfmq.load(DIR) to read it back.")
+
+    pipe.save_pretrained = refuse
+    denoiser.save_pretrained = refuse
 
 
 def default_model_path() -> Path:
@@ -59,8 +86,13 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
 
     With ``work_dir``, progress is written to ``work_dir/.tfmq-progress`` after every
     reconstruction unit; ``resume=True`` continues from there (same config and model required)
-    and ends with the same result as an uninterrupted run. ``on_unit(phase, unit, stats)`` is
-    called after each unit.
+    and ends with the same result as an uninterrupted run. A run that fails before finishing any
+    unit removes the progress folder it created (and ``work_dir`` itself if it created it).
+    ``on_unit(phase, unit, stats)`` is called after each unit.
+
+    Raises :class:`tfmq.finite.NonFiniteError` before any work if a weight is NaN / inf,
+    while collecting the calibration data if the FP model's output is, and at the end if a
+    quantization parameter came out non-finite.
     """
     if config is None:
         config = QuantConfig.for_method(overrides.pop("method", "naive"), **overrides)
@@ -70,28 +102,40 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
     denoiser = get_denoiser(pipe)
     if getattr(denoiser, "tfmq_info", None) is not None:
         raise RuntimeError("this pipeline's denoiser is already quantized")
+    if resume and work_dir is None:
+        raise ValueError("resume needs the work_dir that holds the earlier run's progress")
+    check_finite_weights(denoiser)
     store = None
+    created_work_dir = work_dir is not None and not Path(work_dir).exists()
     if work_dir is not None:
         store = ProgressStore.open(work_dir, config.to_dict(), model_fingerprint(denoiser), resume)
-    elif resume:
-        raise ValueError("resume needs the work_dir that holds the earlier run's progress")
-    timer = StageTimer()
-    with timer("calibration_data"):
-        data = collect_calibration_data(
-            pipe, config.sampler, config.calib_size, config.calib_batch_size, config.seed,
-            config.class_labels, config.prompts, int(config.memory_budget_gb * (1 << 30)),
-            progress=progress)
     try:
-        spec = make_wrap_spec(config, denoiser, data.timesteps)
-        wrap_denoiser(denoiser, spec)
-        ctx = QuantContext(pipe, denoiser, config, data, timer, progress,
-                           Path(work_dir) if work_dir else None, store=store, on_unit=on_unit)
-        run_recipe(ctx)
-        with timer("freeze"):
-            freeze(denoiser)
-            set_quant_state(denoiser, weight=True, act=True)
-    finally:
-        data.cleanup()
+        timer = StageTimer()
+        watch = FiniteOutputWatch(denoiser)
+        with timer("calibration_data"), watch:
+            data = collect_calibration_data(
+                pipe, config.sampler, config.calib_size, config.calib_batch_size, config.seed,
+                config.class_labels, config.prompts, int(config.memory_budget_gb * (1 << 30)),
+                progress=progress)
+        try:
+            watch.check()
+            spec = make_wrap_spec(config, denoiser, data.timesteps)
+            wrap_denoiser(denoiser, spec)
+            ctx = QuantContext(pipe, denoiser, config, data, timer, progress,
+                               Path(work_dir) if work_dir else None, store=store, on_unit=on_unit)
+            run_recipe(ctx)
+            with timer("freeze"):
+                freeze(denoiser)
+                set_quant_state(denoiser, weight=True, act=True)
+            check_finite_quant_params(denoiser)
+        finally:
+            data.cleanup()
+    except BaseException:
+        if store is not None and not store.manifest["done"]:   # a failed start: leave nothing
+            store.clear()
+            if created_work_dir and Path(work_dir).is_dir() and not any(Path(work_dir).iterdir()):
+                Path(work_dir).rmdir()
+        raise
     denoiser.tfmq_info = {
         "method": config.method,
         "recipe": list(get_recipe(config.method).stages),
@@ -105,6 +149,7 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
     }
     denoiser.tfmq_info.update(ctx.extra.get("tfmq_info", {}))   # stage results (fsc, temporal)
     bind_quantized(pipe, denoiser)
+    guard_save_pretrained(pipe)
     return pipe
 
 
@@ -130,8 +175,9 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     if reason is not None:
         raise BackendUnavailable(reason)
     denoiser = checkpoint.load_denoiser(ckpt_dir, dtype, backend="reference", cfg=cfg)
+    # safetensors only: a checkpoint never makes diffusers unpickle a .bin of another component
     pipe = DiffusionPipeline.from_pretrained(str(ckpt_dir), **{cfg["denoiser_component"]: denoiser},
-                                             dtype=dtype)
+                                             dtype=dtype, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if backend != "reference":
@@ -139,6 +185,7 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     if compile:
         compile_denoiser(denoiser)
     bind_quantized(pipe, denoiser)
+    guard_save_pretrained(pipe)
     return pipe
 
 
@@ -154,6 +201,15 @@ def load_any(model_or_dir, device="cpu", dtype=torch.float32):
     """A quantized checkpoint folder or an FP pipeline (hub id / folder / 'default')."""
     if model_or_dir in (None, "default"):
         model_or_dir = default_model_path()
-    if (Path(model_or_dir) / checkpoint.CONFIG_FILE).exists():
+    folder = Path(model_or_dir)
+    if (folder / checkpoint.CONFIG_FILE).exists():
         return load(model_or_dir, device, dtype)
+    if (folder / checkpoint.TENSOR_FILE).exists():
+        raise checkpoint.CheckpointError(
+            f"{folder} is an incomplete tfmq checkpoint: it has {checkpoint.TENSOR_FILE} but no "
+            f"{checkpoint.CONFIG_FILE}; write it again with `tfmq quantize`")
+    if (folder / PROGRESS_DIR).is_dir() and not (folder / "model_index.json").exists():
+        raise ValueError(
+            f"{folder} holds an unfinished `tfmq quantize` run ({PROGRESS_DIR}), not a model: continue "
+            f"it with the same `tfmq quantize ... --out {folder}` command plus --resume")
     return load_pipeline(model_or_dir, device, dtype)

@@ -8,6 +8,9 @@ Layout of a checkpoint folder::
     tfmq_denoiser.safetensors                                packed weight codes + scales, activation
                                                              parameters, the remaining FP tensors
 
+The safetensors metadata hold the SHA-256 of every tensor's bytes (``tensor_sha256``), verified
+on load: a checkpoint whose tensor data changed after it was written is refused.
+
 The FP32 weights of quantized layers are not stored: their integer codes are, packed
 (8-bit: a byte each; 4-bit: two a byte; other widths as a bit stream), with per-channel scales
 and zero-points. Other tensors (biases, norms, layers the policy keeps) are stored in fp16 where
@@ -20,6 +23,7 @@ their codes packed, and the result computes exactly what the calibrated model di
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .finite import check_finite_checkpoint
 from .models.adapter import denoiser_component
 from .models.fingerprint import denoiser_fingerprint  # noqa: F401  (re-exported)
 from .runtime.convert import ConversionError, build_runtime, fakequant_tensors, runtime_tensors
@@ -39,6 +44,7 @@ FORMAT = "tfmq-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "quantization_config.json"
 TENSOR_FILE = "tfmq_denoiser.safetensors"
+CHECKSUMS_KEY = "tensor_sha256"
 
 
 class CheckpointError(ValueError):
@@ -51,6 +57,38 @@ def checkpoint_tensors(denoiser) -> tuple[dict[str, torch.Tensor], dict]:
     if runtime_layers(denoiser):
         return runtime_tensors(denoiser)
     return fakequant_tensors(denoiser)
+
+
+def tensor_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """SHA-256 of each tensor's bytes (as stored in the file), by name."""
+    out = {}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
+        out[name] = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
+
+
+def verify_checksums(tensors: dict[str, torch.Tensor], meta: dict, path) -> None:
+    """Raise :class:`CheckpointError` unless ``tensors`` are exactly those whose checksums the
+    file's metadata recorded when it was written."""
+    raw = meta.get(CHECKSUMS_KEY)
+    if raw is None:
+        raise CheckpointError(f"{path} has no tensor checksums (written by an older tfmq); its data "
+                              f"cannot be verified: write the checkpoint again")
+    try:
+        expected = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is corrupt: unreadable checksums ({exc})") from exc
+    found = tensor_checksums(tensors)
+    if set(expected) != set(found):
+        diff = sorted(set(expected) ^ set(found))
+        raise CheckpointError(f"{path} is corrupt: its tensors differ from those recorded "
+                              f"({', '.join(diff[:5])})")
+    bad = [k for k in sorted(expected) if expected[k] != found[k]]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(f"{path} is corrupt: the data of {len(bad)} tensor(s) changed since it was "
+                              f"written ({', '.join(bad[:5])}{more}); write the checkpoint again")
 
 
 def save(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -82,8 +120,10 @@ def save(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
             elif hasattr(comp, "save_pretrained"):
                 comp.save_pretrained(str(target))
         tensors, layer_meta = checkpoint_tensors(denoiser)
+        check_finite_checkpoint(tensors)                 # never write a non-finite parameter
         save_file(tensors, str(tmp / TENSOR_FILE), metadata={
-            "format": FORMAT, "format_version": str(FORMAT_VERSION), "layers": json.dumps(layer_meta)})
+            "format": FORMAT, "format_version": str(FORMAT_VERSION), "layers": json.dumps(layer_meta),
+            CHECKSUMS_KEY: json.dumps(tensor_checksums(tensors))})
         cfg = dict(info)
         cfg.update({"format": FORMAT, "format_version": FORMAT_VERSION, "tfmq_version": __version__,
                     "denoiser_component": component, "denoiser_class": type(denoiser).__name__,
@@ -130,6 +170,7 @@ def read_tensors(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
         raise CheckpointError(f"{TENSOR_FILE} has format {meta.get('format')!r} "
                               f"version {meta.get('format_version')!r}; expected {FORMAT} {FORMAT_VERSION}")
+    verify_checksums(tensors, meta, path)
     if not isinstance(layer_meta, dict):
         raise CheckpointError(f"{path} has no layer metadata: it is corrupt")
     return tensors, layer_meta

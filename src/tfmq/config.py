@@ -8,6 +8,7 @@ method's defaults.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 
 from .policy import POLICIES
@@ -15,8 +16,7 @@ from .quant.quantizer import check_bits
 from .sampling import SamplerConfig
 
 RANGE_METHODS = ("minmax", "mse", "percentile")
-FSC_MODES = ("none", "tib", "all")
-TEMPORAL_MODES = ("tiar", "cache")
+from .choices import FSC_MODES, TEMPORAL_MODES  # noqa: E402,F401  (re-exported)
 
 
 @dataclass
@@ -104,6 +104,11 @@ class QuantConfig:
         for name in ("weight_init", "act_init"):
             if getattr(self, name) not in RANGE_METHODS:
                 raise ValueError(f"{name} must be one of {', '.join(RANGE_METHODS)}")
+        for f in dataclasses.fields(self):        # NaN / inf pass every range check below
+            values = getattr(self, f.name)
+            for v in values if isinstance(values, (tuple, list)) else [values]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{f.name} must be finite, got {getattr(self, f.name)!r}")
         if self.calib_size < 1 or self.calib_batch_size < 1:
             raise ValueError("calibration size and batch size must be >= 1")
         if self.memory_budget_gb <= 0:

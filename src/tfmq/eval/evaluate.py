@@ -298,7 +298,7 @@ def markdown_report(report: dict) -> str:
         "",
         f"Sampler {samp['name']} {samp['steps']} steps (eta {samp['eta']}, guidance {samp['guidance_scale']}), "
         f"N = {s['num_images']} per cell, seed {s['seed']}, reference {s['reference']} "
-        f"({s['reference_size'] or 'all'} images), calibration {s['calib_size']} trajectories, "
+        f"({s['reference_size'] or 'all'} real images), calibration {s['calib_size']} trajectories, "
         f"layer policy {s['layer_policy']}.",
         "",
         "| method | W/A | FID | sFID | IS | CLIP | PSNR vs FP (dB) | MSE vs FP | calib (s) | ckpt (MB) | ckpt / FP32 | sampling (s) | policy |",

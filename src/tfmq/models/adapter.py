@@ -25,10 +25,13 @@ def load_pipeline(model: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
     """Load a diffusers pipeline from a hub id or a local folder, in ``dtype`` on ``device``."""
     model = str(model)
+    path = Path(model).expanduser()
+    if not path.exists() and looks_like_path(model):
+        raise ValueError(f"could not load a diffusers pipeline from {model!r}: no such local folder")
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, dtype=dtype)
     except Exception as exc:  # diffusers raises many types: name the model in one clear error
-        where = "local folder" if Path(model).exists() else "hub id (no network access?)"
+        where = "local folder" if path.exists() else "hub id (no network access?)"
         raise ValueError(f"could not load a diffusers pipeline from {model!r} ({where}): {exc}") from exc
     get_denoiser(pipe)  # fail early on unsupported pipelines
     pipe.set_progress_bar_config(disable=True)
@@ -39,6 +42,12 @@ def denoiser_component(pipe) -> str:
     """The name of the pipeline component that is the denoiser (after checking it is supported)."""
     get_denoiser(pipe)
     return "unet"
+
+
+def looks_like_path(model: str) -> bool:
+    """Whether ``model`` is written as a file-system path rather than a hub id (``org/name``)."""
+    return (Path(model).expanduser().is_absolute() or model.startswith((".", "~"))
+            or model.count("/") > 1 or "\\" in model)
 
 
 def get_denoiser(pipe) -> nn.Module:

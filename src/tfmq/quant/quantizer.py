@@ -22,7 +22,7 @@ from torch import nn
 MSE_CANDIDATES = 80
 #: Norm of the MSE range search's error (the reference code's value).
 MSE_P = 2.4
-SUPPORTED_BITS = tuple(range(2, 9))
+from ..choices import SUPPORTED_BITS  # noqa: E402  (2..8; torch-free for the CLI)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
