@@ -14,6 +14,7 @@ from tfmq.calib.reconstruction import RECON_PRESETS
 from tfmq.calib.report import REPORT_FILE, format_calibration_time, write_calibration_time
 from tfmq.quant.layers import GroupActQuantizer
 from tfmq.recipes import RECIPES
+from tfmq.runtime.layers import GroupActQuant
 
 SPLIT_LAYER = "up_blocks.1.resnets.0.conv_shortcut"
 
@@ -98,7 +99,9 @@ def test_qdiff_end_to_end_checkpoint_and_time_report(tmp_path):
     loaded = tfmq.load(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(loaded.unet(x, t).sample, ref)
-    assert isinstance(loaded.unet.get_submodule(SPLIT_LAYER).act_quantizer, GroupActQuantizer)
+    assert isinstance(pipe.unet.get_submodule(SPLIT_LAYER).act_quantizer, GroupActQuantizer)
+    split = loaded.unet.get_submodule(SPLIT_LAYER).act          # the runtime keeps the two groups
+    assert isinstance(split, GroupActQuant) and split.split == pipe.unet.get_submodule(SPLIT_LAYER).act_quantizer.split
 
     path = write_calibration_time(tmp_path / "ckpt", info)
     assert path.name == REPORT_FILE
