@@ -86,3 +86,17 @@ def test_bad_settings_fail_before_work(tiny_pipe_dir, tmp_path):
     with pytest.raises(ValueError, match="weight bits"):
         evaluate(s, tmp_path / "y", progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("bits", ["w4x8", "w1a8", "w4a9", "4/8"])
+def test_every_bit_setting_checked_whatever_the_methods(tiny_pipe_dir, tmp_path, capsys, bits):
+    from tfmq.cli import main
+    s = settings(tiny_pipe_dir, 4, ("fp",))
+    s.bits = ["w8a8", bits]
+    with pytest.raises(ValueError, match="bit"):
+        evaluate(s, tmp_path / "x", progress=False)
+    # the CLI refuses it before any work: no output folder, exit code 2, the bad value named
+    out = tmp_path / "cli"
+    assert main(["evaluate", str(tiny_pipe_dir), "--methods", "fp", "--bits", bits, "--out", str(out)]) == 2
+    assert bits in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not out.exists()

@@ -82,10 +82,20 @@ class EvalSettings:
         return out
 
     def validate(self) -> "EvalSettings":
+        from ..quant.quantizer import check_bits
         from ..recipes import RECIPES
+        if not self.methods:
+            raise ValueError("no methods given; e.g. fp,naive,tfmq")
         for m in self.methods:
             if m != "fp" and m not in RECIPES:
                 raise ValueError(f"unknown method {m!r}; choose from fp, {', '.join(RECIPES)}")
+        # every bit setting, whatever the methods (an fp-only run must not accept a typo either)
+        for b in self.bits:
+            w, a = parse_bits(b)
+            check_bits(w, f"weight bits in {b!r}")
+            check_bits(a, f"activation bits in {b!r}")
+        if any(m != "fp" for m in self.methods) and not self.bits:
+            raise ValueError("quantized methods need at least one bit setting (--bits), e.g. w8a8")
         for _, m, w, a in self.cells():
             if m != "fp":   # validate every cell's config before any work
                 self.quant_config(m, w, a)
