@@ -53,9 +53,14 @@ def test_report_comes_from_the_run(tiny_pipe_dir, tmp_path, fid_ready):
     assert "| naive | 8/8 |" in md and f"{q['fid']:.2f}" in md
     samples = np.load(tmp_path / "a" / "cells" / "naive-w8a8" / "samples.npz")["arr_0"]
     assert samples.shape == (4, 16, 16, 3) and samples.dtype == np.uint8
-    # the grid: one row per cell, grid_images columns of 16 px images + 2 px padding, label margin
+    # the grid: one row per cell under a 22 px label band, grid_images columns of 16 px images
+    # enlarged 6x to 96 px, 2 px padding
     w, h = Image.open(tmp_path / "a" / "grid.png").size
-    assert h == 2 * (16 + 2) + 2 and w == 110 + 3 * (16 + 2) + 2
+    assert h == 2 * (22 + 96 + 2) and w == 3 * (96 + 2) + 2
+    assert "[grid.png](grid.png)" in md
+    # FID with its N and bootstrap interval; the paired difference to FP; N = 4 is far too small to rank
+    assert q["fid_ci"][0] < q["fid"] < q["fid_ci"][1] and len(q["fid_bootstrap"]["samples"]) == 50
+    assert "FID (N = 4) [95% CI]" in md and "FID cannot rank these methods" in md
 
     # continuing: finished cells are reused, a new method adds a cell, other settings are refused
     cell = tmp_path / "a" / "cells" / "fp" / "cell.json"
