@@ -296,7 +296,7 @@ class _ClassMetric:
         return {"name": self.classifier.name, "test_accuracy": m["test_accuracy"], "test_n": m["test_n"],
                 "num_classes": len(m["classes"])}
 
-    def _sample_labels(self, row: dict, cell_dir: Path) -> np.ndarray | None:
+    def _sample_labels(self, cell_dir: Path) -> np.ndarray | None:
         path = cell_dir / "samples.npz"
         with np.load(path) as z:
             if "class_labels" in z.files:
@@ -313,22 +313,20 @@ class _ClassMetric:
     def for_cell(self, cell_dir: Path, row: dict, images: np.ndarray) -> dict:
         if row.get("class_conditional") is False or self.settings.prompts:
             return {}
+        if "class_conditional" not in row and self._sample_labels(cell_dir) is None:
+            return {}                 # a cell written before the flag was stored, of an unconditional model
         if self.skip is not None:
             self.reason = self.skip
             return {"class_accuracy": None}
-        cached = cell_dir / f"metrics-class-{self.name}.json"
-        if cached.exists():
-            data = json.loads(cached.read_text())
-            if data.get("n") == len(images):
-                self._load()
-                return {"class_accuracy": data["class_accuracy"]}
-        labels = self._sample_labels(row, cell_dir)
-        if labels is None:        # unconditional model (cell written before the flag was stored)
-            return {}
         from .classifier import ClassifierUnavailable, class_accuracy
+        cached = cell_dir / f"metrics-class-{self.name}.json"
         try:
             self._load()
-            result = class_accuracy(self.classifier, images, labels)
+            if cached.exists():
+                data = json.loads(cached.read_text())
+                if data.get("n") == len(images):
+                    return {"class_accuracy": data["class_accuracy"]}
+            result = class_accuracy(self.classifier, images, self._sample_labels(cell_dir))
         except ClassifierUnavailable as exc:
             self.reason = f"skipped: {exc}"
             return {"class_accuracy": None}
