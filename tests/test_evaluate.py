@@ -105,3 +105,17 @@ def test_every_bit_setting_checked_whatever_the_methods(tiny_pipe_dir, tmp_path,
     assert main(["evaluate", str(tiny_pipe_dir), "--methods", "fp", "--bits", bits, "--out", str(out)]) == 2
     assert bits in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not out.exists()
+
+
+def test_new_metric_flags_checked_before_work(tiny_pipe_dir, tmp_path, capsys):
+    from tfmq.cli import main
+    out = tmp_path / "o"
+    assert main(["evaluate", str(tiny_pipe_dir), "--methods", "fp", "--fid-bootstrap", "1", "--out", str(out)]) == 2
+    assert "fid_bootstrap" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tiny_pipe_dir), "--classifier", "cifar10", "--out", str(out)])
+    s = settings(tiny_pipe_dir, 4)
+    s.backend = "openvino"
+    with pytest.raises(ValueError, match="unknown backend"):
+        evaluate(s, out, progress=False)
+    assert not out.exists()
