@@ -102,3 +102,12 @@ def test_warning_when_fid_cannot_separate_a_cell_at_large_n(ref):
     warning = ranking_warning(rows)
     assert warning is not None and "tfmq W4A8" in warning and "below" not in warning
     assert "not separable from FP at N = 1000" in markdown_report(_report(rows))
+
+
+def test_warning_without_bootstrap(ref):
+    fp, q = gaussian(1000, 5), gaussian(1000, 5) + 0.4
+    rows = [_row("fp", fp, ref), _row("naive", q, ref, fp)]
+    for r in rows:
+        r["fid_ci"] = r["fid_bootstrap"] = None
+    warning = ranking_warning(rows)
+    assert warning is not None and "unchecked" in warning

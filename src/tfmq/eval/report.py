@@ -68,6 +68,11 @@ def ranking_warning(rows: list[dict], level: float = 0.95) -> str | None:
     if close:
         reasons.append(f"the FID difference to FP is within its {level:.0%} bootstrap interval for "
                        f"{', '.join(close)}")
+    unchecked = [cell_label(r) for r in with_fid if fp is not None and fp.get("fid") is not None
+                 and r is not fp and fid_comparison(r, fp, level) is None]
+    if unchecked:
+        reasons.append(f"no paired bootstrap interval for {', '.join(unchecked)} (e.g. --fid-bootstrap 0), so "
+                       f"its FID difference to FP is unchecked")
     if not reasons:
         return None
     return ("**Warning: FID cannot rank these methods here**: " + "; ".join(reasons) +
