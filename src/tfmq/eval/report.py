@@ -104,8 +104,8 @@ def verdicts(rows: list[dict], level: float = 0.95) -> list[str]:
             parts.append("no PSNR vs FP (no FP cell in this evaluation)")
         if r.get("class_accuracy") is not None:
             fp_acc = fp.get("class_accuracy") if fp else None
-            parts.append(f"class accuracy {r['class_accuracy']:.0%}" +
-                         (f" vs FP {fp_acc:.0%} ({100 * (r['class_accuracy'] - fp_acc):+.0f} points)"
+            parts.append(f"class accuracy {r['class_accuracy']:.1%}" +
+                         (f" vs FP {fp_acc:.1%} ({100 * (r['class_accuracy'] - fp_acc):+.1f} points)"
                           if fp_acc is not None else ""))
         if r.get("fid") is not None:
             c = fid_comparison(r, fp, level)
