@@ -241,3 +241,22 @@ def _compare_w8a8_with_reference(tmp_path):
     b = tfmq.generate(fast, config.sampler, 16, 16, seed=0, progress=False).astype("float64")
     mse = ((a - b) ** 2).mean()
     assert mse == 0 or 10 * torch.log10(torch.tensor(255.0 ** 2 / mse)) >= 40
+
+
+def test_evaluate_with_the_weight_only_backend(tmp_path, one_thread):
+    """evaluate --backend weight-only samples the quantized cell from the runtime: the same images
+    as the fake-quant reference (identical numerics), and the report names the backend."""
+    import numpy as np
+    from tfmq.eval.evaluate import EvalSettings, evaluate
+    pipe_dir = tmp_path / "model"
+    tiny_ddpm_pipeline().save_pretrained(pipe_dir)
+    common = dict(model=str(pipe_dir), methods=["fp", "naive"], bits=["w8a8"], num_images=4, batch_size=4,
+                  sampler=SamplerConfig(steps=3), calib_size=2, reference=None, fid_bootstrap=0)
+    runs = {}
+    for backend in ("reference", "weight-only"):
+        report = evaluate(EvalSettings(**common, backend=backend), tmp_path / backend, progress=False)
+        assert backend in report["rows"][1]["backend"]
+        runs[backend] = np.load(tmp_path / backend / "cells" / report["rows"][1]["cell"] / "samples.npz")["arr_0"]
+    assert (runs["reference"] == runs["weight-only"]).all()
+    with pytest.raises(ValueError, match="CUDA"):
+        EvalSettings(**common, backend="w8a8").validate()      # device cpu: refused before any work

@@ -27,3 +27,6 @@ METHOD_DESCRIPTIONS = {
              "shortcut, BRECQ block reconstruction with AdaRound, then activation ranges and LSQ-like "
              "activation step-size learning per unit (use softmax_bits=16 for Stable Diffusion)",
 }
+
+#: Runtime backends of a quantized checkpoint (``tfmq.runtime.backends.BACKENDS``).
+RUNTIME_BACKENDS = ("reference", "weight-only", "w8a8")

@@ -25,7 +25,8 @@ import re
 import sys
 from pathlib import Path
 
-from .choices import FSC_MODES, METHOD_DESCRIPTIONS, SAMPLERS, SUPPORTED_BITS, TEMPORAL_MODES
+from .choices import (FSC_MODES, METHOD_DESCRIPTIONS, RUNTIME_BACKENDS, SAMPLERS, SUPPORTED_BITS,
+                      TEMPORAL_MODES)
 from .policy import POLICIES
 
 BITS_HELP = f"{SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}, or 32 for full precision"
@@ -428,6 +429,10 @@ def build_evaluate(sub) -> None:
                    help="local CLIP model + processor folder for the CLIP score of text-to-image "
                         "models (default: $TFMQ_CLIP_MODEL, else openai/clip-vit-large-patch14 if "
                         "it is in the local Hugging Face cache; skipped with a message otherwise)")
+    p.add_argument("--backend", choices=RUNTIME_BACKENDS, default="reference",
+                   help="what samples the quantized cells: reference (the calibrated fake-quant model, "
+                        "a simulation), weight-only or w8a8 (the checkpoint loaded into tfmq's runtime; "
+                        "w8a8 needs a CUDA GPU); default reference")
     p.add_argument("--out", type=Path, required=True, help="output folder (reused to continue)")
     add_sampler_flags(p, steps_default=100)
     p.set_defaults(func=run_evaluate, on_interrupt=lambda args: (
@@ -446,7 +451,7 @@ def run_evaluate(args) -> int:
         reference=None if args.reference == "none" else args.reference,
         reference_size=args.reference_size, device=args.device, quant_overrides=dict(args.overrides),
         prompts=args.prompt, clip_model=args.clip_model, classifier=args.classifier,
-        fid_bootstrap=args.fid_bootstrap)
+        fid_bootstrap=args.fid_bootstrap, backend=args.backend)
     settings.validate()
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file, not a folder")

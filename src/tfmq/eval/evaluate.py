@@ -39,8 +39,11 @@ FRECHET_METHOD = "eigh"
 #: (samples are seeded per image; metrics are cached per reference set)
 FREE_SETTINGS = ("methods", "bits", "reference", "reference_size", "device", "batch_size", "grid_images",
                  "clip_model", "classifier", "fid_bootstrap")
-#: backends that run the quantized cells; ``reference`` is the fake-quant simulation
-BACKENDS = {"reference": "reference (fake-quant simulation)"}
+#: backends that run the quantized cells; ``reference`` is the fake-quant simulation (the calibrated
+#: pipeline itself); the others load the cell's checkpoint into runtime modules (tfmq.runtime)
+BACKENDS = {"reference": "reference (fake-quant simulation)",
+            "weight-only": "weight-only (runtime: packed weights expanded per layer, eager)",
+            "w8a8": "w8a8 (runtime: INT8 tensor-core kernels, eager)"}
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
@@ -119,6 +122,12 @@ class EvalSettings:
             raise ValueError(f"fid_bootstrap must be 0 (no interval) or an integer >= 2, got {self.fid_bootstrap!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; available: {', '.join(BACKENDS)}")
+        if self.backend != "reference":
+            import torch
+            from ..runtime.backends import get_backend
+            reason = get_backend(self.backend).available(torch.device(self.device))
+            if reason is not None:
+                raise ValueError(reason)
         self.sampler.validate()
         return self
 
@@ -368,6 +377,8 @@ def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits:
                     "checkpoint_bytes": checkpoint_size(ckpt), "fsc": info.get("fsc"),
                     "recipe": info.get("recipe")})
         row["checkpoint_ratio"] = row["checkpoint_bytes"] / row["fp32_denoiser_bytes"]
+        if settings.backend != "reference":          # sample from the deployable runtime instead
+            pipe = tfmq.load(ckpt, settings.device, backend=settings.backend)
     t0 = time.perf_counter()
     images = generate(pipe, settings.sampler, settings.num_images, settings.batch_size, settings.seed,
                       prompts=settings.prompts, progress=progress, desc=f"sampling {name}")
