@@ -109,6 +109,20 @@ def ckpt_tensor_bytes(path: Path) -> int:
     return sum(t.numel() * t.element_size() for t in load_file(str(path / "tfmq_denoiser.safetensors")).values())
 
 
+def bundled_checkpoints(args, work: Path, sampler: SamplerConfig) -> dict[str, Path]:
+    """tfmq W8A8 and W4A8 checkpoints of the bundled model at timing-only settings (no
+    reconstruction iterations: a layer's speed does not depend on how its codes were chosen)."""
+    ckpts = {}
+    for name, w, a in (("w8a8", 8, 8), ("w4a8", 4, 8)):
+        pipe = tfmq.load_pipeline(tfmq.default_model_path(), args.device)
+        cfg = tfmq.QuantConfig.for_method("tfmq", wbits=w, abits=a, calib_size=args.calib_size, sampler=sampler,
+                                          recon_iters=0, act_learn_iters=0, tiar_iters=0)
+        tfmq.quantize(pipe, cfg, progress=False)
+        ckpts[name] = tfmq.save(pipe, work / f"bundled-{name}", overwrite=True)
+        del pipe
+    return ckpts
+
+
 def bundled(args, out: dict, work: Path) -> None:
     dev = args.device
     sampler = SamplerConfig("ddim", args.steps)
@@ -126,14 +140,7 @@ def bundled(args, out: dict, work: Path) -> None:
     measure(rows, "bf16 eager", "bundled", lambda: (lambda: ub(xb, t_mid).sample), args.iters, 3)
     cb = torch.compile(ub)
     measure(rows, "bf16 torch.compile", "bundled", lambda: (lambda: cb(xb, t_mid).sample), args.iters, 3)
-    ckpts = {}
-    for name, w, a in (("w8a8", 8, 8), ("w4a8", 4, 8)):
-        pipe = tfmq.load_pipeline(tfmq.default_model_path(), dev)
-        cfg = tfmq.QuantConfig.for_method("tfmq", wbits=w, abits=a, calib_size=args.calib_size, sampler=sampler,
-                                          recon_iters=0, act_learn_iters=0, tiar_iters=0)
-        tfmq.quantize(pipe, cfg, progress=False)
-        ckpts[name] = tfmq.save(pipe, work / f"bundled-{name}", overwrite=True)
-        del pipe
+    ckpts = bundled_checkpoints(args, work, sampler)
     out["bundled_checkpoints"] = {k: {"tensor_bytes": ckpt_tensor_bytes(v)} for k, v in ckpts.items()}
     for ck, backend, dtype in (("w8a8", "reference", torch.float32), ("w8a8", "reference", torch.bfloat16),
                                ("w8a8", "w8a8", torch.bfloat16), ("w4a8", "weight-only", torch.bfloat16),
@@ -196,14 +203,7 @@ def bundled_compiled(args, out: dict, work: Path) -> None:
     dev = args.device
     sampler = SamplerConfig("ddim", args.steps)
     rows = out["rows"]
-    ckpts = {}
-    for name, w, a in (("w8a8", 8, 8), ("w4a8", 4, 8)):
-        pipe = tfmq.load_pipeline(tfmq.default_model_path(), dev)
-        cfg = tfmq.QuantConfig.for_method("tfmq", wbits=w, abits=a, calib_size=args.calib_size, sampler=sampler,
-                                          recon_iters=0, act_learn_iters=0, tiar_iters=0)
-        tfmq.quantize(pipe, cfg, progress=False)
-        ckpts[name] = tfmq.save(pipe, work / f"bundled-{name}", overwrite=True)
-        del pipe
+    ckpts = bundled_checkpoints(args, work, sampler)
     fp = tfmq.load_pipeline(tfmq.default_model_path(), dev)
     c = fp.unet.config
     x = torch.randn(args.batch, c.in_channels, c.sample_size, c.sample_size, device=dev)
