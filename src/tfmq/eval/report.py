@@ -120,6 +120,8 @@ def verdicts(rows: list[dict], level: float = 0.95) -> list[str]:
                 else:
                     what = ("lower than FP's (FID measures distance to real data, not fidelity to FP: "
                             "do not read it as better)")
+                if c.separable and r["n"] < MIN_FID_N:
+                    what += f" (indicative only at N = {r['n']})"
                 parts.append(f"FID {r['fid']:.2f} vs FP {fp['fid']:.2f}, difference {c.difference:+.2f} "
                              f"[{c.low:+.2f}, {c.high:+.2f}]: {what}")
         out.append(f"- **{cell_label(r)}**: " + "; ".join(parts) + ".")
