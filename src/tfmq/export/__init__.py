@@ -11,5 +11,6 @@ Needs the optional dependencies ``pip install "tfmq[deploy]"`` (onnx, onnxruntim
 """
 
 from .onnx import ExportError, export_onnx
+from .runners import load_onnx
 
-__all__ = ["ExportError", "export_onnx"]
+__all__ = ["ExportError", "export_onnx", "load_onnx"]

@@ -90,13 +90,6 @@ class _Source:
         self.write_components = write_components
 
 
-def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _copy_pipeline_files(src: Path, component: str):
     def write(out: Path) -> None:
         index = json.loads((src / "model_index.json").read_text())
@@ -108,7 +101,7 @@ def _copy_pipeline_files(src: Path, component: str):
                 (out / name).mkdir()
                 shutil.copy2(src / name / "config.json", out / name / "config.json")
             elif (src / name).is_dir():
-                shutil.copytree(src / name, out / name, copy_function=_link_or_copy)
+                shutil.copytree(src / name, out / name)
     return write
 
 
