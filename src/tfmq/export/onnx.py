@@ -195,7 +195,7 @@ def _trace(graph: GraphDenoiser, path: Path, opset: int, sample_size) -> None:
                           dynamic_axes=graph.dynamic_axes, do_constant_folding=True)
 
 
-def _export_weights(graph: GraphDenoiser) -> dict[str, ExportWeight]:
+def _export_weights(graph: torch.nn.Module) -> dict[str, ExportWeight]:
     """Initializer name of each weight's codes -> its export module."""
     out = {}
     for name, m in graph.named_modules():
@@ -204,7 +204,7 @@ def _export_weights(graph: GraphDenoiser) -> dict[str, ExportWeight]:
     return out
 
 
-def check_codes(model, graph: GraphDenoiser) -> int:
+def check_codes(model, graph: torch.nn.Module) -> int:
     """Compare every weight initializer of ``model`` with the runtime's integer codes; raises
     :class:`ExportError` on any difference. Returns the number of weights checked."""
     from onnx import numpy_helper
@@ -226,6 +226,15 @@ def check_codes(model, graph: GraphDenoiser) -> int:
     return n
 
 
+def _pack_nibbles(arr: np.ndarray) -> bytes:
+    """ONNX 4-bit raw data: two values a byte, the first in the low nibble (two's complement
+    nibbles for int4)."""
+    flat = (arr.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
 def _to_int4(model, graph: GraphDenoiser) -> int:
     """Store native-form weights of 4 bits or fewer (codes and zero-points) as ONNX 4-bit types
     (opset 21). Returns how many weights were converted."""
@@ -241,11 +250,12 @@ def _to_int4(model, graph: GraphDenoiser) -> int:
         return 0
     converted = version_converter.convert_version(model, INT4_OPSET)
     model.CopyFrom(converted)
+    del model.graph.value_info[:]            # shapes the converter inferred: not part of the graph
     for init in model.graph.initializer:
         if init.name in targets:
             arr = numpy_helper.to_array(init)
             dtype = TensorProto.INT4 if targets[init.name] else TensorProto.UINT4
-            init.CopyFrom(helper.make_tensor(init.name, dtype, arr.shape, arr.reshape(-1).astype(np.int64).tolist()))
+            init.CopyFrom(helper.make_tensor(init.name, dtype, arr.shape, _pack_nibbles(arr), raw=True))
     onnx.checker.check_model(model)
     return len(targets) // 2
 
