@@ -325,6 +325,8 @@ def test_per_step_temporal_block_is_a_table(temporal, tmp_path, one_thread):
                         denoiser=opipe.onnx_denoiser)
     mse = ((got.astype(float) - want.astype(float)) ** 2).mean()
     assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 25
+    with pytest.raises(RuntimeError, match="denoiser=pipe.onnx_denoiser"):      # the weightless unet
+        tfmq.generate(opipe, config.sampler, 1, 1, class_labels=labels, progress=False)
     # the table holds the calibrated timesteps only: another step count is refused up front
     from tfmq.runtime import CalibrationMismatchError
     with pytest.raises(CalibrationMismatchError, match="calibrated for ddim with 4 steps"):

@@ -186,6 +186,11 @@ class OnnxDenoiser(nn.Module):
         return _Output(out) if return_dict else (out,)
 
 
+def _weightless_call(module, args):
+    raise RuntimeError("this pipeline's denoiser is an exported graph: its unet has no weights; sample with "
+                       "tfmq.generate(pipe, ..., denoiser=pipe.onnx_denoiser)")
+
+
 def load_onnx(export_dir, backend: str = "onnxruntime", threads: int | None = None):
     """The pipeline of an export folder, its denoiser calls served by ``backend``
     (``onnxruntime`` or ``openvino``) with ``threads`` intra-op threads (default: torch's).
@@ -207,6 +212,7 @@ def load_onnx(export_dir, backend: str = "onnxruntime", threads: int | None = No
         arch = cls.from_config(cls.load_config(str(export_dir / component))).eval()
     denoiser = OnnxDenoiser(runner, table, arch.config, cfg)
     arch.tfmq_info = denoiser.tfmq_info
+    arch.register_forward_pre_hook(_weightless_call)
     pipe = DiffusionPipeline.from_pretrained(str(export_dir), **{component: arch})
     pipe.set_progress_bar_config(disable=True)
     pipe.onnx_denoiser = denoiser
