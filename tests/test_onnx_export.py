@@ -151,6 +151,15 @@ def test_tampered_codes_are_caught(tmp_path):
     init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
     with pytest.raises(ExportError, match="differs from the checkpoint's codes"):
         check_codes(model, module)
+    arr.flat[3] -= 1
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    assert check_codes(model, module) == 1                                   # restored
+    scale = next(i for i in model.graph.initializer if i.name == "layer.weights.0.scale")
+    s_arr = onnx.numpy_helper.to_array(scale).copy()
+    s_arr[0] = np.nextafter(s_arr[0], np.float32(1))
+    scale.CopyFrom(onnx.numpy_helper.from_array(s_arr, scale.name))
+    with pytest.raises(ExportError, match="differs from the checkpoint's scale"):
+        check_codes(model, module)
 
 
 def test_per_step_activation_sets_are_refused():

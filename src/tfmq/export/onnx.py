@@ -204,24 +204,45 @@ def _export_weights(graph: torch.nn.Module) -> dict[str, ExportWeight]:
     return out
 
 
-def check_codes(model, graph: torch.nn.Module) -> int:
-    """Compare every weight initializer of ``model`` with the runtime's integer codes; raises
-    :class:`ExportError` on any difference. Returns the number of weights checked."""
-    from onnx import numpy_helper
+def _initializers(model) -> dict:
+    """Initializer of every name, following the Identity nodes by which the exporter shares
+    identical constants (the name of a deduplicated tensor is an Identity's output)."""
     inits = {i.name: i for i in model.graph.initializer}
-    consumers = {}
-    for node in model.graph.node:
-        for k, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node.op_type, k))
+    changed = True
+    while changed:
+        changed = False
+        for node in model.graph.node:
+            if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in inits:
+                inits[node.output[0]] = inits[node.input[0]]
+                changed = True
+    return inits
+
+
+def check_codes(model, graph: torch.nn.Module) -> int:
+    """Compare every weight initializer of ``model`` with the runtime's packed weights: the
+    integer codes exactly (inverting the weight's form), scales, zero-points and offset terms
+    bit for bit. Raises :class:`ExportError` on any difference; returns the number of weights."""
+    from onnx import numpy_helper
+    inits = _initializers(model)
+    dq_inputs = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
     n = 0
     for init_name, w in _export_weights(graph).items():
         if init_name not in inits:
             raise ExportError(f"weight initializer {init_name} is missing from the ONNX graph")
-        if ("DequantizeLinear", 0) not in consumers.get(init_name, []):
+        if init_name not in dq_inputs and inits[init_name].name not in dq_inputs:
             raise ExportError(f"weight initializer {init_name} does not feed a DequantizeLinear")
         stored = torch.from_numpy(np.asarray(numpy_helper.to_array(inits[init_name])).astype(np.int16))
         if not torch.equal(w.recover_codes(stored), w.reference_codes):
             raise ExportError(f"weight initializer {init_name} differs from the checkpoint's codes")
+        prefix = init_name[: -len(".codes")]
+        for key, want in w.reference_tensors().items():
+            name = f"{prefix}.{key}"
+            if name not in inits:
+                raise ExportError(f"initializer {name} is missing from the ONNX graph")
+            have = np.asarray(numpy_helper.to_array(inits[name]))
+            if have.shape != tuple(want.shape) or not np.array_equal(have.astype(np.float64),
+                                                                     want.double().numpy()):
+                raise ExportError(f"initializer {name} differs from the checkpoint's {key}")
         n += 1
     return n
 

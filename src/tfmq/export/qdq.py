@@ -142,9 +142,9 @@ class ExportWeight(nn.Module):
     docstring for the forms. ``transpose``: a Linear's weight, stored ``[in, out]``.
 
     Buffers: ``codes`` (the integer initializer), ``scale`` (float32 per output channel),
-    ``zero_point`` (uint8 / int8 per output channel); form ``int8+offset`` adds ``offset``
-    (``128 - zero``, int16, for the check), ``offset_scale`` (``offset * scale``), ``ones`` (the
-    int8 window-sum kernel) and ``unit`` / ``unit_zero`` (its scale 1 and zero-point 0).
+    ``zero_point`` (uint8 / int8 per output channel); form ``int8+offset`` adds ``offset_scale``
+    (``(128 - zero) * scale``; ``[1, out, 1, 1]`` for a conv), ``ones`` (the int8 window-sum kernel)
+    and ``unit`` / ``unit_zero`` (its scale 1 and zero-point 0).
     """
 
     def __init__(self, packed: PackedWeight | None, fp: torch.Tensor | None, in_slice: slice,
@@ -180,9 +180,8 @@ class ExportWeight(nn.Module):
                                   f"grid from {packed.qmin}, {groups} conv groups)")
             self.form = "int8+offset"
             stored, zp = (codes - 128).to(torch.int8), torch.zeros_like(zero, dtype=torch.int8)
-            offset = 128 - zero
-            self.register_buffer("offset", offset)
-            self.register_buffer("offset_scale", offset.float() * packed.scale.float())
+            offset_scale = (128 - zero).float() * packed.scale.float()
+            self.register_buffer("offset_scale", offset_scale if transpose else offset_scale.reshape(1, -1, 1, 1))
             ones_shape = ((codes.shape[1], 1) if transpose else (1,) + tuple(codes.shape[1:]))
             self.register_buffer("ones", torch.ones(ones_shape, dtype=torch.int8))
             self.register_buffer("unit", torch.ones((), dtype=torch.float32))
@@ -203,6 +202,17 @@ class ExportWeight(nn.Module):
     def reference_codes(self) -> torch.Tensor:
         """The runtime's integer codes of this weight (slice), int16."""
         return self._packed[0].codes()[:, self.in_slice].to(torch.int16)
+
+    def reference_tensors(self) -> dict[str, torch.Tensor]:
+        """What the other initializers of this weight must hold, from the runtime's packed weight:
+        ``scale``, ``zero_point`` and (form ``int8+offset``) ``offset_scale``."""
+        packed = self._packed[0]
+        out = {"scale": packed.scale.float(),
+               "zero_point": self.source_zero if self.form == "native" else torch.zeros_like(self.source_zero)}
+        if self.form == "int8+offset":
+            out["offset_scale"] = ((128 - self.source_zero).float() * packed.scale.float()).reshape(
+                self.offset_scale.shape)
+        return out
 
     def recover_codes(self, stored: torch.Tensor) -> torch.Tensor:
         """Our integer codes (``[out, in_slice, ...]``, int16) from a tensor holding what this
@@ -226,7 +236,7 @@ class ExportWeight(nn.Module):
         if conv is None:                                            # Linear: [..., in] @ [in, 1]
             return torch.matmul(x, ones) * self.offset_scale
         s = F.conv2d(x, ones, None, conv["stride"], conv["padding"], conv["dilation"], 1)
-        return s * self.offset_scale.reshape(1, -1, 1, 1)
+        return s * self.offset_scale
 
     def extra_repr(self) -> str:
         return f"form={self.form}, bits={self.bits}"
