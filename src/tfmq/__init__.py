@@ -7,6 +7,8 @@ Public API::
     qpipe = tfmq.quantize(pipe, tfmq.QuantConfig.for_method("naive", wbits=8, abits=8))
     tfmq.save(qpipe, "out_dir")
     qpipe = tfmq.load("out_dir", backend="reference")   # runtime modules: packed weights
+    tfmq.export_onnx("out_dir", "onnx_dir")               # ONNX QDQ graph + temporal feature table
+    opipe = tfmq.load_onnx("onnx_dir", "onnxruntime")     # sample with denoiser=opipe.onnx_denoiser
 
 The names are imported on first use (torch and diffusers take seconds to import), so that
 ``import tfmq`` and ``tfmq --version`` stay instant.
@@ -18,12 +20,13 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "convert": ".api", "default_model_path": ".api", "load": ".api", "quantize": ".api", "save": ".api",
+    "export_onnx": ".export", "load_onnx": ".export",
     "QuantConfig": ".config", "load_pipeline": ".models.adapter",
     "SamplerConfig": ".sampling", "generate": ".sampling",
 }
 
-__all__ = ["QuantConfig", "SamplerConfig", "convert", "default_model_path", "generate", "load", "load_pipeline",
-           "quantize", "save", "__version__"]
+__all__ = ["QuantConfig", "SamplerConfig", "convert", "default_model_path", "export_onnx", "generate", "load",
+           "load_onnx", "load_pipeline", "quantize", "save", "__version__"]
 
 
 def __getattr__(name: str):

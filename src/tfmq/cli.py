@@ -1,7 +1,8 @@
 """Command line: parse flags, validate them before any work, call the public API.
 
     tfmq quantize [MODEL] --method tfmq --wbits 4 --abits 8 --out DIR
-    tfmq sample   [MODEL_OR_DIR] --num-images 16 --out OUT
+    tfmq sample   [MODEL_OR_DIR] --num-images 16 --out OUT [--backend onnxruntime]
+    tfmq export   CKPT --format onnx --out DIR
 
 MODEL defaults to the bundled model. Every subcommand is registered in ``COMMANDS``.
 
@@ -18,11 +19,13 @@ errors answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from .choices import (FSC_MODES, METHOD_DESCRIPTIONS, RUNTIME_BACKENDS, SAMPLERS, SUPPORTED_BITS,
@@ -335,6 +338,13 @@ def build_sample(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out folder: the samples of an earlier `tfmq sample` "
                         "there (NNNNNN.png, grid.png, samples.npz) are replaced, other files kept")
+    p.add_argument("--backend", choices=SAMPLE_BACKENDS, default=None,
+                   help="how a quantized checkpoint's denoiser computes: reference, weight-only, w8a8 "
+                        "(PyTorch runtime, see tfmq.runtime.backends), or onnxruntime / openvino "
+                        "(CPU: the checkpoint exported to ONNX in a temporary folder, or an export "
+                        "folder of `tfmq export`, which defaults to onnxruntime)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="intra-op threads of onnxruntime / openvino (default: torch's thread count)")
     add_sampler_flags(p, steps_default=None)
     p.set_defaults(func=run_sample, on_interrupt=lambda args: "no samples were written")
 
@@ -362,21 +372,146 @@ def _remove_stale_samples(out: Path, keep: int) -> None:
             p.unlink()
 
 
-def run_sample(args) -> int:
+ONNX_BACKENDS = ("onnxruntime", "openvino")
+SAMPLE_BACKENDS = list(RUNTIME_BACKENDS) + list(ONNX_BACKENDS)
+
+
+def _sample_source(args) -> str:
+    """What ``tfmq sample`` reads (checked before any work): ``export`` (an ONNX export folder),
+    ``checkpoint`` or ``pipeline``; refuses a --backend that does not apply to it."""
+    from .checkpoint import CONFIG_FILE
+    from .export.runners import is_export_dir
+    model = None if args.model in (None, "default") else Path(args.model)
+    if is_export_dir(model):
+        kind = "export"
+        if args.backend not in (None,) + ONNX_BACKENDS:
+            raise UsageError(f"{model} is an ONNX export: sample it with --backend onnxruntime "
+                             "or openvino")
+    elif model is not None and (model / CONFIG_FILE).exists():
+        kind = "checkpoint"
+    else:
+        kind = "pipeline"
+        if args.backend is not None:
+            raise UsageError("--backend applies to a quantized checkpoint or an ONNX export, not "
+                             "to a full-precision pipeline")
+    if kind == "export" or args.backend in ONNX_BACKENDS:
+        if args.device != "cpu":
+            raise UsageError("onnxruntime / openvino run on the CPU: use --device cpu")
+        import importlib.util
+        backend = args.backend or "onnxruntime"
+        needs = ["onnxruntime" if backend == "onnxruntime" else "openvino"] + (["onnx"] if kind != "export" else [])
+        missing = [m for m in needs if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UsageError(f"--backend {backend} needs {', '.join(missing)}: pip install 'tfmq[deploy]'")
+    elif args.threads is not None:
+        raise UsageError("--threads applies to --backend onnxruntime / openvino")
+    return kind
+
+
+@contextlib.contextmanager
+def _sampling_denoiser(args, kind: str):
+    """``(pipeline, denoiser)`` for ``tfmq sample``; a checkpoint sampled with onnxruntime /
+    openvino is exported to a temporary folder first (removed afterwards)."""
     from .api import load_any
+    if kind == "export":
+        from .export.runners import load_onnx
+        pipe = load_onnx(args.model, args.backend or "onnxruntime", args.threads)
+        yield pipe, pipe.onnx_denoiser
+    elif args.backend in ONNX_BACKENDS:
+        from .export import export_onnx
+        from .export.runners import load_onnx
+        with tempfile.TemporaryDirectory(prefix="tfmq-onnx-") as tmp:
+            print(f"exporting {args.model} to ONNX (temporary folder)", file=sys.stderr)
+            export_onnx(args.model, Path(tmp) / "export")
+            pipe = load_onnx(Path(tmp) / "export", args.backend, args.threads)
+            yield pipe, pipe.onnx_denoiser
+    elif args.backend is not None:
+        from .api import load
+        pipe = load(args.model, args.device, backend=args.backend)
+        yield pipe, None
+    else:
+        yield load_any(args.model, args.device), None
+
+
+def run_sample(args) -> int:
     from .eval.grid import save_samples
+    from .runtime.backends import BackendUnavailable
     from .sampling import generate
     _check_out(args.out, args.overwrite)
     _check_out_apart(args.out, args.model, of="the input model or checkpoint")
     _check_device(args.device)
-    pipe = load_any(args.model, args.device)
-    sampler = resolve_sampler(pipe, args)
-    images = generate(pipe, sampler, args.num_images, args.batch_size, args.seed,
-                      class_labels=args.class_labels, prompts=args.prompt, progress=True)
+    kind = _sample_source(args)
+    try:
+        with _sampling_denoiser(args, kind) as (pipe, denoiser):
+            sampler = resolve_sampler(pipe, args)
+            images = generate(pipe, sampler, args.num_images, args.batch_size, args.seed,
+                              class_labels=args.class_labels, prompts=args.prompt, progress=True,
+                              denoiser=denoiser)
+    except BackendUnavailable as exc:
+        raise UsageError(str(exc)) from None
     _remove_stale_samples(args.out, keep=len(images))
     paths = save_samples(images, args.out)
+    backend = args.backend or ("onnxruntime" if kind == "export" else None)
     print(json.dumps({"out": str(args.out), "num_images": len(images), "sampler": sampler.to_dict(),
-                      "grid": str(paths["grid"]), "npz": str(paths["npz"])}, indent=2))
+                      "backend": backend, "grid": str(paths["grid"]), "npz": str(paths["npz"])}, indent=2))
+    return 0
+
+
+# ---- export --------------------------------------------------------------------------------
+def build_export(sub) -> None:
+    p = sub.add_parser("export", help="export a quantized checkpoint as an ONNX QDQ graph for CPU runtimes",
+                       description="Write a quantized checkpoint's denoiser as an ONNX graph in QDQ form "
+                                   "(integer weight initializers, static activation QuantizeLinear / "
+                                   "DequantizeLinear) with its temporal feature table, loadable by ONNX "
+                                   "Runtime and OpenVINO; `tfmq sample DIR` runs it. A full-precision "
+                                   "pipeline gives the FP32 graph (the baseline).")
+    p.add_argument("model", help="tfmq checkpoint folder (or a full-precision pipeline folder)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--weight-storage", choices=["int8", "int4"], default="int8",
+                   help="int8: one byte a weight code, int8 compute (default); int4: weights of <= 4 bits "
+                        "as ONNX 4-bit types (opset 21, half the bytes; the runtimes then compute them in float)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset of the traced graph, 17..20 (default 17)")
+    p.add_argument("--sample-size", type=_positive, default=None,
+                   help="spatial size of the graph's sample input (default: the denoiser config's)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
+                   help="sampler whose timesteps the temporal feature table covers (default: the "
+                        "checkpoint's calibrated one; a full-precision pipeline: ddim)")
+    p.add_argument("--steps", type=_positive, default=None, help="its number of steps (default: the "
+                                                                 "checkpoint's; a pipeline: 100)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    import importlib.util
+    from .checkpoint import CONFIG_FILE
+    from .export import export_onnx
+    from .sampling import SamplerConfig
+    if importlib.util.find_spec("onnx") is None:
+        raise UsageError("tfmq export needs the onnx package: pip install 'tfmq[deploy]'")
+    model = Path(args.model)
+    if not (model / CONFIG_FILE).exists() and not (model / "model_index.json").exists():
+        raise UsageError(f"{model} is neither a tfmq checkpoint nor a diffusers pipeline folder")
+    _check_out(args.out, args.overwrite)
+    if not 17 <= args.opset <= 20:
+        raise UsageError(f"--opset must be 17..20, got {args.opset}")
+    sampler = None
+    if args.sampler is not None or args.steps is not None or not (model / CONFIG_FILE).exists():
+        if (model / CONFIG_FILE).exists():
+            from .checkpoint import read_config
+            base = SamplerConfig(**read_config(model)["sampler"])
+        else:
+            base = SamplerConfig()
+        sampler = SamplerConfig(args.sampler or base.name, args.steps or base.steps, base.eta,
+                                base.guidance_scale).validate()
+    out = export_onnx(model, args.out, sampler=sampler, weight_storage=args.weight_storage, opset=args.opset,
+                      overwrite=args.overwrite, sample_size=args.sample_size)
+    cfg = json.loads((out / "export.json").read_text())
+    print(json.dumps({"out": str(out), "onnx_bytes": cfg["files"]["onnx_bytes"],
+                      "table_bytes": cfg["files"]["table_bytes"], "weights": cfg["weights"]["forms"],
+                      "weights_checked": cfg["weights_checked"], "sampler": cfg["sampler"],
+                      "opset": cfg["opset"]}, indent=2))
     return 0
 
 
@@ -502,7 +637,7 @@ def run_analyze(args) -> int:
     return 0
 
 
-COMMANDS = [build_quantize, build_sample, build_evaluate, build_analyze]
+COMMANDS = [build_quantize, build_sample, build_evaluate, build_analyze, build_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

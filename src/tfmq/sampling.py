@@ -212,10 +212,14 @@ def decode(pipe, x: torch.Tensor, batch_size: int = 16) -> np.ndarray:
 
 
 def generate(pipe, sampler: SamplerConfig, num_images: int, batch_size: int = 16, seed: int = 0,
-             class_labels=None, prompts=None, progress: bool = True, desc: str = "sampling") -> np.ndarray:
-    """Sample ``num_images`` images (uint8 NHWC) from a FP or quantized pipeline."""
-    denoiser = get_denoiser(pipe)
+             class_labels=None, prompts=None, progress: bool = True, desc: str = "sampling",
+             denoiser=None) -> np.ndarray:
+    """Sample ``num_images`` images (uint8 NHWC) from a FP or quantized pipeline. ``denoiser``
+    overrides the pipeline's own (e.g. an exported graph: ``pipe.onnx_denoiser`` of
+    :func:`tfmq.export.runners.load_onnx`)."""
+    denoiser = denoiser if denoiser is not None else get_denoiser(pipe)
     device = next(denoiser.parameters()).device
     cond = build_conditioning(pipe, num_images, seed, class_labels, prompts, sampler.guidance_scale, device)
-    x = denoise(pipe, sampler, num_images, batch_size, seed, cond, progress=progress, desc=desc)
+    x = denoise(pipe, sampler, num_images, batch_size, seed, cond, progress=progress, desc=desc,
+                denoiser=denoiser)
     return decode(pipe, x)

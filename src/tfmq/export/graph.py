@@ -1,0 +1,151 @@
+"""The denoiser as the exported graph computes it: temporal features in, noise prediction out.
+
+:func:`graph_denoiser` turns a denoiser (runtime quantized modules, or a plain FP one) into a
+:class:`GraphDenoiser`, in place:
+
+* the temporal information block leaves the graph: the time projection, the time-embedding MLP
+  and the class embedding become zero-width stand-ins (:class:`~tfmq.runtime.temporal_cache.RemovedEmbedding`)
+  and every resnet's ``time_emb_proj`` returns graph input ``temb_<i>``, the temporal feature
+  ``g_i(h(t, c))`` the sampler looks up in the feature table; so the timestep and the class label
+  are not graph inputs, and the graph has one set of activation parameters;
+* the runtime's step index / temporal cache hooks are removed (the table replaces them);
+* quantized layers and attention quantizers become their export modules (:mod:`tfmq.export.qdq`).
+
+Inputs: ``sample`` ``[B, C, H, W]``, ``temb_0 .. temb_{n-1}`` ``[B, C_i]``, and for a
+cross-attention UNet ``encoder_hidden_states`` ``[B, S, D]``; output ``out_sample``. The batch
+(and the text sequence) are dynamic axes.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from ..runtime.layers import ActQuant, AttentionActQuant, GroupActQuant, runtime_layers
+from ..runtime.steps import detach_step_index
+from ..runtime.temporal_cache import RemovedEmbedding, TemporalFeatureCache
+from .qdq import ExportError, QDQActivation, export_layer
+
+OUTPUT_NAME = "out_sample"
+
+
+class _Features:
+    """The temporal features of the current call (set by :class:`GraphDenoiser`)."""
+
+    def __init__(self):
+        self.values: list[torch.Tensor] | None = None
+
+
+class TemporalInput(nn.Module):
+    """Stands in for a resnet's ``time_emb_proj``: returns graph input ``temb_<index>``."""
+
+    def __init__(self, features: _Features, index: int, dim: int):
+        super().__init__()
+        self._features = features
+        self.index, self.dim = index, dim
+
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+        if self._features.values is None:
+            raise RuntimeError("temporal input used outside a GraphDenoiser call")
+        return self._features.values[self.index]
+
+    def extra_repr(self) -> str:
+        return f"temb_{self.index} [B, {self.dim}]"
+
+
+class GraphDenoiser(nn.Module):
+    """``forward(sample, temb_0, ..., temb_{n-1}[, encoder_hidden_states]) -> noise prediction``."""
+
+    def __init__(self, unet: nn.Module, features: _Features, dims: list[int]):
+        super().__init__()
+        self.unet = unet
+        self._features = features
+        self.dims = list(dims)
+        self.text = isinstance(unet, UNet2DConditionModel)
+        self.class_conditional = getattr(unet, "class_embedding", None) is not None
+
+    @property
+    def input_names(self) -> list[str]:
+        names = ["sample"] + [f"temb_{i}" for i in range(len(self.dims))]
+        return names + (["encoder_hidden_states"] if self.text else [])
+
+    @property
+    def dynamic_axes(self) -> dict:
+        axes = {name: {0: "batch"} for name in self.input_names}
+        if self.text:
+            axes["encoder_hidden_states"] = {0: "batch", 1: "sequence"}
+        axes[OUTPUT_NAME] = {0: "batch"}
+        return axes
+
+    def forward(self, sample: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        n = len(self.dims)
+        if len(inputs) != n + int(self.text):
+            raise ValueError(f"expected {n} temporal features{' and encoder_hidden_states' if self.text else ''}, "
+                             f"got {len(inputs)} inputs")
+        kwargs = {}
+        if self.text:
+            kwargs["encoder_hidden_states"] = inputs[n]
+        if self.class_conditional:          # read by nothing: the class reaches the graph through temb
+            kwargs["class_labels"] = torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
+        self._features.values = list(inputs[:n])
+        try:
+            return self.unet(sample, 0, return_dict=False, **kwargs)[0]
+        finally:
+            self._features.values = None
+
+    def example_inputs(self, batch: int = 2, sample_size: tuple[int, int] | None = None,
+                       sequence: int = 8) -> tuple[torch.Tensor, ...]:
+        """Random inputs of the graph's shapes (tracing, tests)."""
+        cfg = self.unet.config
+        size = sample_size or ((cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int)
+                               else tuple(cfg.sample_size))
+        g = torch.Generator().manual_seed(0)
+        out = [torch.randn((batch, cfg.in_channels, *size), generator=g)]
+        out += [torch.randn((batch, d), generator=g) for d in self.dims]
+        if self.text:
+            out.append(torch.randn((batch, sequence, cfg.cross_attention_dim), generator=g))
+        return tuple(out)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def strip_temporal_block(denoiser: nn.Module, table: TemporalFeatureCache) -> _Features:
+    """Take the temporal information block out of ``denoiser`` (in place); its resnets read
+    the features of the returned holder."""
+    hook = getattr(denoiser, "_tfmq_cache_hook", None)
+    if hook is not None:
+        hook.remove()
+        denoiser._tfmq_cache_hook = None
+    if getattr(denoiser, "tfmq_temporal_cache", None) is not None:
+        del denoiser.tfmq_temporal_cache
+    detach_step_index(denoiser)
+    for name in ("time_proj", "time_embedding", "class_embedding", "add_time_proj", "add_embedding"):
+        if getattr(denoiser, name, None) is not None:
+            setattr(denoiser, name, RemovedEmbedding())
+    features = _Features()
+    for i, (name, dim) in enumerate(zip(table.resnets, table.dims)):
+        denoiser.get_submodule(name).time_emb_proj = TemporalInput(features, i, dim)
+    return features
+
+
+def graph_denoiser(denoiser: nn.Module, table: TemporalFeatureCache, int4_weights: bool = False
+                   ) -> GraphDenoiser:
+    """The export graph of ``denoiser`` (modified in place; see the module docstring).
+    ``int4_weights``: weights of 4 bits or fewer keep their native codes (to be stored as ONNX
+    4-bit types) instead of the int8 compute form."""
+    features = strip_temporal_block(denoiser, table)
+    for name, layer in runtime_layers(denoiser).items():
+        _set_submodule(denoiser, name, export_layer(layer, name, int4_weights))
+    for name, m in list(denoiser.named_modules()):
+        if isinstance(m, AttentionActQuant):
+            for qn, aq in m.quantizers().items():
+                setattr(m, qn, QDQActivation(aq, f"{name}.{qn}"))
+    left = [n for n, m in denoiser.named_modules() if isinstance(m, (ActQuant, GroupActQuant))]
+    if left:
+        raise ExportError(f"activation quantizers outside the exported layers: {left[:5]}")
+    return GraphDenoiser(denoiser, features, table.dims).eval()
