@@ -32,8 +32,7 @@ def _entry(setting: str, value, default, reduced: bool, source: str, **extra) ->
 
 
 def _eval_level(settings) -> list[dict]:
-    from .evaluate import EvalSettings
-    d = EvalSettings()
+    d = type(settings)()                  # the defaults of the settings' own class (EvalSettings)
     s, ds = settings.sampler, d.sampler
     quantized = any(m != "fp" for m in settings.methods)
     out = []
