@@ -15,10 +15,16 @@ Quantized models are calibrated in the run at timing-only settings (min-max rang
 trajectories: the speed of a layer does not depend on how its codes were chosen); the SD UNet
 is W8A8 with a 16-bit softmax (Q-Diffusion's setting for SD). Thread count and core affinity are
 pinned (``--threads``, cores 0..N-1); OpenVINO runs with f32 inference precision (it would pick
-bf16 on CPUs that have it). The machine's CPU model, ISA flags and load average are recorded.
+bf16 on CPUs that have it); every runtime flushes denormal floats to zero (PyTorch:
+``torch.set_flush_denormal(True)``; random weights produce denormals that run 10x+ slower). The
+machine's CPU model, ISA flags and load average are recorded.
 
     python benchmarks/bench_cpu.py --threads 2 --machine dev2core --sd-scale 0.5
     python benchmarks/bench_cpu.py --threads 16 --machine h100host16core       # full SD-v1.5 config
+
+A run can be split (a ten-minute command limit): ``--work DIR --prepare-only`` quantizes and exports
+into DIR, later runs with the same ``--work`` reuse it; ``--parts sd --merge`` adds the SD rows to an
+existing result file.
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ def child(spec: dict) -> dict:
     os.sched_setaffinity(0, set(range(threads)))
     import torch
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)          # as the ONNX runners do: denormals run 10x+ slower
     t0 = time.perf_counter()
     if spec["runtime"] == "torch":
         import diffusers
@@ -169,23 +176,43 @@ def run_child(spec: dict) -> dict:
 
 
 # ---- preparing the models -----------------------------------------------------------------------
+def _done(path: Path) -> bool:
+    return (path / "export.json").exists()
+
+
 def quantize_and_export(pipe_factory, name: str, work: Path, config, storages=("int8",)) -> dict:
+    """Quantize, save and export (reusing what an earlier run left in ``work``)."""
     import tfmq
-    pipe = pipe_factory()
-    t0 = time.perf_counter()
-    tfmq.quantize(pipe, config, progress=False)
-    quant_s = time.perf_counter() - t0
-    ckpt = tfmq.save(pipe, work / f"{name}-ckpt", overwrite=True)
-    del pipe
+    ckpt = work / f"{name}-ckpt"
+    times = work / f"{name}-times.json"
+    if not (ckpt / "tfmq_denoiser.safetensors").exists():
+        pipe = pipe_factory()
+        t0 = time.perf_counter()
+        tfmq.quantize(pipe, config, progress=False)
+        times.write_text(json.dumps({"quantize_s": time.perf_counter() - t0}))
+        tfmq.save(pipe, ckpt, overwrite=True)
+        del pipe
+    quant_s = json.loads(times.read_text())["quantize_s"] if times.exists() else None
     out = {}
     for storage in storages:
+        path = work / f"{name}-{storage}"
         t0 = time.perf_counter()
-        path = tfmq.export_onnx(ckpt, work / f"{name}-{storage}", weight_storage=storage, overwrite=True)
+        if not _done(path):
+            tfmq.export_onnx(ckpt, path, weight_storage=storage, overwrite=True)
+            (path / "export_s.txt").write_text(str(time.perf_counter() - t0))
         cfg = json.loads((path / "export.json").read_text())
-        out[storage] = {"path": str(path), "onnx_bytes": cfg["files"]["onnx_bytes"], "export_s": time.perf_counter() - t0,
-                        "quantize_s": quant_s, "weight_forms": cfg["weights"]["forms"],
+        out[storage] = {"path": str(path), "onnx_bytes": cfg["files"]["onnx_bytes"],
+                        "export_s": float((path / "export_s.txt").read_text()), "quantize_s": quant_s,
+                        "weight_forms": cfg["weights"]["forms"],
                         "checkpoint_tensor_bytes": (ckpt / "tfmq_denoiser.safetensors").stat().st_size}
     return out
+
+
+def export_fp32(source, path: Path, sampler) -> dict:
+    import tfmq
+    if not _done(path):
+        tfmq.export_onnx(source, path, sampler=sampler, overwrite=True)
+    return {"path": str(path), "onnx_bytes": json.loads((path / "export.json").read_text())["files"]["onnx_bytes"]}
 
 
 def prepare_bundled(args, work: Path) -> dict:
@@ -193,8 +220,7 @@ def prepare_bundled(args, work: Path) -> dict:
     from tfmq.sampling import SamplerConfig
     sampler = SamplerConfig("ddim", args.steps)
     fp_path = tfmq.default_model_path()
-    fp = tfmq.export_onnx(fp_path, work / "bundled-fp32", sampler=sampler, overwrite=True)
-    models = {"fp32": {"path": str(fp), "onnx_bytes": json.loads((fp / "export.json").read_text())["files"]["onnx_bytes"]}}
+    models = {"fp32": export_fp32(fp_path, work / "bundled-fp32", sampler)}
     base = dict(calib_size=4, sampler=sampler, weight_init="minmax", act_init="minmax")
     configs = {
         "int8 w8a8 (policy all)": (dict(wbits=8, abits=8, layer_policy="all"), ("int8",)),
@@ -243,16 +269,21 @@ def prepare_sd(args, work: Path) -> dict:
     import tfmq
     from tfmq.sampling import SamplerConfig
     sampler = SamplerConfig("ddim", 4)
-    pipe = sd_pipeline(args.sd_scale, work)
-    params = sum(p.numel() for p in pipe.unet.parameters())
-    fp_dir = work / "sd-fp"
-    pipe.save_pretrained(fp_dir)
-    del pipe
-    fp = tfmq.export_onnx(fp_dir, work / "sd-fp32", sampler=sampler, overwrite=True)
-    models = {"fp32": {"path": str(fp), "onnx_bytes": json.loads((fp / "export.json").read_text())["files"]["onnx_bytes"]}}
+    fp_dir = work / f"sd-x{args.sd_scale:g}-fp"
+    if not (fp_dir / "model_index.json").exists():
+        pipe = sd_pipeline(args.sd_scale, work)
+        pipe.save_pretrained(fp_dir)
+        del pipe
+    import diffusers
+    with open(fp_dir / "unet" / "config.json") as f:
+        unet_cfg = json.load(f)
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        params = sum(p.numel() for p in diffusers.UNet2DConditionModel.from_config(unet_cfg).parameters())
+    models = {"fp32": export_fp32(fp_dir, work / f"sd-x{args.sd_scale:g}-fp32", sampler)}
     cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, layer_policy="all", calib_size=1,
                                       sampler=sampler, prompts=["a photo"], weight_init="minmax", act_init="minmax")
-    res = quantize_and_export(lambda: tfmq.load_pipeline(fp_dir), "sd-q", work, cfg)
+    res = quantize_and_export(lambda: tfmq.load_pipeline(fp_dir), f"sd-x{args.sd_scale:g}-q", work, cfg)
     models["int8 w8a8 softmax16 (policy all)"] = res["int8"]
     print(f"  prepared SD int8: {res}", flush=True)
     return {"class": "UNet2DConditionModel", "torch_path": str(fp_dir), "models": models, "batch": 1, "size": 32,
@@ -315,7 +346,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sd-scale", type=float, default=1.0, help="SD UNet channel width factor (1.0 = SD-v1.5)")
     p.add_argument("--parts", default="bundled,sd")
-    p.add_argument("--work", type=Path, default=None, help="folder for checkpoints / exports (default: a temp dir)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder for checkpoints / exports, reused by later runs (default: a temp dir)")
+    p.add_argument("--prepare-only", action="store_true", help="quantize and export into --work, measure nothing")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of parts not measured now from an existing --json file")
     args = p.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
@@ -330,9 +365,10 @@ def main(argv=None) -> int:
            "load_average_start": os.getloadavg(), "rows": [],
            "notes": ["SD UNet: random weights (seeded); timings depend on shapes, not weights",
                      "quantized models calibrated at timing-only settings (min-max ranges)",
-                     "OpenVINO: INFERENCE_PRECISION_HINT=f32, static shapes (reshaped per input shape)",
+                     "OpenVINO: INFERENCE_PRECISION_HINT=f32, a static-shape copy of the graph per input shape",
                      "ONNX Runtime: CPU execution provider, graph optimizations ALL, "
-                     "qdq_matmulnbits_accuracy_level=1"]}
+                     "qdq_matmulnbits_accuracy_level=1",
+                     "denormals flushed to zero in every runtime (torch.set_flush_denormal(True))"]}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -342,13 +378,26 @@ def main(argv=None) -> int:
             print(f"(a) bundled model, batch {args.batch}, 32x32: preparing exports", flush=True)
             prep = prepare_bundled(args, work)
             out["bundled"] = {k: v for k, v in prep.items() if k != "models"}
-            measure_model("bundled", prep, args, out["rows"])
+            if not args.prepare_only:
+                measure_model("bundled", prep, args, out["rows"])
         if "sd" in parts:
             print(f"(b) SD-v1.5-config UNet x{args.sd_scale} (random weights), batch 1, 32x32 latents: preparing",
                   flush=True)
             prep = prepare_sd(args, work)
             out["sd"] = {k: v for k, v in prep.items() if k != "models"}
-            measure_model("sd", prep, args, out["rows"])
+            if not args.prepare_only:
+                measure_model("sd", prep, args, out["rows"])
+    if args.prepare_only:
+        print("prepared in", work)
+        return 0
+    if args.merge and json_path.exists():
+        old = json.loads(json_path.read_text())
+        measured = {r["model"] for r in out["rows"]}
+        out["rows"] = [r for r in old.get("rows", []) if r["model"] not in measured] + out["rows"]
+        for key in ("bundled", "sd"):
+            if key not in out and key in old:
+                out[key] = old[key]
+        out["load_average_earlier_parts"] = old.get("load_average")
     out["load_average_end"] = os.getloadavg()
     out["load_average"] = [round(x, 2) for x in out["load_average_end"]]
     out["wall_s"] = round(time.perf_counter() - t_start, 1)

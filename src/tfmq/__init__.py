@@ -8,7 +8,7 @@ Public API::
     tfmq.save(qpipe, "out_dir")
     qpipe = tfmq.load("out_dir", backend="reference")   # runtime modules: packed weights
     tfmq.export_onnx("out_dir", "onnx_dir")               # ONNX QDQ graph + temporal feature table
-    opipe = tfmq.load_onnx("onnx_dir", "onnxruntime")     # sample with denoiser=opipe.onnx_denoiser
+    opipe = tfmq.load_onnx("onnx_dir", "onnxruntime")     # tfmq.generate(opipe, ...) runs the graph
 
 The names are imported on first use (torch and diffusers take seconds to import), so that
 ``import tfmq`` and ``tfmq --version`` stay instant.

@@ -144,6 +144,16 @@ def initial_noise(shape: tuple[int, ...], start: int, count: int, seed: int) -> 
 StepHook = Callable[[int, int, torch.Tensor, dict], None]
 
 
+def serving_denoiser(pipe, denoiser=None):
+    """The module that serves the denoiser calls: ``denoiser`` if given, else the one an exported
+    pipeline carries (``pipe.onnx_denoiser``, see :func:`tfmq.export.runners.load_onnx`), else
+    the pipeline's own."""
+    if denoiser is not None:
+        return denoiser
+    served = getattr(pipe, "onnx_denoiser", None)
+    return served if served is not None else get_denoiser(pipe)
+
+
 @torch.no_grad()
 def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed: int,
             cond: Conditioning | None = None, on_step: StepHook | None = None,
@@ -154,7 +164,7 @@ def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed
     at every step (with the guidance batch doubled). ``denoiser`` overrides the pipeline's own.
     """
     sampler.validate()
-    denoiser = denoiser or get_denoiser(pipe)
+    denoiser = serving_denoiser(pipe, denoiser)
     check_timesteps(denoiser, sampler.to_dict(), sampler_timesteps(pipe, sampler))  # per-step models
     cond = cond or Conditioning()
     device = next(denoiser.parameters()).device
@@ -215,9 +225,8 @@ def generate(pipe, sampler: SamplerConfig, num_images: int, batch_size: int = 16
              class_labels=None, prompts=None, progress: bool = True, desc: str = "sampling",
              denoiser=None) -> np.ndarray:
     """Sample ``num_images`` images (uint8 NHWC) from a FP or quantized pipeline. ``denoiser``
-    overrides the pipeline's own (e.g. an exported graph: ``pipe.onnx_denoiser`` of
-    :func:`tfmq.export.runners.load_onnx`)."""
-    denoiser = denoiser if denoiser is not None else get_denoiser(pipe)
+    overrides the pipeline's own (see :func:`serving_denoiser`)."""
+    denoiser = serving_denoiser(pipe, denoiser)
     device = next(denoiser.parameters()).device
     cond = build_conditioning(pipe, num_images, seed, class_labels, prompts, sampler.guidance_scale, device)
     x = denoise(pipe, sampler, num_images, batch_size, seed, cond, progress=progress, desc=desc,

@@ -2,7 +2,7 @@
 
 :func:`load_onnx` gives the pipeline of an export folder (its scheduler, text encoder, VAE...)
 whose ``onnx_denoiser`` (an :class:`OnnxDenoiser`) serves the denoiser calls of
-:func:`tfmq.sampling.denoise` / :func:`tfmq.generate` (``denoiser=pipe.onnx_denoiser``): for each
+:func:`tfmq.sampling.denoise` / :func:`tfmq.generate`: for each
 call it looks the temporal features of the call's timesteps (and class labels) up in the
 feature table and runs the graph. ``pipe.unet`` is the denoiser's architecture without weights
 (its config tells the sampler the shapes and the conditioning).
@@ -12,6 +12,8 @@ operators: ONNX Runtime's int8 fusion of weight-only (float-input) matmuls is ke
 accuracy (``session.qdq_matmulnbits_accuracy_level`` 1), OpenVINO runs with
 ``INFERENCE_PRECISION_HINT=f32`` (it would pick bf16 on CPUs that have it) and without dynamic
 activation quantization of weight-compressed matmuls (``DYNAMIC_QUANTIZATION_GROUP_SIZE=0``).
+Both flush denormal floats to zero (values below 1.2e-38; random-weight models produce many, which
+run tens of times slower otherwise).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class OrtRunner:
         so.intra_op_num_threads = threads or _default_threads()
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        so.add_session_config_entry("session.set_denormal_as_zero", "1")
         self.threads = so.intra_op_num_threads
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.output = self.session.get_outputs()[0].name
@@ -97,7 +100,8 @@ class OpenVinoRunner:
         self.path = Path(path)
         self.threads = threads or _default_threads()
         self.config = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
-                       "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
+                       "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
+                       "CPU_DENORMALS_OPTIMIZATION": True}
         self.compiled: dict = {}
 
     def _static_copy(self, shapes: dict[str, tuple[int, ...]], folder: Path) -> Path:
@@ -188,15 +192,15 @@ class OnnxDenoiser(nn.Module):
 
 def _weightless_call(module, args):
     raise RuntimeError("this pipeline's denoiser is an exported graph: its unet has no weights; sample with "
-                       "tfmq.generate(pipe, ..., denoiser=pipe.onnx_denoiser)")
+                       "tfmq.generate(pipe, ...) (or pass denoiser=pipe.onnx_denoiser)")
 
 
 def load_onnx(export_dir, backend: str = "onnxruntime", threads: int | None = None):
     """The pipeline of an export folder, its denoiser calls served by ``backend``
     (``onnxruntime`` or ``openvino``) with ``threads`` intra-op threads (default: torch's).
 
-    Returns the diffusers pipeline with ``pipe.onnx_denoiser`` (pass it as ``denoiser=`` to
-    :func:`tfmq.generate` / :func:`tfmq.sampling.denoise`); ``pipe.unet`` has no weights."""
+    Returns the diffusers pipeline with ``pipe.onnx_denoiser``, which :func:`tfmq.generate` /
+    :func:`tfmq.sampling.denoise` use for the denoiser calls; ``pipe.unet`` has no weights."""
     import diffusers
     from accelerate import init_empty_weights
     from diffusers import DiffusionPipeline
