@@ -407,15 +407,17 @@ def test_cli_quantize_export_sample(tiny_pipe_dir, tmp_path, capsys, one_thread)
         info, ov = sample(e, "s_ov", "--backend", "openvino")
         assert info["backend"] == "openvino" and ov.shape == ref.shape
 
-    # flags that do not apply are refused before any work
-    with pytest.raises(SystemExit, match="ONNX export: sample it with --backend onnxruntime"):
-        main(["sample", str(e), "--backend", "reference", "--out", str(tmp_path / "x1")])
-    with pytest.raises(SystemExit, match="not to a full-precision pipeline"):
-        main(["sample", str(tiny_pipe_dir), "--backend", "onnxruntime", "--out", str(tmp_path / "x2")])
-    with pytest.raises(SystemExit, match="--threads applies"):
-        main(["sample", str(q), "--threads", "2", "--out", str(tmp_path / "x3")])
-    with pytest.raises(SystemExit, match="not empty"):
-        main(["export", str(q), "--out", str(e)])
+    # flags that do not apply are refused before any work: usage errors exit with 2
+    for argv, message in (
+            (["sample", str(e), "--backend", "reference", "--out", str(tmp_path / "x1")],
+             "ONNX export: sample it with --backend onnxruntime"),
+            (["sample", str(tiny_pipe_dir), "--backend", "onnxruntime", "--out", str(tmp_path / "x2")],
+             "not to a full-precision pipeline"),
+            (["sample", str(q), "--threads", "2", "--out", str(tmp_path / "x3")], "--threads applies"),
+            (["export", str(q), "--out", str(e)], "not empty")):
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "x1").exists() and not (tmp_path / "x2").exists()
 
 
