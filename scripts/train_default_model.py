@@ -59,7 +59,8 @@ DEFAULT_DATA_DIRS = (".data", "/usr/share/datasets/fashion-mnist")
 
 def _read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed) into a numpy array."""
-    opener = gzip.open if str(path).endswith(".gz") else open
+    import lzma
+    opener = gzip.open if str(path).endswith(".gz") else lzma.open if str(path).endswith(".xz") else open
     with opener(path, "rb") as fh:
         raw = fh.read()
     if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
@@ -72,11 +73,16 @@ def _read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape)
 
 
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    """``folder/stem.gz`` or ``folder/stem.xz`` (xz: smaller, for the GPU machine's carry limit)."""
+    return next((folder / f"{stem}{ext}" for ext in (".gz", ".xz") if (folder / f"{stem}{ext}").exists()), None)
+
+
 def find_data_dir(explicit: str | None) -> Path:
     candidates = [explicit] if explicit else list(DEFAULT_DATA_DIRS)
     for cand in candidates:
         p = Path(cand)
-        if (p / "train-images-idx3-ubyte.gz").exists() and (p / "train-labels-idx1-ubyte.gz").exists():
+        if _idx_file(p, "train-images-idx3-ubyte") and _idx_file(p, "train-labels-idx1-ubyte"):
             return p
     raise FileNotFoundError(
         "Fashion-MNIST training files not found in " + ", ".join(map(str, candidates))
@@ -87,8 +93,8 @@ def find_data_dir(explicit: str | None) -> Path:
 def load_fashion_mnist(data_dir: Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Images as float32 in [-1, 1], shape (N, 1, 32, 32), padded with -1; labels int64."""
     prefix = "train" if split == "train" else "t10k"
-    imgs = _read_idx(data_dir / f"{prefix}-images-idx3-ubyte.gz")
-    labels = _read_idx(data_dir / f"{prefix}-labels-idx1-ubyte.gz")
+    imgs = _read_idx(_idx_file(data_dir, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_idx_file(data_dir, f"{prefix}-labels-idx1-ubyte"))
     x = torch.from_numpy(imgs.copy()).float().div_(127.5).sub_(1.0).unsqueeze(1)
     x = F.pad(x, (2, 2, 2, 2), value=-1.0)  # 28x28 -> 32x32, background value
     y = torch.from_numpy(labels.astype(np.int64))
