@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.temporal import (find_temporal_block, finite_set, model_classes, temporal_features,
-                               tib_layer_names)
+from ..models.temporal import (find_temporal_block, finite_set, model_classes, step_layer_names,
+                               temporal_features, tib_layer_names)
 from ..quant.model import act_quantizers, multi_set_quantizers, set_quant_state
 from ..quant.quantizer import UniformQuantizer
 from ..runtime.steps import (CalibrationMismatchError, StepIndex, attach_step_index,  # noqa: F401
@@ -45,8 +45,8 @@ TIB_CHUNK_ROWS = 4096
 
 # ---- which quantizers --------------------------------------------------------------------------
 def tib_act_quantizers(denoiser: nn.Module) -> dict[str, UniformQuantizer]:
-    """Activation quantizers of the TIB's layers, by name."""
-    prefixes = tuple(n + "." for n in tib_layer_names(denoiser))
+    """Activation quantizers of the TIB's layers whose inputs depend on the step, by name."""
+    prefixes = tuple(n + "." for n in step_layer_names(denoiser))
     return {n: q for n, q in act_quantizers(denoiser).items() if n.startswith(prefixes)}
 
 
@@ -124,8 +124,7 @@ def calibrate_tib_per_step(denoiser: nn.Module, timesteps: list[int], data: Cali
                 d = data.step(s)
                 current["step"] = torch.full((d["timestep"].shape[0],), s, dtype=torch.long)
                 temporal_features(denoiser, d["timestep"].to(device),
-                                  d["class_labels"].to(device) if "class_labels" in d else None,
-                                  d["encoder_hidden_states"].to(device) if "encoder_hidden_states" in d else None,
+                                  d["class_labels"].to(device) if "class_labels" in d else None, d,
                                   block=block)
         else:
             classes = model_classes(denoiser) if block.class_conditional else None

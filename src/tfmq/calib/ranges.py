@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.adapter import call_denoiser
 from ..quant.model import act_quantizers, set_quant_state, weight_quantizers
 from ..quant.quantizer import UniformQuantizer, init_range
 from .data import CalibrationData
@@ -73,8 +74,7 @@ def init_weight_ranges(model: nn.Module, method: str = "mse", progress: bool = T
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    kwargs = {k: v for k, v in batch.items() if k not in ("sample", "timestep")}
-    model(batch["sample"], batch["timestep"], **kwargs)
+    call_denoiser(model, batch)
 
 
 @torch.no_grad()

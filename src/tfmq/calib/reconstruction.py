@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.adapter import call_denoiser
 from ..models.units import Unit, find_units, order_units, select_units
 from ..quant.adaround import AdaRound, pack_mask, unpack_mask
 from ..quant.layers import GroupActQuantizer, QuantLayer
@@ -320,8 +321,7 @@ def unit_output(out) -> torch.Tensor:
 
 
 def _model_forward(model: nn.Module, batch: dict) -> None:
-    kwargs = {k: v for k, v in batch.items() if k not in ("sample", "timestep")}
-    model(batch["sample"], batch["timestep"], **kwargs)
+    call_denoiser(model, batch)
 
 
 @torch.no_grad()

@@ -42,15 +42,15 @@ def tib_quant_layers(denoiser: nn.Module) -> dict[str, QuantLayer]:
 def temporal_inputs(denoiser: nn.Module, timesteps: list[int], data: CalibrationData | None = None,
                     classes: list[int] | None = None) -> dict[str, torch.Tensor]:
     """The finite set the TIB is reconstructed / evaluated on: ``timestep`` (and ``class_labels``,
-    or the calibration data's ``encoder_hidden_states`` for embeddings that also read text).
+    or for blocks that also read other inputs, e.g. SDXL's ``text_embeds`` / ``time_ids``, the
+    calibration data's recorded conditioning rows).
     ``step`` gives each row's step index."""
     block = find_temporal_block(denoiser)
     if block.needs_conditioning:
         if data is None:
             raise ValueError("this model's time embedding also reads its conditioning: calibration data needed")
         rows = [dict(data.step(s), step=torch.full((data.rows(s),), s)) for s in range(len(data))]
-        keep = ("timestep", "class_labels", "encoder_hidden_states", "step")
-        return {k: torch.cat([r[k] for r in rows]) for k in keep if k in rows[0]}
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0] if k != "sample"}
     if block.class_conditional and classes is None:
         classes = model_classes(denoiser)
         if classes is None:
@@ -66,8 +66,7 @@ def temporal_inputs(denoiser: nn.Module, timesteps: list[int], data: Calibration
 
 def _features(denoiser, inputs: dict, idx, block: TemporalBlock, device) -> list[torch.Tensor]:
     sel = {k: (v[idx] if idx is not None else v).to(device) for k, v in inputs.items() if k != "step"}
-    return temporal_features(denoiser, sel["timestep"], sel.get("class_labels"),
-                             sel.get("encoder_hidden_states"), block=block)
+    return temporal_features(denoiser, sel["timestep"], sel.get("class_labels"), sel, block=block)
 
 
 @torch.no_grad()
