@@ -17,22 +17,27 @@ with ``fsc='tib'`` every quantizer but the temporal block's is learned, with ``f
 
 from __future__ import annotations
 
-import math
-
 import torch
 from tqdm.auto import tqdm
 
 from ..models.units import Unit
 from ..quant.quantizer import UniformQuantizer
-from .reconstruction import UnitSettings, UnitWork, _check_bf16, prepare_units, run_units
+from .loop import StepLoop, cosine_lr_table, run_steps, use_graphs
+from .reconstruction import (UnitSettings, UnitWork, _check_bf16, graph_setting, prepare_units,
+                             run_units)
 
 MIN_SCALE = 1e-8
 
 
 def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr: float = 4e-4,
-                    desc: str = "act steps", progress: bool = True) -> dict:
+                    desc: str = "act steps", progress: bool = True, graphs: bool | None = False) -> dict:
     """Learn the scales of ``quantizers`` with Adam (cosine decay of ``lr`` to 0 over ``iters``)
-    minimising ``loss_fn(iteration)``. Scales are kept positive. Returns the first / last loss."""
+    minimising ``loss_fn(it)``. Scales are kept positive. Returns the first / last loss and
+    ``loop`` (graph or eager).
+
+    ``loss_fn(it)`` gets the iteration as a 0-d long tensor on the scales' device; the loop is
+    :mod:`tfmq.calib.loop`'s (no host synchronisation; with ``graphs=True``, or None on CUDA,
+    captured in a CUDA graph, so ``loss_fn`` must then compute from device tensors only)."""
     for q in quantizers:
         if q.n_sets > 1:
             raise ValueError("activation step learning handles one parameter set per quantizer; "
@@ -43,28 +48,25 @@ def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr:
     if iters <= 0 or not quantizers:
         return stats
     params = [q.scale for q in quantizers]
+    captured = use_graphs(graphs, params[0].device)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / iters)))
-    shown = max(1, iters // 100)
-    bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False)
+
+    def clamp():
+        for p in params:
+            p.clamp_(min=MIN_SCALE)
+
+    def step_loss(it):
+        loss = loss_fn(it)
+        return loss, loss
+
+    bar = tqdm(total=iters, desc=desc, disable=not progress, leave=False)
     try:
-        for it in bar:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(it)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for p in params:
-                    p.clamp_(min=MIN_SCALE)
-            if it == 0:
-                stats["initial_loss"] = float(loss.detach())
-            if it == iters - 1:
-                stats["final_loss"] = float(loss.detach())
-            elif it % shown == 0 and progress:
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+        loop = StepLoop(params, step_loss, cosine_lr_table(lr, iters), after_step=clamp)
+        stats["loop"] = run_steps(loop, captured, lambda n: bar.update(n - bar.n),
+                                  report_every=max(1, iters // 100))
+        losses = loop.losses.cpu()                   # the one synchronisation of the loop
+        stats["initial_loss"], stats["final_loss"] = float(losses[0]), float(losses[iters - 1])
     finally:
         bar.close()
         for p in params:
@@ -87,7 +89,8 @@ class ActStepLearning(UnitWork):
 
     def run(self, unit, loss_fn, settings):
         return learn_act_steps(list(self.quantizers(unit).values()), loss_fn, settings.iters,
-                               settings.lr, desc=unit.name, progress=settings.progress)
+                               settings.lr, desc=unit.name, progress=settings.progress,
+                               graphs=settings.graphs)
 
     def state(self, unit):
         return {f"{n}.scale": q.scale.detach().clone() for n, q in self.quantizers(unit).items()}
@@ -110,7 +113,7 @@ def learn_activation_steps(ctx) -> dict[str, dict]:
     _check_bf16(ctx)
     units, rows = prepare_units(ctx)
     settings = UnitSettings(c.act_learn_iters, c.recon_batch_size, c.act_learn_lr, c.seed,
-                            c.recon_bf16, c.recon_cache_gb, c.act_learn_p, ctx.progress)
+                            c.recon_bf16, c.recon_cache_gb, c.act_learn_p, ctx.progress, graph_setting(c))
     results = run_units(ctx.denoiser, units, rows, ActStepLearning(), settings, ctx.store, ctx.timer,
                         "act_learning", ctx.on_unit)
     ctx.extra.setdefault("tfmq_info", {})["act_learning"] = results

@@ -167,9 +167,9 @@ def calibrate_all_per_step(denoiser: nn.Module, data: CalibrationData, method: s
     quantizers = act_quantizers(denoiser)
     _require_sets(quantizers, len(data))
     extremes: dict[str, list] = {n: [] for n in quantizers}
-    hooks = [q.register_forward_pre_hook(
-        lambda m, a, n=n: extremes[n].append((a[0].detach().amin().float().cpu(),
-                                               a[0].detach().amax().float().cpu())))
+    hooks = [q.register_forward_pre_hook(        # on the device: read once per step, not per call
+        lambda m, a, n=n: extremes[n].append(torch.stack([a[0].detach().amin().float(),
+                                                          a[0].detach().amax().float()])))
         for n, q in quantizers.items()]
     like = torch.zeros(1)
     try:
@@ -183,7 +183,8 @@ def calibrate_all_per_step(denoiser: nn.Module, data: CalibrationData, method: s
                 continue
             for n, q in quantizers.items():
                 lo, hi = _representable_range(q, s)
-                for mn, mx in extremes[n]:
+                seen = torch.stack(extremes[n]).cpu() if extremes[n] else torch.empty(0, 2)
+                for mn, mx in seen:
                     lo = momentum * lo + (1 - momentum) * mn
                     hi = momentum * hi + (1 - momentum) * mx
                 q.set_range(lo, hi, like, set_index=s)

@@ -26,7 +26,12 @@ SAMPLE_CAP = 1 << 17         # values kept per observer in total
 
 
 class Observer:
-    """Running statistics of one activation quantizer's input."""
+    """Running statistics of one activation quantizer's input.
+
+    Everything stays on the input's device until :meth:`apply` (one host synchronisation per
+    quantizer, not one per observed call); the sample positions come from the CPU generator as
+    before (sent without waiting), so the values kept are the same as those of a CPU-side
+    observer."""
 
     def __init__(self, generator: torch.Generator, ema: float | None = None):
         self.lo = None
@@ -39,7 +44,7 @@ class Observer:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        lo, hi = x.min().cpu(), x.max().cpu()
+        lo, hi = x.min(), x.max()
         if self.lo is None:
             self.lo, self.hi = lo, hi
         elif self.ema is not None:
@@ -50,8 +55,8 @@ class Observer:
         if self.kept < SAMPLE_CAP:
             flat = x.reshape(-1)
             idx = torch.randint(0, flat.numel(), (min(SAMPLE_PER_CALL, flat.numel()),),
-                                generator=self.gen).to(flat.device)
-            self.samples.append(torch.cat([flat[idx], x.min().reshape(1), x.max().reshape(1)]).cpu())
+                                generator=self.gen).to(flat.device, non_blocking=True)
+            self.samples.append(torch.cat([flat[idx], lo.reshape(1), hi.reshape(1)]))
             self.kept += self.samples[-1].numel()
 
     def apply(self, quantizer: UniformQuantizer, method: str, set_index: int | None) -> None:
@@ -59,9 +64,9 @@ class Observer:
             raise RuntimeError("an activation quantizer saw no data during calibration")
         like = torch.zeros(1)
         if method == "minmax":
-            quantizer.set_range(self.lo.reshape(1), self.hi.reshape(1), like, set_index=set_index)
+            quantizer.set_range(self.lo.cpu().reshape(1), self.hi.cpu().reshape(1), like, set_index=set_index)
         else:
-            init_range(quantizer, torch.cat(self.samples), method, set_index=set_index)
+            init_range(quantizer, torch.cat(self.samples).cpu(), method, set_index=set_index)
 
 
 @torch.no_grad()

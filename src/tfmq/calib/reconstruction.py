@@ -41,7 +41,9 @@ the error on fixed rows before / after (``error_before`` / ``error_after``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,6 +56,7 @@ from ..models.units import Unit, find_units, order_units, select_units
 from ..quant.adaround import AdaRound, pack_mask, unpack_mask
 from ..quant.layers import GroupActQuantizer, QuantLayer
 from ..quant.model import act_quantizers, multi_set_quantizers, row_steps, weight_quantizers
+from .loop import at, batch_indices, beta_table, run_steps, StepLoop, use_graphs
 
 #: Named sets of reconstruction settings (QuantConfig fields).
 RECON_PRESETS: dict[str, dict] = {
@@ -110,46 +113,59 @@ def attach_rounding(layers: list[QuantLayer]) -> list[AdaRound]:
     return out
 
 
-def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[int], torch.Tensor], iters: int,
+def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[torch.Tensor], torch.Tensor], iters: int,
                       lr: float = 1e-3, reg_weight: float = 0.01, warmup: float = 0.2,
                       beta: tuple[float, float] = (20.0, 2.0), desc: str = "adaround",
-                      progress: bool = True) -> dict:
+                      progress: bool = True, graphs: bool | None = False) -> dict:
     """Learn the rounding of ``layers``' weights.
 
     Attaches :class:`AdaRound` to each layer, then runs ``iters`` Adam steps on the ``alpha``s
-    only, minimising ``loss_fn(iteration) + reg_weight * sum(regularizer(beta))`` with ``beta``
+    only, minimising ``loss_fn(it) + reg_weight * sum(regularizer(beta))`` with ``beta``
     decaying linearly ``beta[0] -> beta[1]`` after a warm-up of ``warmup * iters`` iterations
     without the rounding term. Rounding is hard at the end.
 
+    ``loss_fn(it)`` gets the iteration as a 0-d long tensor on the layers' device (see
+    :mod:`tfmq.calib.loop`: the loop never synchronises with the device, and with
+    ``graphs=True``, or None on CUDA, one iteration is captured in a CUDA graph and replayed, so
+    ``loss_fn`` must then compute from device tensors only).
+
     Returns ``initial_loss`` / ``final_loss`` (the reconstruction term at the first / last
-    iteration) and ``undecided``: the fraction of weights whose soft offset is not exactly 0 or 1
-    at the end (0 means hard rounding equals the soft result).
+    iteration), ``undecided``: the fraction of weights whose soft offset is not exactly 0 or 1
+    at the end (0 means hard rounding equals the soft result), and ``loop`` (graph or eager).
     """
     if iters < 0:
         raise ValueError(f"iterations must be >= 0, got {iters}")
     roundings = attach_rounding(layers)
     stats = {"iters": iters, "initial_loss": None, "final_loss": None}
     if iters > 0 and roundings:
-        opt = torch.optim.Adam([r.alpha for r in roundings], lr=lr)
-        bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False)
-        shown = max(1, iters // 100)
-        for it in bar:
-            opt.zero_grad(set_to_none=True)
+        device = roundings[0].alpha.device
+        captured = use_graphs(graphs, device)
+        on, betas = beta_table(iters, warmup, beta)
+        coef = (on * reg_weight).to(device)          # 0 during the warm-up: no rounding loss
+        betas = betas.to(device)
+
+        def step_loss(it):
             rec = loss_fn(it)
-            b = beta_at(it, iters, warmup, beta)
-            loss = rec if b is None else rec + reg_weight * sum(r.regularizer(b) for r in roundings)
-            loss.backward()
-            opt.step()
-            if it == 0:
-                stats["initial_loss"] = float(rec.detach())
-            if it == iters - 1:
-                stats["final_loss"] = float(rec.detach())
-            elif it % shown == 0 and progress:
-                bar.set_postfix(loss=f"{float(rec.detach()):.4g}", beta="-" if b is None else f"{b:.1f}")
+            reg = sum(r.regularizer(at(betas, it)) for r in roundings)
+            return rec + at(coef, it) * reg, rec
+
+        bar = tqdm(total=iters, desc=desc, disable=not progress, leave=False)
+        with contextlib.ExitStack() as stack:
+            for layer, r in zip(layers, roundings):
+                stack.enter_context(r.fixed_grid(layer.weight, layer.weight_quantizer))
+            for r in roundings:
+                r.alpha.requires_grad_(True)
+            loop = StepLoop([r.alpha for r in roundings], step_loss,
+                            torch.full((iters,), float(lr), dtype=torch.float64))
+            stats["loop"] = run_steps(loop, captured, lambda n: bar.update(n - bar.n),
+                                      report_every=max(1, iters // 100))
+        losses = loop.losses.cpu()                   # the one synchronisation of the loop
+        stats["initial_loss"], stats["final_loss"] = float(losses[0]), float(losses[iters - 1])
+        bar.set_postfix(loss=f"{stats['final_loss']:.4g}")
         bar.close()
     with torch.no_grad():
         total = sum(r.alpha.numel() for r in roundings)
-        soft = sum(int(((r.h() > 0) & (r.h() < 1)).sum()) for r in roundings)
+        soft = int(sum(((r.h() > 0) & (r.h() < 1)).sum() for r in roundings)) if roundings else 0
     stats["undecided"] = soft / total if total else 0.0
     for r in roundings:
         r.hard = True
@@ -284,7 +300,7 @@ class UnitTensors:
         """Values for rows ``idx`` (row values indexed, static values as they are)."""
         out = dict(self.static)
         for k, v in self.data.items():
-            out[k] = v[idx.to(v.device)].to(device, non_blocking=True)
+            out[k] = v.index_select(0, idx.to(v.device)).to(device, non_blocking=True)
         return out
 
 
@@ -371,6 +387,8 @@ class UnitSettings:
     cache_gb: float | None = None  # None: half the free GPU memory (CPU: no limit beyond RAM)
     p: float = 2.0                 # loss exponent during optimisation (2 = squared error)
     progress: bool = True
+    graphs: bool | None = None     # capture each iteration in a CUDA graph (None: on CUDA)
+    note: str | None = None        # how a unit's loop ran when not as asked (set per unit)
 
 
 class UnitWork:
@@ -410,7 +428,7 @@ class WeightRounding(UnitWork):
     def run(self, unit, loss_fn, settings):
         return optimize_rounding(list(self.layers(unit).values()), loss_fn, settings.iters, settings.lr,
                                  self.reg_weight, self.warmup, self.beta, desc=unit.name,
-                                 progress=settings.progress)
+                                 progress=settings.progress, graphs=settings.graphs)
 
     def state(self, unit):
         return {f"{n}.up": pack_mask(l.rounding.alpha >= 0) for n, l in self.layers(unit).items()}
@@ -426,9 +444,10 @@ class WeightRounding(UnitWork):
             l.rounding.alpha.requires_grad_(False)
 
 
-def _autocast(settings: UnitSettings, device: torch.device):
+def _autocast(settings: UnitSettings, device: torch.device, graphs: bool = False):
     if settings.bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        # no cast cache inside a captured graph (torch's advice for autocast + CUDA graphs)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphs)
     return contextlib.nullcontext()
 
 
@@ -447,6 +466,53 @@ def unit_error(unit: Unit, inputs: UnitTensors, targets: UnitTensors, device, ba
             out = unit_output(unit.module(*args, **kw))
         total += float(recon_loss(out, targets.select(sel, device)["out"])) * len(sel)
     return total / len(idx)
+
+
+def _unit_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: torch.Tensor | None,
+               gen: torch.Generator, settings: UnitSettings, device) -> tuple[Callable, UnitSettings]:
+    """The unit's loss as a function of the loop's iteration tensor, and the settings to run it
+    with. Every iteration's batch rows are drawn here, up front, by the same calls of
+    ``torch.randperm(rows, generator=gen)`` a one-by-one loop would make. When the cached rows
+    are on the model's device, the rows, their step indices and the batch table are too, and the
+    loss reads them by the iteration tensor (graph-capturable); rows kept on the CPU (over
+    ``recon_cache_gb``) are served eagerly, and the unit's stats say so (``loop_note``)."""
+    device = torch.device(device)
+    table = batch_indices(inputs.rows, settings.batch_size, settings.iters, gen)
+    if steps is not None and len(table):
+        _check_steps(unit.module, steps)
+    resident = torch.device(inputs.device) == device and torch.device(targets.device) == device
+    if resident:
+        table = table.to(device)
+        steps = None if steps is None else steps.to(device)
+        graphs = use_graphs(settings.graphs, device)
+        counter = None
+    else:
+        graphs, counter = False, [0]
+        if use_graphs(settings.graphs, device):
+            warnings.warn(f"unit {unit.name}: cached rows are kept on the CPU (over recon_cache_gb), "
+                          "so its iterations run eagerly, without CUDA graphs")
+
+    def loss_fn(it):
+        if counter is None:
+            idx = at(table, it)
+        else:                                   # rows on the CPU: the table stays there too
+            idx = table[counter[0]]
+            counter[0] += 1
+        args, kw = _call_args(inputs.select(idx, device))
+        row = None if steps is None else steps.index_select(0, idx.to(steps.device))
+        with _autocast(settings, device, graphs), row_steps(unit.module, row, check=False):
+            out = unit_output(unit.module(*args, **kw))
+        return recon_loss(out, targets.select(idx, device)["out"], settings.p)
+
+    note = None if resident else "rows kept on the CPU: eager loop"
+    return loss_fn, dataclasses.replace(settings, graphs=graphs, note=note)
+
+
+def _check_steps(module: nn.Module, steps: torch.Tensor) -> None:
+    """The bounds check of :func:`row_steps`, once for all rows instead of every batch."""
+    multi = multi_set_quantizers(module)
+    if multi and int(steps.max()) >= min(q.n_sets for q in multi):
+        raise IndexError(f"step index {int(steps.max())} outside the calibrated steps")
 
 
 def _set_state(model: nn.Module, weight: bool, act: bool) -> None:
@@ -518,21 +584,14 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             before = unit_error(unit, inputs, targets, device, settings.batch_size, steps)
 
             gen = torch.Generator().manual_seed(unit_seed(settings.seed, work.phase, index))
-            n = inputs.rows
-
-            def loss_fn(it, unit=unit, inputs=inputs, targets=targets, gen=gen, n=n, steps=steps):
-                idx = torch.randperm(n, generator=gen)[:settings.batch_size]
-                args, kw = _call_args(inputs.select(idx, device))
-                with _autocast(settings, device), row_steps(unit.module, None if steps is None else steps[idx]):
-                    out = unit_output(unit.module(*args, **kw))
-                return recon_loss(out, targets.select(idx, device)["out"], settings.p)
+            loss_fn, unit_settings = _unit_loss(unit, inputs, targets, steps, gen, settings, device)
 
             frozen = [(p, p.requires_grad) for p in unit.module.parameters()]
             for p, _ in frozen:                 # only what the work creates is learned
                 p.requires_grad_(False)
             t_opt = time.perf_counter()
             try:
-                stats = work.run(unit, loss_fn, settings)
+                stats = work.run(unit, loss_fn, unit_settings)
                 stats["optimize_s"] = round(time.perf_counter() - t_opt, 4)
             finally:
                 for p, flag in frozen:
@@ -541,6 +600,8 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             del inputs, targets
             seconds = time.perf_counter() - t0
             stats = {**stats, "error_before": before, "error_after": after, "seconds": round(seconds, 3)}
+            if unit_settings.note:
+                stats["loop_note"] = unit_settings.note
             results[unit.name] = stats
             if timer is not None:
                 timer.add_unit(stage, unit.name, seconds)
@@ -574,6 +635,12 @@ def prepare_units(ctx) -> tuple[list[Unit], CalibRows]:
     return units, rows
 
 
+def graph_setting(config) -> bool | None:
+    """The loops' ``graphs`` argument from a config: None (CUDA graphs on CUDA, eager elsewhere)
+    unless ``recon_cuda_graphs`` is off."""
+    return None if getattr(config, "recon_cuda_graphs", True) else False
+
+
 def _check_bf16(ctx) -> None:
     if ctx.config.recon_bf16 and next(ctx.denoiser.parameters()).device.type != "cuda":
         raise ValueError("recon_bf16 (bf16 autocast) needs the model on a CUDA device")
@@ -592,7 +659,7 @@ def reconstruct_weights(ctx) -> dict[str, dict]:
     work = WeightRounding(c.recon_reg_weight, c.recon_warmup, c.recon_beta,
                           ctx.extra.get("recon_exclude", ()))
     settings = UnitSettings(c.recon_iters, c.recon_batch_size, c.recon_lr, c.seed, c.recon_bf16,
-                            c.recon_cache_gb, 2.0, ctx.progress)
+                            c.recon_cache_gb, 2.0, ctx.progress, graph_setting(c))
     results = run_units(ctx.denoiser, units, rows, work, settings, ctx.store, ctx.timer,
                         "reconstruct", ctx.on_unit)
     info = ctx.extra.setdefault("tfmq_info", {})
