@@ -15,6 +15,7 @@ from conftest import tiny_ddpm_pipeline
 from test_adaround import brute_force_optimum, output_error, worked_example
 
 import tfmq
+import tfmq.sampling
 from tfmq.calib.act_learning import MIN_SCALE, learn_act_steps
 from tfmq.calib.loop import Adam, at, batch_indices, beta_table, cosine_lr_table, use_graphs
 from tfmq.calib.reconstruction import (UnitSettings, _unit_loss, attach_rounding, beta_at, capture,
