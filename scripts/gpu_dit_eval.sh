@@ -25,7 +25,7 @@ timeout "$LIMIT" python3 -m tfmq evaluate fmnist-dit --methods fp,naive,qdiff,tf
     --num-images "$N" --calib-size 128 --device cuda --out "$W" \
     --set recon_iters=500 --set act_learn_iters=200 --set tiar_iters=500 --set recon_cuda_graphs=$GRAPHS \
     2>&1 | grep -v "it/s\|s/it\|unit/s" >> "$OUT/log.txt"
-echo "evaluate rc=$? in $((SECONDS - start)) s (graphs $GRAPHS)" | tee -a "$OUT/log.txt"
+echo "evaluate rc=${PIPESTATUS[0]} in $((SECONDS - start)) s (graphs $GRAPHS)" | tee -a "$OUT/log.txt"
 timeout 60 python3 -m tfmq analyze "$W/cells/qdiff-w4a8/checkpoint" "$W/cells/tfmq-w4a8/checkpoint" \
     "$W/cells/qdiff-w8a8/checkpoint" "$W/cells/tfmq-w8a8/checkpoint" --model fmnist-dit \
     --labels qdiff-W4A8,tfmq-W4A8,qdiff-W8A8,tfmq-W8A8 --device cuda --out "$W/analyze" >> "$OUT/log.txt" 2>&1
