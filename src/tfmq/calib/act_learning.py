@@ -22,17 +22,21 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models.units import Unit
 from ..quant.quantizer import UniformQuantizer
-from .reconstruction import UnitSettings, UnitWork, _check_bf16, prepare_units, run_units
+from .reconstruction import UnitSettings, UnitWork, _batch_loss, _check_bf16, prepare_units, run_units
 
 MIN_SCALE = 1e-8
 
 
 def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr: float = 4e-4,
-                    desc: str = "act steps", progress: bool = True) -> dict:
+                    desc: str = "act steps", progress: bool = True, data_parallel: bool = False) -> dict:
     """Learn the scales of ``quantizers`` with Adam (cosine decay of ``lr`` to 0 over ``iters``)
-    minimising ``loss_fn(iteration)``. Scales are kept positive. Returns the first / last loss."""
+    minimising ``loss_fn(iteration)``. Scales are kept positive. Returns the first / last loss.
+
+    ``data_parallel`` (under several processes): ``loss_fn`` gives this rank's share of the batch
+    loss and the scales' gradients are summed over the ranks before each step."""
     for q in quantizers:
         if q.n_sets > 1:
             raise ValueError("activation step learning handles one parameter set per quantizer; "
@@ -49,20 +53,24 @@ def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / iters)))
     shown = max(1, iters // 100)
     bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False)
+    split = data_parallel and distributed.is_distributed()
     try:
         for it in bar:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(it)
-            loss.backward()
+            if loss.requires_grad or not split:     # a rank without rows this time has no graph
+                loss.backward()
+            if split:
+                distributed.sync_grads_(params)
             opt.step()
             sched.step()
             with torch.no_grad():
                 for p in params:
                     p.clamp_(min=MIN_SCALE)
             if it == 0:
-                stats["initial_loss"] = float(loss.detach())
+                stats["initial_loss"] = _batch_loss(loss, split)
             if it == iters - 1:
-                stats["final_loss"] = float(loss.detach())
+                stats["final_loss"] = _batch_loss(loss, split)
             elif it % shown == 0 and progress:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
     finally:
@@ -87,7 +95,7 @@ class ActStepLearning(UnitWork):
 
     def run(self, unit, loss_fn, settings):
         return learn_act_steps(list(self.quantizers(unit).values()), loss_fn, settings.iters,
-                               settings.lr, desc=unit.name, progress=settings.progress)
+                               settings.lr, desc=unit.name, progress=settings.progress, data_parallel=True)
 
     def state(self, unit):
         return {f"{n}.scale": q.scale.detach().clone() for n, q in self.quantizers(unit).items()}

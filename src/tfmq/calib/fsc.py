@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models.temporal import (find_temporal_block, finite_set, model_classes, temporal_features,
                                tib_layer_names)
 from ..quant.model import act_quantizers, multi_set_quantizers, set_quant_state
@@ -182,9 +183,14 @@ def calibrate_all_per_step(denoiser: nn.Module, data: CalibrationData, method: s
                                   only=quantizers)
             if momentum == 0:
                 continue
+            if distributed.is_distributed():     # every rank's batches, in batch (= rank) order
+                parts = distributed.gather_objects(extremes)
+                merged = {n: [e for part in parts for e in part[n]] for n in quantizers}
+            else:
+                merged = extremes
             for n, q in quantizers.items():
                 lo, hi = _representable_range(q, s)
-                for mn, mx in extremes[n]:
+                for mn, mx in merged[n]:
                     lo = momentum * lo + (1 - momentum) * mn
                     hi = momentum * hi + (1 - momentum) * mx
                 q.set_range(lo, hi, like, set_index=s)

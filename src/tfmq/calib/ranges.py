@@ -6,6 +6,10 @@ Each observer keeps the exact min / max and a seeded random subsample of the val
 uses the former (or their EMA, Q-Diffusion's running statistics), ``mse`` and ``percentile``
 the subsample (with the exact extremes added).
 
+Under several processes each rank runs its share of the calibration batches and the observers'
+per-batch entries are gathered and folded in batch order (:class:`Observer`), so the ranges equal
+one process's exactly.
+
 With ``per_step=True`` every multi-set quantizer gets one parameter set per sampling step
 (finite set calibration, FSC); otherwise one set for all steps.
 """
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..quant.model import act_quantizers, set_quant_state, weight_quantizers
 from ..quant.quantizer import UniformQuantizer, init_range
 from .data import CalibrationData
@@ -25,33 +30,55 @@ SAMPLE_CAP = 1 << 17         # values kept per observer in total
 
 
 class Observer:
-    """Running statistics of one activation quantizer's input."""
+    """Running statistics of one activation quantizer's input.
 
-    def __init__(self, generator: torch.Generator, ema: float | None = None):
+    Each observed batch leaves one entry: its exact min / max and a random subsample of its values
+    drawn with a generator seeded by (``seed``, batch index), so the entries do not depend on which
+    process observed which batch. :meth:`merge` folds entries (all ranks', see
+    :func:`tfmq.distributed.gather_objects`) in batch order: min / max (or their EMA, Q-Diffusion's
+    running statistics) and the subsample, kept up to ``SAMPLE_CAP`` values.
+    """
+
+    def __init__(self, seed: int, ema: float | None = None):
+        self.seed = seed
+        self.ema = ema
+        self.entries: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.kept = 0
         self.lo = None
         self.hi = None
         self.samples: list[torch.Tensor] = []
-        self.kept = 0
-        self.gen = generator
-        self.ema = ema
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, batch_index: int) -> None:
         x = x.detach().float()
         lo, hi = x.min().cpu(), x.max().cpu()
-        if self.lo is None:
-            self.lo, self.hi = lo, hi
-        elif self.ema is not None:
-            self.lo = self.ema * self.lo + (1 - self.ema) * lo
-            self.hi = self.ema * self.hi + (1 - self.ema) * hi
-        else:
-            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
-        if self.kept < SAMPLE_CAP:
+        sample = None
+        if self.kept < SAMPLE_CAP:       # a batch beyond the cap on this rank is beyond it globally
             flat = x.reshape(-1)
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + batch_index) % (2 ** 63))
             idx = torch.randint(0, flat.numel(), (min(SAMPLE_PER_CALL, flat.numel()),),
-                                generator=self.gen).to(flat.device)
-            self.samples.append(torch.cat([flat[idx], x.min().reshape(1), x.max().reshape(1)]).cpu())
-            self.kept += self.samples[-1].numel()
+                                generator=gen).to(flat.device)
+            sample = torch.cat([flat[idx], x.min().reshape(1), x.max().reshape(1)]).cpu()
+            self.kept += sample.numel()
+        self.entries.append((batch_index, lo, hi, sample))
+
+    def merge(self, entries: list) -> None:
+        """Fold batch entries (any order, from every rank) in batch order into the statistics."""
+        kept = 0
+        for _, lo, hi, sample in sorted(entries, key=lambda e: e[0]):
+            if self.lo is None:
+                self.lo, self.hi = lo, hi
+            elif self.ema is not None:
+                self.lo = self.ema * self.lo + (1 - self.ema) * lo
+                self.hi = self.ema * self.hi + (1 - self.ema) * hi
+            else:
+                self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+            if kept < SAMPLE_CAP:
+                if sample is None:
+                    raise RuntimeError("an observer dropped a batch sample that the global cap keeps")
+                self.samples.append(sample)
+                kept += sample.numel()
+        self.entries = []
 
     def apply(self, quantizer: UniformQuantizer, method: str, set_index: int | None) -> None:
         if self.lo is None:
@@ -105,21 +132,41 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
     prev = {n: q.enabled for n, q in all_act.items()}
     set_quant_state(model, act=False)
     try:
-        for group in tqdm(groups, desc="activation ranges", disable=not progress, leave=False):
-            observers = {n: Observer(gen, ema) for n in quantizers}
-            hooks = [q.register_forward_pre_hook(lambda m, a, o=observers[n]: o.update(a[0]))
+        for g_index, group in enumerate(tqdm(groups, desc="activation ranges", disable=not progress,
+                                             leave=False)):
+            # the group's batches, numbered globally; this process observes its share of them
+            counts = [data.rows(s) if rows_per_step is None else min(rows_per_step, data.rows(s))
+                      for s in group]
+            n_batches = [(c + batch_size - 1) // batch_size for c in counts]
+            mine = distributed.shard(sum(n_batches))
+            observers = {n: Observer(seed * 7_919 + g_index * 104_729 + q_index, ema)
+                         for q_index, n in enumerate(quantizers)}
+            current = [0]
+            hooks = [q.register_forward_pre_hook(lambda m, a, o=observers[n]: o.update(a[0], current[0]))
                      for n, q in quantizers.items()]
             try:
-                for s in group:
+                first = 0
+                for s, count, nb in zip(group, counts, n_batches):
+                    local = [b for b in range(first, first + nb) if b in mine]
+                    if not local:       # draw the same rows as the processes that read this step
+                        if rows_per_step is not None and rows_per_step < data.rows(s):
+                            torch.randperm(data.rows(s), generator=gen)
+                        first += nb
+                        continue
                     d = data.batch([s], rows_per_step, gen)
-                    for i in range(0, d["sample"].shape[0], batch_size):
-                        b = {k: (v[i:i + batch_size].to(device) if v.dtype == torch.long
-                                 else v[i:i + batch_size].to(device, dtype)) for k, v in d.items()}
-                        _forward(model, b)
+                    for b in local:
+                        i = (b - first) * batch_size
+                        current[0] = b
+                        batch = {k: (v[i:i + batch_size].to(device) if v.dtype == torch.long
+                                     else v[i:i + batch_size].to(device, dtype)) for k, v in d.items()}
+                        _forward(model, batch)
+                    first += nb
             finally:
                 for h in hooks:
                     h.remove()
+            entries = distributed.gather_objects({n: o.entries for n, o in observers.items()})
             for n, q in quantizers.items():
+                observers[n].merge([e for part in entries for e in part[n]])
                 set_index = group[0] if (per_step and q.n_sets > 1) else None
                 observers[n].apply(q, method, set_index)
     finally:

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models.units import Unit, find_units, order_units, select_units
 from ..quant.adaround import AdaRound, pack_mask, unpack_mask
 from ..quant.layers import GroupActQuantizer, QuantLayer
@@ -112,7 +113,7 @@ def attach_rounding(layers: list[QuantLayer]) -> list[AdaRound]:
 def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[int], torch.Tensor], iters: int,
                       lr: float = 1e-3, reg_weight: float = 0.01, warmup: float = 0.2,
                       beta: tuple[float, float] = (20.0, 2.0), desc: str = "adaround",
-                      progress: bool = True) -> dict:
+                      progress: bool = True, data_parallel: bool = False) -> dict:
     """Learn the rounding of ``layers``' weights.
 
     Attaches :class:`AdaRound` to each layer, then runs ``iters`` Adam steps on the ``alpha``s
@@ -123,6 +124,11 @@ def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[int], torch.T
     Returns ``initial_loss`` / ``final_loss`` (the reconstruction term at the first / last
     iteration) and ``undecided``: the fraction of weights whose soft offset is not exactly 0 or 1
     at the end (0 means hard rounding equals the soft result).
+
+    ``data_parallel`` (under several processes): ``loss_fn`` returns this rank's share of the batch
+    loss (see :func:`run_units`); the regulariser is counted once (rank 0) and the gradients are
+    summed over the ranks before each step, so every rank takes the same step, equal to one
+    process's up to the order of the float sums.
     """
     if iters < 0:
         raise ValueError(f"iterations must be >= 0, got {iters}")
@@ -132,17 +138,26 @@ def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[int], torch.T
         opt = torch.optim.Adam([r.alpha for r in roundings], lr=lr)
         bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False)
         shown = max(1, iters // 100)
+        split = data_parallel and distributed.is_distributed()
         for it in bar:
             opt.zero_grad(set_to_none=True)
             rec = loss_fn(it)
             b = beta_at(it, iters, warmup, beta)
-            loss = rec if b is None else rec + reg_weight * sum(r.regularizer(b) for r in roundings)
-            loss.backward()
+            if split:
+                terms = [rec] if rec.requires_grad else []
+                if b is not None and distributed.is_main():
+                    terms.append(reg_weight * sum(r.regularizer(b) for r in roundings))
+                if terms:
+                    sum(terms).backward()
+                distributed.sync_grads_([r.alpha for r in roundings])
+            else:
+                loss = rec if b is None else rec + reg_weight * sum(r.regularizer(b) for r in roundings)
+                loss.backward()
             opt.step()
             if it == 0:
-                stats["initial_loss"] = float(rec.detach())
+                stats["initial_loss"] = _batch_loss(rec, split)
             if it == iters - 1:
-                stats["final_loss"] = float(rec.detach())
+                stats["final_loss"] = _batch_loss(rec, split)
             elif it % shown == 0 and progress:
                 bar.set_postfix(loss=f"{float(rec.detach()):.4g}", beta="-" if b is None else f"{b:.1f}")
         bar.close()
@@ -154,6 +169,12 @@ def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[int], torch.T
         r.hard = True
         r.alpha.requires_grad_(False)
     return stats
+
+
+def _batch_loss(rec: torch.Tensor, split: bool) -> float:
+    """The batch's loss as a float (the ranks' shares summed when the batch is split)."""
+    value = float(rec.detach())
+    return distributed.all_reduce_float(value) if split else value
 
 
 # ---- calibration rows -------------------------------------------------------------------
@@ -211,6 +232,12 @@ class CalibRows:
 
     def example(self) -> dict[str, torch.Tensor]:
         return {k: self._to(v[:1]) for k, v in self.inputs.items()}
+
+    def subset(self, rows: range) -> "CalibRows":
+        """Rows ``rows`` (a contiguous range) only: one process's share."""
+        sl = slice(rows.start, rows.stop)
+        return CalibRows({k: v[sl] for k, v in self.inputs.items()}, self.batch_size, self.device,
+                         self.dtype, None if self.steps is None else self.steps[sl])
 
 
 def calibration_rows(data, steps: list[int], max_rows: int | None, seed: int, batch_size: int,
@@ -410,7 +437,7 @@ class WeightRounding(UnitWork):
     def run(self, unit, loss_fn, settings):
         return optimize_rounding(list(self.layers(unit).values()), loss_fn, settings.iters, settings.lr,
                                  self.reg_weight, self.warmup, self.beta, desc=unit.name,
-                                 progress=settings.progress)
+                                 progress=settings.progress, data_parallel=True)
 
     def state(self, unit):
         return {f"{n}.up": pack_mask(l.rounding.alpha >= 0) for n, l in self.layers(unit).items()}
@@ -434,18 +461,25 @@ def _autocast(settings: UnitSettings, device: torch.device):
 
 @torch.no_grad()
 def unit_error(unit: Unit, inputs: UnitTensors, targets: UnitTensors, device, batch_size: int,
-               steps: torch.Tensor | None = None) -> float:
+               steps: torch.Tensor | None = None, total_rows: int | None = None, offset: int = 0) -> float:
     """Mean squared error (summed over channels) of the unit on up to EVAL_ROWS fixed rows
-    (``steps``: each row's step index, for per-step quantizers)."""
-    n = inputs.rows
+    (``steps``: each row's step index, for per-step quantizers).
+
+    Under several processes ``inputs`` / ``targets`` hold rows ``offset ..`` of ``total_rows``:
+    each rank measures the fixed rows it holds and the sums are added over the ranks (every rank
+    must call it)."""
+    n = inputs.rows if total_rows is None else total_rows
     idx = torch.linspace(0, n - 1, min(n, EVAL_ROWS)).round().long().unique()
+    local = idx if inputs.rows == n else idx[(idx >= offset) & (idx < offset + inputs.rows)]
     total = 0.0
-    for i in range(0, len(idx), batch_size):
-        sel = idx[i:i + batch_size]
-        args, kw = _call_args(inputs.select(sel, device))
+    for i in range(0, len(local), batch_size):
+        sel = local[i:i + batch_size]
+        args, kw = _call_args(inputs.select(sel - offset, device))
         with row_steps(unit.module, None if steps is None else steps[sel]):
             out = unit_output(unit.module(*args, **kw))
-        total += float(recon_loss(out, targets.select(sel, device)["out"])) * len(sel)
+        total += float(recon_loss(out, targets.select(sel - offset, device)["out"])) * len(sel)
+    if total_rows is not None and distributed.is_distributed():
+        total = distributed.all_reduce_float(total)
     return total / len(idx)
 
 
@@ -489,6 +523,11 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
     budget = cache_budget(settings.cache_gb, device) // 2     # half for inputs, half for targets
     results: dict[str, dict] = {}
     outer = tqdm(total=len(units), desc=stage, unit="unit", disable=not settings.progress)
+    # several processes: each caches and computes the rows of its share (whole capture batches)
+    mine = distributed.shard(len(rows), align=rows.batch_size)
+    split = distributed.is_distributed()
+    local_rows = rows.subset(mine) if split else rows
+    n = len(rows)
     try:
         for index, unit in enumerate(units):
             outer.update(1)
@@ -504,9 +543,9 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             t0 = time.perf_counter()
             w_on, a_on = work.quant_state
             _set_state(model, w_on, a_on)
-            inputs = capture(model, unit, rows, "input", budget)
+            inputs = capture(model, unit, local_rows, "input", budget)
             _set_state(model, False, False)
-            targets = capture(model, unit, rows, "output", budget)
+            targets = capture(model, unit, local_rows, "output", budget)
             _set_state(model, w_on, a_on)
             # per-step (FSC) quantizers take each row's own step while activations are quantized
             steps = None
@@ -515,17 +554,27 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
                     raise ValueError(f"unit {unit.name} has per-step activation quantizers but the "
                                      "calibration rows carry no step indices")
                 steps = rows.steps      # on the CPU: the bounds check of row_steps needs no GPU sync
-            before = unit_error(unit, inputs, targets, device, settings.batch_size, steps)
+            before = unit_error(unit, inputs, targets, device, settings.batch_size, steps, n, mine.start)
 
             gen = torch.Generator().manual_seed(unit_seed(settings.seed, work.phase, index))
-            n = inputs.rows
 
             def loss_fn(it, unit=unit, inputs=inputs, targets=targets, gen=gen, n=n, steps=steps):
+                # every rank draws the same global batch; each computes the rows it holds, weighted
+                # by their share of the batch, so the ranks' losses add up to the batch loss
                 idx = torch.randperm(n, generator=gen)[:settings.batch_size]
-                args, kw = _call_args(inputs.select(idx, device))
+                share = 1.0
+                if split:
+                    drawn = len(idx)
+                    idx = idx[(idx >= mine.start) & (idx < mine.stop)]
+                    if len(idx) == 0:
+                        return torch.zeros((), device=device)
+                    share = len(idx) / drawn
+                local = idx - mine.start if split else idx
+                args, kw = _call_args(inputs.select(local, device))
                 with _autocast(settings, device), row_steps(unit.module, None if steps is None else steps[idx]):
                     out = unit_output(unit.module(*args, **kw))
-                return recon_loss(out, targets.select(idx, device)["out"], settings.p)
+                loss = recon_loss(out, targets.select(local, device)["out"], settings.p)
+                return loss * share if split else loss
 
             frozen = [(p, p.requires_grad) for p in unit.module.parameters()]
             for p, _ in frozen:                 # only what the work creates is learned
@@ -537,7 +586,7 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             finally:
                 for p, flag in frozen:
                     p.requires_grad_(flag)
-            after = unit_error(unit, inputs, targets, device, settings.batch_size, steps)
+            after = unit_error(unit, inputs, targets, device, settings.batch_size, steps, n, mine.start)
             del inputs, targets
             seconds = time.perf_counter() - t0
             stats = {**stats, "error_before": before, "error_after": after, "seconds": round(seconds, 3)}
