@@ -260,20 +260,24 @@ def all_reduce_float(value: float) -> float:
 
 @torch.no_grad()
 def broadcast_module_(module: torch.nn.Module) -> None:
-    """Copy rank 0's parameters and buffers into every rank's ``module`` (same structure needed)."""
+    """Copy rank 0's parameters and buffers into every rank's ``module`` (same structure needed),
+    bit for bit: the tensors travel as raw bytes, one collective per device."""
     if not is_distributed():
         return
     tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t is not None and t.numel()]
     dev = _comm_device()
-    for (dtype, home), ts in _flat_groups(tensors).items():
-        flat = torch.cat([t.detach().reshape(-1) for t in ts]).to(dev)
-        wire = flat.to(torch.uint8) if dtype == torch.bool else flat
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    for home, ts in groups.items():
+        wire = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in ts]).to(dev)
         dist.broadcast(wire, src=0)
-        flat = (wire.to(torch.bool) if dtype == torch.bool else wire).to(home)
+        wire = wire.to(home)
         offset = 0
         for t in ts:
-            t.data.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+            n = t.numel() * t.element_size()
+            t.data.copy_(wire[offset:offset + n].clone().view(t.dtype).view_as(t))
+            offset += n
 
 
 # ---- output -------------------------------------------------------------------------------------
