@@ -124,8 +124,9 @@ def collect_calibration_data(pipe, sampler: SamplerConfig, num_trajectories: int
         timesteps[i] = t
 
     part = distributed.shard(num_trajectories, align=batch_size)      # all of them in one process
-    denoise(pipe, sampler, len(part), batch_size, seed, select_rows(cond, slice(part.start, part.stop)),
-            on_step=record, progress=progress, desc="calibration data", first_index=part.start)
+    if len(part):                      # a process may have no share (more processes than batches)
+        denoise(pipe, sampler, len(part), batch_size, seed, select_rows(cond, slice(part.start, part.stop)),
+                on_step=record, progress=progress, desc="calibration data", first_index=part.start)
     if distributed.is_distributed():
         used = 0                          # the budget counts the gathered rows
         _gather_steps(data, per_step, timesteps, keep, sampler)
