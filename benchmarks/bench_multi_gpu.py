@@ -99,6 +99,7 @@ def worker(args) -> None:
 
     import tfmq
     from tfmq import distributed
+    from tfmq.models.adapter import get_denoiser
     from tfmq.sampling import SamplerConfig, generate
 
     device = distributed.setup(args.device)
@@ -107,7 +108,7 @@ def worker(args) -> None:
     pipe = build_pipeline(args.model, device)
     sampler = SamplerConfig("ddim", args.steps)
     out: dict = {"model": args.model, "processes": distributed.world_size(), "device": device,
-                 "parameters": sum(p.numel() for p in pipe.unet.parameters())}
+                 "parameters": sum(p.numel() for p in get_denoiser(pipe).parameters())}
     if args.worker == "sample":
         generate(pipe, SamplerConfig("ddim", 2), min(args.batch_size, 8), args.batch_size, args.seed,
                  progress=False)                                    # warm-up (kernels, allocator)
@@ -139,7 +140,7 @@ def worker(args) -> None:
         tfmq.quantize(pipe, config, progress=False)
         _sync(device)
         seconds = time.perf_counter() - t0
-        info = pipe.unet.tfmq_info
+        info = get_denoiser(pipe).tfmq_info
         out.update({"seconds": seconds, "stages_s": info["calibration_time"]["stages_s"],
                     "config": config.to_dict()})
         if distributed.is_main():

@@ -55,13 +55,14 @@ def check_grads() -> dict:
     from tfmq.calib.reconstruction import (CalibRows, UnitSettings, WeightRounding, attach_rounding,
                                            calibration_rows, run_units)
     from tfmq.calib.ranges import init_weight_ranges
+    from tfmq.models.adapter import get_denoiser
     from tfmq.models.units import find_units, order_units
     from tfmq.quant.model import WrapSpec, wrap_denoiser
     from tfmq.sampling import SamplerConfig
 
     pipe = tiny_ddpm_pipeline()
     data = collect_calibration_data(pipe, SamplerConfig("ddim", 3), 6, batch_size=2, progress=False)
-    unet = pipe.unet
+    unet = get_denoiser(pipe)
     wrap_denoiser(unet, WrapSpec(wbits=4, abits=32, softmax_bits=32))
     init_weight_ranges(unet, "minmax", progress=False)
     rows = calibration_rows(data, [0, 1, 2], None, 0, 4, torch.device("cpu"), torch.float32)

@@ -10,8 +10,8 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 
 from tfmq.models.adapter import UnsupportedModelError
-from tfmq.models.temporal import (embed_time, find_temporal_block, finite_set, temporal_features,
-                                  tib_layer_names)
+from tfmq.models.temporal import find_temporal_block, finite_set, temporal_features, tib_layer_names
+from tfmq.models.unet import UNetAdapter
 from tfmq.models.temporal_cache import CacheMissError, build_cache, install_cache
 from tfmq.quant.model import WrapSpec, wrap_denoiser
 
@@ -67,10 +67,10 @@ def test_tib_discovery_exact_modules(kind):
     model = build()
     block = find_temporal_block(model)
     assert block.embedding == embedding
-    assert block.resnets == resnet_names(model) and len(block.resnets) == 8
+    assert block.projections == [f"{r}.time_emb_proj" for r in resnet_names(model)] and len(block) == 8
     assert block.class_conditional == ("class" in kind)
     expected = ["time_embedding.linear_1", "time_embedding.linear_2"] + class_layers + \
-        [f"{r}.time_emb_proj" for r in block.resnets]
+        block.projections
     assert tib_layer_names(model) == expected
     # the same names once the denoiser is wrapped (QuantLayers in place of the layers)
     wrap_denoiser(model, WrapSpec(wbits=4, abits=8, softmax_bits=8, layer_policy="all"))
@@ -88,7 +88,7 @@ def test_temporal_features_match_the_forward_pass(kind):
              for p in block.projections]
     with torch.no_grad():
         model(x, t, **kw)
-        feats = temporal_features(model, t, kw.get("class_labels"), kw.get("encoder_hidden_states"))
+        feats = temporal_features(model, t, kw.get("class_labels"), kw)
     for h in hooks:
         h.remove()
     assert len(feats) == len(block.projections)
@@ -101,7 +101,7 @@ def test_unsupported_temporal_paths_are_refused():
     model.mid_block.resnets[0].time_emb_proj = None
     model.mid_block.resnets[1].time_emb_proj = None
     block = find_temporal_block(model)          # still fine: the other resnets carry features
-    assert "mid_block.resnets.0" not in block.resnets
+    assert "mid_block.resnets.0.time_emb_proj" not in block.projections
     from diffusers.models.normalization import AdaGroupNorm
     model.mid_block.add_module("ada_norm", AdaGroupNorm(64, 32, 8))   # reads temb without a time_emb_proj
     with pytest.raises(UnsupportedModelError, match="time embedding"):
@@ -122,7 +122,7 @@ def test_cache_reproduces_fp_temporal_features_exactly(kind):
     x, t, kw = call_inputs(fp)
     block = find_temporal_block(fp)
     with torch.no_grad():
-        want = temporal_features(fp, t, kw.get("class_labels"), kw.get("encoder_hidden_states"))
+        want = temporal_features(fp, t, kw.get("class_labels"), kw)
         ref = fp(x, t, **kw).sample
     cache = build_cache(cached, timesteps, progress=False)
     # the table is exactly the FP features of the finite set (same computation, same batch)
@@ -164,7 +164,7 @@ def test_cache_refuses_unknown_timestep_and_class():
 
 def test_embed_time_needs_labels_for_class_models():
     with pytest.raises(ValueError, match="class"):
-        embed_time(tiny_unet2d(num_class_embeds=5), torch.tensor([3]))
+        UNetAdapter().embed_time(tiny_unet2d(num_class_embeds=5), torch.tensor([3]), None, {})
 
 
 def test_cache_checkpoint_roundtrip(tmp_path):

@@ -13,7 +13,7 @@ from .calib.data import collect_calibration_data
 from .finite import FiniteOutputWatch, check_finite_quant_params, check_finite_weights
 from .calib.resume import PROGRESS_DIR, ProgressStore, ResumeError, model_fingerprint
 from .config import QuantConfig
-from .models.adapter import get_denoiser, load_pipeline
+from .models.adapter import absent_components, get_denoiser, load_pipeline
 from .models.units import shortcut_splits
 from .quant.model import WrapSpec, freeze, set_quant_state, wrap_denoiser
 from .recipes import QuantContext, StageTimer, get_recipe, run_recipe
@@ -23,6 +23,9 @@ from .runtime.pipeline import bind_quantized
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = "fmnist-ddpm"
+#: Models shipped inside the package, by name (trained on real Fashion-MNIST; see each folder's
+#: training.json): the default DDPM UNet, its class-conditional twin and a class-conditional DiT.
+BUNDLED_MODELS = ("fmnist-ddpm", "fmnist-ddpm-cond", "fmnist-dit")
 
 
 class QuantizedSaveError(RuntimeError):
@@ -53,10 +56,27 @@ def guard_save_pretrained(pipe) -> None:
 
 def default_model_path() -> Path:
     """The bundled default model (a DDPM trained on Fashion-MNIST)."""
-    path = ASSETS / DEFAULT_MODEL
+    return bundled_model_path(DEFAULT_MODEL)
+
+
+def bundled_model_path(name: str) -> Path:
+    """The folder of a model shipped with tfmq (one of :data:`BUNDLED_MODELS`)."""
+    if name not in BUNDLED_MODELS:
+        raise ValueError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
+    path = ASSETS / name
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"the bundled model is missing from {path}; reinstall tfmq")
     return path
+
+
+def resolve_model(model) -> str | Path:
+    """``None`` / ``'default'`` -> the default model; a bundled model's name (when no local
+    folder of that name exists) -> its folder; anything else unchanged."""
+    if model in (None, "default"):
+        return default_model_path()
+    if isinstance(model, str) and model in BUNDLED_MODELS and not Path(model).exists():
+        return bundled_model_path(model)
+    return model
 
 
 def make_wrap_spec(config: QuantConfig, denoiser, timesteps: list[int]) -> WrapSpec:
@@ -66,8 +86,8 @@ def make_wrap_spec(config: QuantConfig, denoiser, timesteps: list[int]) -> WrapS
     fsc = config.effective_fsc
     per_step_layers = None
     if fsc == "tib":
-        from .models.temporal import tib_layer_names
-        per_step_layers = sorted(tib_layer_names(denoiser))
+        from .models.temporal import step_layer_names
+        per_step_layers = sorted(step_layer_names(denoiser))
     return WrapSpec(wbits=config.wbits, abits=config.abits, softmax_bits=config.effective_softmax_bits,
                     layer_policy=config.layer_policy, weight_symmetric=config.weight_symmetric,
                     act_symmetric=config.act_symmetric,
@@ -81,7 +101,7 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
 
     ``config`` (or ``QuantConfig.for_method(overrides.pop('method', 'naive'), **overrides)``)
     says how. Calibration data are collected from the FP pipeline in one pass, then the method's
-    recipe runs, then weights are frozen to integer codes. ``pipe.unet.tfmq_info`` holds the
+    recipe runs, then weights are frozen to integer codes. The denoiser's ``tfmq_info`` holds the
     config, the sampler's timesteps and the wall time of each stage.
 
     With ``work_dir``, progress is written to ``work_dir/.tfmq-progress`` after every
@@ -195,7 +215,8 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
         raise BackendUnavailable(reason)
     denoiser = checkpoint.load_denoiser(ckpt_dir, dtype, backend="reference", cfg=cfg)
     # safetensors only: a checkpoint never makes diffusers unpickle a .bin of another component
-    pipe = DiffusionPipeline.from_pretrained(str(ckpt_dir), **{cfg["denoiser_component"]: denoiser},
+    pipe = DiffusionPipeline.from_pretrained(str(ckpt_dir), **absent_components(ckpt_dir),
+                                             **{cfg["denoiser_component"]: denoiser},
                                              dtype=dtype, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
@@ -217,9 +238,9 @@ def convert(pipe, backend: str = "reference"):
 
 
 def load_any(model_or_dir, device="cpu", dtype=torch.float32):
-    """A quantized checkpoint folder or an FP pipeline (hub id / folder / 'default')."""
-    if model_or_dir in (None, "default"):
-        model_or_dir = default_model_path()
+    """A quantized checkpoint folder or an FP pipeline (hub id / folder / 'default' / the name
+    of a bundled model, e.g. ``fmnist-dit``)."""
+    model_or_dir = resolve_model(model_or_dir)
     folder = Path(model_or_dir)
     if (folder / checkpoint.CONFIG_FILE).exists():
         return load(model_or_dir, device, dtype)

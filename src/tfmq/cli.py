@@ -133,11 +133,9 @@ def _check_out(out: Path, allow_existing: bool, what: str = "--out") -> None:
 
 
 def _local_model_path(model) -> Path | None:
-    """The local folder ``model`` names (the bundled model for 'default'), or None (a hub id)."""
-    if model in (None, "default"):
-        from .api import default_model_path
-        return default_model_path()
-    path = Path(model).expanduser()
+    """The local folder ``model`` names (a bundled model for 'default' or its name), or None (a hub id)."""
+    from .api import resolve_model
+    path = Path(resolve_model(model)).expanduser()
     return path if path.exists() else None
 
 
@@ -214,7 +212,8 @@ def build_quantize(sub) -> None:
                        description="Quantize a diffusers pipeline's denoiser and write a compact "
                                    "checkpoint folder that `tfmq sample` and `tfmq.load` read.")
     p.add_argument("model", nargs="?", default="default",
-                   help="hub id or local pipeline folder (default: the bundled Fashion-MNIST DDPM)")
+                   help="hub id, local pipeline folder or bundled model name (fmnist-ddpm, fmnist-ddpm-cond, "
+                        "fmnist-dit; default: the bundled Fashion-MNIST DDPM)")
     p.add_argument("--method", choices=sorted(METHOD_DESCRIPTIONS), default="naive",
                    help="; ".join(f"{name}: {text}" for name, text in METHOD_DESCRIPTIONS.items()))
     p.add_argument("--wbits", type=_bits, default=8, help=f"weight bits, {BITS_HELP} (default 8)")
@@ -291,7 +290,8 @@ def run_quantize(args) -> int:
     if not distributed.is_main():           # rank 0 writes the checkpoint and prints
         return 0
     tfmq.save(pipe, args.out, overwrite=True)
-    info = pipe.unet.tfmq_info
+    from .models.adapter import get_denoiser
+    info = get_denoiser(pipe).tfmq_info
     from .calib.report import format_calibration_time, write_calibration_time
     write_calibration_time(args.out, info)
     print(format_calibration_time(info), file=sys.stderr)     # stdout stays one JSON document
@@ -369,8 +369,9 @@ def build_sample(sub) -> None:
 
 def resolve_sampler(pipe, args):
     """The sampler for ``pipe``: flags, else the checkpoint's calibration sampler, else DDIM-100."""
+    from .models.adapter import get_denoiser
     from .sampling import SamplerConfig
-    info = getattr(pipe.unet, "tfmq_info", None)
+    info = getattr(get_denoiser(pipe), "tfmq_info", None)
     base = SamplerConfig(**info["sampler"]) if info else SamplerConfig()
     return SamplerConfig(args.sampler or base.name, args.steps or base.steps,
                          base.eta if args.eta is None else args.eta,
@@ -399,7 +400,8 @@ def _sample_source(args) -> str:
     ``checkpoint`` or ``pipeline``; refuses a --backend that does not apply to it."""
     from .checkpoint import CONFIG_FILE
     from .export.runners import is_export_dir
-    model = None if args.model in (None, "default") else Path(args.model)
+    from .api import resolve_model
+    model = None if args.model in (None, "default") else Path(resolve_model(args.model))
     if is_export_dir(model):
         kind = "export"
         if args.backend not in (None,) + ONNX_BACKENDS:
@@ -559,7 +561,8 @@ def build_evaluate(sub) -> None:
                                    "side-by-side grid.png. Finished cells are reused when the same "
                                    "command runs again (an interrupted evaluation continues).")
     p.add_argument("model", nargs="?", default="default",
-                   help="hub id or local pipeline folder (default: the bundled Fashion-MNIST DDPM)")
+                   help="hub id, local pipeline folder or bundled model name (fmnist-ddpm, fmnist-ddpm-cond, "
+                        "fmnist-dit; default: the bundled Fashion-MNIST DDPM)")
     p.add_argument("--methods", default="fp,naive,tfmq",
                    help="comma-separated: fp and method names (default fp,naive,tfmq)")
     p.add_argument("--bits", default="w8a8,w4a8",

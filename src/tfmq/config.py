@@ -66,6 +66,8 @@ class QuantConfig:
     recon_rows: int | None = None        # at most this many calibration rows per unit (None = all)
     recon_bf16: bool = False             # bf16 autocast of unit forwards (CUDA only)
     recon_cache_gb: float | None = None  # GPU memory for cached unit inputs + targets (None: half free)
+    recon_cuda_graphs: bool = True       # on CUDA, capture each TIAR / AdaRound / act-step iteration
+                                         # in a CUDA graph (same arithmetic, no launch overhead)
     act_learn_iters: int = 500           # activation step-size iterations per unit (reference: 5000)
     act_learn_lr: float = 4e-4           # their Adam learning rate (cosine decay)
     act_learn_p: float = 2.4             # exponent of their reconstruction loss
@@ -161,6 +163,8 @@ class QuantConfig:
             raise ValueError(f"recon_warmup must be in [0, 1), got {self.recon_warmup}")
         if len(self.recon_beta) != 2 or min(self.recon_beta) <= 0:
             raise ValueError(f"recon_beta must be two positive numbers (start, end), got {self.recon_beta!r}")
+        if not isinstance(self.recon_cuda_graphs, bool):
+            raise ValueError(f"recon_cuda_graphs must be True or False, got {self.recon_cuda_graphs!r}")
         if self.act_ema is not None and not 0 <= self.act_ema < 1:
             raise ValueError(f"act_ema must be in [0, 1) or None, got {self.act_ema}")
         if self.recon_units is not None and (isinstance(self.recon_units, str) or not all(

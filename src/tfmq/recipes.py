@@ -107,6 +107,7 @@ def stage_temporal(ctx: QuantContext) -> None:
     under the temporal-feature loss over the finite set of timesteps, then their weights are
     frozen so no later unit touches them. ``temporal='cache'``: the TIB stays in full precision
     (unwrapped) until ``temporal_cache`` replaces it by its FP feature table."""
+    from .calib.reconstruction import graph_setting
     from .calib.tiar import tiar, tib_quant_layers
     from .models.temporal_cache import keep_tib_full_precision
     c = ctx.config
@@ -119,7 +120,7 @@ def stage_temporal(ctx: QuantContext) -> None:
     summary = tiar(ctx.denoiser, ctx.data.timesteps, ctx.data,
                    iters=c.recon_iters if c.tiar_iters is None else c.tiar_iters, lr=c.recon_lr,
                    reg_weight=c.recon_reg_weight, warmup=c.recon_warmup, beta=tuple(c.recon_beta),
-                   seed=c.seed, progress=ctx.progress)
+                   seed=c.seed, progress=ctx.progress, graphs=graph_setting(c))
     for layer in layers.values():
         layer.freeze()
     ctx.extra["recon_exclude"] = set(ctx.extra.get("recon_exclude", ())) | set(layers)

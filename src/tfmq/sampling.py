@@ -20,7 +20,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, PNDMScheduler)
 from tqdm.auto import tqdm
 
-from .models.adapter import denoiser_kind, get_denoiser, has_class_labels
+from .models.adapter import adapter_for, get_denoiser
+from .models.base import Conditioning
 from .runtime.steps import check_timesteps
 
 #: Sampler name -> diffusers scheduler class.
@@ -75,64 +76,18 @@ def sampler_timesteps(pipe, sampler: SamplerConfig) -> list[int]:
 
 
 def null_class(denoiser) -> int:
-    """Class id used as the unconditional label for guidance (the last embedding row)."""
-    return int(denoiser.config.num_class_embeds) - 1
-
-
-@dataclass
-class Conditioning:
-    """Per-sample conditioning: class labels, or prompt embeddings (with their negatives)."""
-    class_labels: torch.Tensor | None = None
-    prompt_embeds: torch.Tensor | None = None
-    negative_embeds: torch.Tensor | None = None
+    """Class id used as the unconditional label for guidance."""
+    return adapter_for(denoiser).null_class(denoiser)
 
 
 def build_conditioning(pipe, num_images: int, seed: int, class_labels=None, prompts=None,
                        guidance_scale: float = 1.0, device="cpu") -> Conditioning:
-    """Conditioning for ``num_images`` samples. Class-conditional models get the given labels
-    (cycled) or labels drawn with ``seed``; text models need ``prompts`` (cycled)."""
+    """Conditioning for ``num_images`` samples (:class:`~tfmq.models.base.Conditioning`).
+    Class-conditional models get the given labels (cycled) or labels drawn with ``seed``; text
+    models need ``prompts`` (cycled), encoded by the pipeline's text encoder(s)."""
     denoiser = get_denoiser(pipe)
-    kind = denoiser_kind(denoiser)
-    if kind == "unet2d":
-        if prompts:
-            raise ValueError("this model is not text-conditional: --prompt does not apply")
-        if not has_class_labels(denoiser):
-            if class_labels is not None:
-                raise ValueError("this model is not class-conditional: class labels do not apply")
-            if guidance_scale != 1.0:
-                raise ValueError("guidance needs a conditional model")
-            return Conditioning()
-        n_real = null_class(denoiser)
-        if class_labels is None or len(class_labels) == 0:
-            g = torch.Generator().manual_seed(seed)
-            labels = torch.randint(0, n_real, (num_images,), generator=g)
-        else:
-            labels = torch.tensor([int(c) for c in class_labels])
-            if labels.min() < 0 or labels.max() >= n_real:
-                raise ValueError(f"class labels must be in 0..{n_real - 1}")
-            labels = labels.repeat((num_images + len(labels) - 1) // len(labels))[:num_images]
-        return Conditioning(class_labels=labels.to(device))
-    # text-conditional
-    if not prompts:
-        raise ValueError("this is a text-to-image model: give at least one prompt")
-    prompts = [prompts[i % len(prompts)] for i in range(num_images)]
-    do_cfg = guidance_scale > 1.0
-    pos, neg = pipe.encode_prompt(prompts, device, 1, do_cfg)
-    return Conditioning(prompt_embeds=pos, negative_embeds=neg)
-
-
-def _denoiser_kwargs(cond: Conditioning, idx: slice, cfg: bool, null: int | None) -> dict:
-    if cond.class_labels is not None:
-        labels = cond.class_labels[idx]
-        if cfg:
-            labels = torch.cat([labels, torch.full_like(labels, null)])
-        return {"class_labels": labels}
-    if cond.prompt_embeds is not None:
-        emb = cond.prompt_embeds[idx]
-        if cfg:
-            emb = torch.cat([emb, cond.negative_embeds[idx]])
-        return {"encoder_hidden_states": emb}
-    return {}
+    return adapter_for(denoiser).conditioning(pipe, denoiser, num_images, seed, class_labels, prompts,
+                                              guidance_scale, device)
 
 
 def initial_noise(shape: tuple[int, ...], start: int, count: int, seed: int) -> torch.Tensor:
@@ -168,18 +123,17 @@ def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed
     those global indices; ``cond`` holds the rows of these samples only.
     """
     sampler.validate()
+    arch = get_denoiser(pipe)
+    adapter = adapter_for(arch)
     denoiser = serving_denoiser(pipe, denoiser)
     check_timesteps(denoiser, sampler.to_dict(), sampler_timesteps(pipe, sampler))  # per-step models
     cond = cond or Conditioning()
     device = next(denoiser.parameters()).device
     dtype = next(denoiser.parameters()).dtype
     cfg = sampler.guidance_scale > 1.0
-    if cfg and cond.class_labels is None and cond.prompt_embeds is None:
+    if cfg and cond.negative is None:
         raise ValueError("guidance scale > 1 needs class labels or prompts")
-    null = null_class(denoiser) if cond.class_labels is not None else None
-    shape = (denoiser.config.in_channels, denoiser.config.sample_size, denoiser.config.sample_size) \
-        if isinstance(denoiser.config.sample_size, int) else \
-        (denoiser.config.in_channels, *denoiser.config.sample_size)
+    shape = adapter.sample_shape(arch)
     outputs = []
     n_batches = (num_images + batch_size - 1) // batch_size
     bar = tqdm(total=n_batches * sampler.steps, desc=desc, disable=not progress, leave=False)
@@ -190,15 +144,15 @@ def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed
         x = x * sched.init_noise_sigma
         gens = [torch.Generator(device).manual_seed(seed + 1_000_003 + first_index + start + i)
                 for i in range(count)]
-        kwargs = _denoiser_kwargs(cond, slice(start, start + count), cfg, null)
-        kwargs = {k: v.to(device) if v.dtype == torch.long else v.to(device, dtype) for k, v in kwargs.items()}
+        kwargs = cond.rows(slice(start, start + count), cfg)
+        kwargs = {k: v.to(device) if not v.is_floating_point() else v.to(device, dtype) for k, v in kwargs.items()}
         for i, t in enumerate(sched.timesteps):
             model_in = torch.cat([x, x]) if cfg else x
             model_in = sched.scale_model_input(model_in, t)
             t_batch = torch.full((model_in.shape[0],), int(t), device=device, dtype=torch.long)
             if on_step is not None:
                 on_step(i, int(t), model_in, kwargs)
-            eps = denoiser(model_in, t_batch, **kwargs).sample
+            eps = adapter.epsilon(arch, denoiser(model_in, timestep=t_batch, **adapter.forward_kwargs(kwargs)))
             if cfg:
                 e_cond, e_uncond = eps.chunk(2)
                 eps = e_uncond + sampler.guidance_scale * (e_cond - e_uncond)
@@ -253,6 +207,7 @@ def generate(pipe, sampler: SamplerConfig, num_images: int, batch_size: int = 16
 
 def select_rows(cond: Conditioning, rows: slice) -> Conditioning:
     """The conditioning of samples ``rows`` only."""
-    pick = (lambda t: None if t is None else t[rows])
-    return Conditioning(pick(cond.class_labels), pick(cond.prompt_embeds), pick(cond.negative_embeds))
+    inputs = {k: v[rows] for k, v in cond.inputs.items()}
+    negative = None if cond.negative is None else {k: v[rows] for k, v in cond.negative.items()}
+    return Conditioning(inputs, negative)
 

@@ -17,26 +17,34 @@ with ``fsc='tib'`` every quantizer but the temporal block's is learned, with ``f
 
 from __future__ import annotations
 
-import math
-
 import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
 from ..models.units import Unit
 from ..quant.quantizer import UniformQuantizer
-from .reconstruction import UnitSettings, UnitWork, _batch_loss, _check_bf16, prepare_units, run_units
+from .loop import StepLoop, cosine_lr_table, run_steps, use_graphs
+from .reconstruction import (UnitSettings, UnitWork, _check_bf16, graph_setting, loop_losses,
+                             prepare_units, run_units, sum_grads_over_ranks)
 
 MIN_SCALE = 1e-8
 
 
 def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr: float = 4e-4,
-                    desc: str = "act steps", progress: bool = True, data_parallel: bool = False) -> dict:
+                    desc: str = "act steps", progress: bool = True, graphs: bool | None = False,
+                    data_parallel: bool = False) -> dict:
     """Learn the scales of ``quantizers`` with Adam (cosine decay of ``lr`` to 0 over ``iters``)
-    minimising ``loss_fn(iteration)``. Scales are kept positive. Returns the first / last loss.
+    minimising ``loss_fn(it)``. Scales are kept positive. Returns the first / last loss and
+    ``loop`` (graph or eager).
 
-    ``data_parallel`` (under several processes): ``loss_fn`` gives this rank's share of the batch
-    loss and the scales' gradients are summed over the ranks before each step."""
+    ``loss_fn(it)`` gets the iteration as a 0-d long tensor on the scales' device; the loop is
+    :mod:`tfmq.calib.loop`'s (no host synchronisation; with ``graphs=True``, or None on CUDA,
+    captured in a CUDA graph, so ``loss_fn`` must then compute from device tensors only).
+
+    ``data_parallel`` (under several processes, :mod:`tfmq.distributed`): ``loss_fn`` gives this
+    rank's share of the batch loss and the scales' gradients are summed over the ranks before each
+    step; the loop runs eagerly (``loop``: ``eager (data-parallel)``) and the losses reported
+    are the ranks' sums."""
     for q in quantizers:
         if q.n_sets > 1:
             raise ValueError("activation step learning handles one parameter set per quantizer; "
@@ -47,32 +55,28 @@ def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr:
     if iters <= 0 or not quantizers:
         return stats
     params = [q.scale for q in quantizers]
+    split = data_parallel and distributed.is_distributed()
+    captured = use_graphs(graphs, params[0].device) and not split     # collectives: no CUDA graph
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / iters)))
-    shown = max(1, iters // 100)
-    bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False)
-    split = data_parallel and distributed.is_distributed()
+
+    def clamp():
+        for p in params:
+            p.clamp_(min=MIN_SCALE)
+
+    def step_loss(it):
+        loss = loss_fn(it)
+        return loss, loss
+
+    bar = tqdm(total=iters, desc=desc, disable=not progress, leave=False)
     try:
-        for it in bar:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(it)
-            if loss.requires_grad or not split:     # a rank without rows this time has no graph
-                loss.backward()
-            if split:
-                distributed.sync_grads_(params)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for p in params:
-                    p.clamp_(min=MIN_SCALE)
-            if it == 0:
-                stats["initial_loss"] = _batch_loss(loss, split)
-            if it == iters - 1:
-                stats["final_loss"] = _batch_loss(loss, split)
-            elif it % shown == 0 and progress:
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+        loop = StepLoop(params, step_loss, cosine_lr_table(lr, iters), after_step=clamp,
+                        grad_hook=sum_grads_over_ranks if split else None)
+        stats["loop"] = run_steps(loop, captured, lambda n: bar.update(n - bar.n),
+                                  report_every=max(1, iters // 100))
+        stats["initial_loss"], stats["final_loss"] = loop_losses(loop, split)   # one synchronisation
+        if split:
+            stats["loop"] = f"{stats['loop']} (data-parallel)"
     finally:
         bar.close()
         for p in params:
@@ -95,7 +99,8 @@ class ActStepLearning(UnitWork):
 
     def run(self, unit, loss_fn, settings):
         return learn_act_steps(list(self.quantizers(unit).values()), loss_fn, settings.iters,
-                               settings.lr, desc=unit.name, progress=settings.progress, data_parallel=True)
+                               settings.lr, desc=unit.name, progress=settings.progress,
+                               graphs=settings.graphs, data_parallel=settings.data_parallel)
 
     def state(self, unit):
         return {f"{n}.scale": q.scale.detach().clone() for n, q in self.quantizers(unit).items()}
@@ -118,7 +123,7 @@ def learn_activation_steps(ctx) -> dict[str, dict]:
     _check_bf16(ctx)
     units, rows = prepare_units(ctx)
     settings = UnitSettings(c.act_learn_iters, c.recon_batch_size, c.act_learn_lr, c.seed,
-                            c.recon_bf16, c.recon_cache_gb, c.act_learn_p, ctx.progress)
+                            c.recon_bf16, c.recon_cache_gb, c.act_learn_p, ctx.progress, graph_setting(c))
     results = run_units(ctx.denoiser, units, rows, ActStepLearning(), settings, ctx.store, ctx.timer,
                         "act_learning", ctx.on_unit)
     ctx.extra.setdefault("tfmq_info", {})["act_learning"] = results

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import distributed
+from ..models.adapter import get_denoiser
 from ..sampling import Conditioning, SamplerConfig, build_conditioning, denoise, select_rows
 
 
@@ -24,8 +25,8 @@ from ..sampling import Conditioning, SamplerConfig, build_conditioning, denoise,
 class CalibrationData:
     """Denoiser inputs per sampling step.
 
-    ``step(i)`` maps ``sample`` / ``timestep`` / ``class_labels`` / ``encoder_hidden_states``
-    to tensors whose first dimension is the number of recorded denoiser rows at step ``i``
+    ``step(i)`` maps ``sample`` / ``timestep`` and the conditioning inputs (``class_labels``,
+    ``encoder_hidden_states``, ... as :class:`~tfmq.models.base.Conditioning` names them) to tensors whose first dimension is the number of recorded denoiser rows at step ``i``
     (N, or 2N with guidance). A step is stored as chunks (one per sampling batch); chunks
     spilled to disk are loaded on access.
     """
@@ -93,7 +94,7 @@ def collect_calibration_data(pipe, sampler: SamplerConfig, num_trajectories: int
     """
     if num_trajectories < 1:
         raise ValueError(f"calibration size must be >= 1, got {num_trajectories}")
-    denoiser = pipe.unet
+    denoiser = get_denoiser(pipe)
     device = next(denoiser.parameters()).device
     cond: Conditioning = build_conditioning(pipe, num_trajectories, seed, class_labels, prompts,
                                             sampler.guidance_scale, device)

@@ -29,8 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..models.temporal import (find_temporal_block, finite_set, model_classes, temporal_features,
-                               tib_layer_names)
+from ..models.temporal import (find_temporal_block, finite_set, model_classes, step_layer_names,
+                               temporal_features, tib_layer_names)
 from ..quant.model import act_quantizers, multi_set_quantizers, set_quant_state
 from ..quant.quantizer import UniformQuantizer
 from ..runtime.steps import (CalibrationMismatchError, StepIndex, attach_step_index,  # noqa: F401
@@ -46,8 +46,8 @@ TIB_CHUNK_ROWS = 4096
 
 # ---- which quantizers --------------------------------------------------------------------------
 def tib_act_quantizers(denoiser: nn.Module) -> dict[str, UniformQuantizer]:
-    """Activation quantizers of the TIB's layers, by name."""
-    prefixes = tuple(n + "." for n in tib_layer_names(denoiser))
+    """Activation quantizers of the TIB's layers whose inputs depend on the step, by name."""
+    prefixes = tuple(n + "." for n in step_layer_names(denoiser))
     return {n: q for n, q in act_quantizers(denoiser).items() if n.startswith(prefixes)}
 
 
@@ -125,8 +125,7 @@ def calibrate_tib_per_step(denoiser: nn.Module, timesteps: list[int], data: Cali
                 d = data.step(s)
                 current["step"] = torch.full((d["timestep"].shape[0],), s, dtype=torch.long)
                 temporal_features(denoiser, d["timestep"].to(device),
-                                  d["class_labels"].to(device) if "class_labels" in d else None,
-                                  d["encoder_hidden_states"].to(device) if "encoder_hidden_states" in d else None,
+                                  d["class_labels"].to(device) if "class_labels" in d else None, d,
                                   block=block)
         else:
             classes = model_classes(denoiser) if block.class_conditional else None
@@ -169,9 +168,9 @@ def calibrate_all_per_step(denoiser: nn.Module, data: CalibrationData, method: s
     quantizers = act_quantizers(denoiser)
     _require_sets(quantizers, len(data))
     extremes: dict[str, list] = {n: [] for n in quantizers}
-    hooks = [q.register_forward_pre_hook(
-        lambda m, a, n=n: extremes[n].append((a[0].detach().amin().float().cpu(),
-                                               a[0].detach().amax().float().cpu())))
+    hooks = [q.register_forward_pre_hook(        # on the device: read once per step, not per call
+        lambda m, a, n=n: extremes[n].append(torch.stack([a[0].detach().amin().float(),
+                                                          a[0].detach().amax().float()])))
         for n, q in quantizers.items()]
     like = torch.zeros(1)
     try:
@@ -183,14 +182,15 @@ def calibrate_all_per_step(denoiser: nn.Module, data: CalibrationData, method: s
                                   only=quantizers)
             if momentum == 0:
                 continue
-            if distributed.is_distributed():     # every rank's batches, in batch (= rank) order
-                parts = distributed.gather_objects(extremes)
-                merged = {n: [e for part in parts for e in part[n]] for n in quantizers}
-            else:
-                merged = extremes
+            # this rank's batch extremes, read once per step (one host sync); several processes:
+            # every rank's batches, in batch (= rank) order
+            seen = {n: torch.stack(v).cpu() if v else torch.empty(0, 2) for n, v in extremes.items()}
+            if distributed.is_distributed():
+                parts = distributed.gather_objects(seen)
+                seen = {n: torch.cat([part[n] for part in parts]) for n in quantizers}
             for n, q in quantizers.items():
                 lo, hi = _representable_range(q, s)
-                for mn, mx in merged[n]:
+                for mn, mx in seen[n]:
                     lo = momentum * lo + (1 - momentum) * mn
                     hi = momentum * hi + (1 - momentum) * mx
                 q.set_range(lo, hi, like, set_index=s)

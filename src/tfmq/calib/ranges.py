@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..models.adapter import call_denoiser
 from ..quant.model import act_quantizers, set_quant_state, weight_quantizers
 from ..quant.quantizer import UniformQuantizer, init_range
 from .data import CalibrationData
@@ -37,6 +38,11 @@ class Observer:
     process observed which batch. :meth:`merge` folds entries (all ranks', see
     :func:`tfmq.distributed.gather_objects`) in batch order: min / max (or their EMA, Q-Diffusion's
     running statistics) and the subsample, kept up to ``SAMPLE_CAP`` values.
+
+    Everything stays on the input's device until :meth:`apply` (one host synchronisation per
+    quantizer, not one per observed call): the sample positions come from the CPU generator (sent
+    without waiting), the min / max and the kept values are device tensors. Only under several
+    processes do the entries travel to the host, once per group (:meth:`host_entries`).
     """
 
     def __init__(self, seed: int, ema: float | None = None):
@@ -51,19 +57,25 @@ class Observer:
     @torch.no_grad()
     def update(self, x: torch.Tensor, batch_index: int) -> None:
         x = x.detach().float()
-        lo, hi = x.min().cpu(), x.max().cpu()
+        lo, hi = x.min(), x.max()
         sample = None
         if self.kept < SAMPLE_CAP:       # a batch beyond the cap on this rank is beyond it globally
             flat = x.reshape(-1)
             gen = torch.Generator().manual_seed((self.seed * 1_000_003 + batch_index) % (2 ** 63))
             idx = torch.randint(0, flat.numel(), (min(SAMPLE_PER_CALL, flat.numel()),),
-                                generator=gen).to(flat.device)
-            sample = torch.cat([flat[idx], x.min().reshape(1), x.max().reshape(1)]).cpu()
+                                generator=gen).to(flat.device, non_blocking=True)
+            sample = torch.cat([flat[idx], lo.reshape(1), hi.reshape(1)])
             self.kept += sample.numel()
         self.entries.append((batch_index, lo, hi, sample))
 
+    def host_entries(self) -> list:
+        """The entries with their tensors on the host (to send to the other ranks)."""
+        return [(b, lo.cpu(), hi.cpu(), None if s is None else s.cpu()) for b, lo, hi, s in self.entries]
+
+    @torch.no_grad()
     def merge(self, entries: list) -> None:
-        """Fold batch entries (any order, from every rank) in batch order into the statistics."""
+        """Fold batch entries (any order, from every rank) in batch order into the statistics
+        (on the entries' device: no host synchronisation)."""
         kept = 0
         for _, lo, hi, sample in sorted(entries, key=lambda e: e[0]):
             if self.lo is None:
@@ -85,9 +97,9 @@ class Observer:
             raise RuntimeError("an activation quantizer saw no data during calibration")
         like = torch.zeros(1)
         if method == "minmax":
-            quantizer.set_range(self.lo.reshape(1), self.hi.reshape(1), like, set_index=set_index)
+            quantizer.set_range(self.lo.cpu().reshape(1), self.hi.cpu().reshape(1), like, set_index=set_index)
         else:
-            init_range(quantizer, torch.cat(self.samples), method, set_index=set_index)
+            init_range(quantizer, torch.cat(self.samples).cpu(), method, set_index=set_index)
 
 
 @torch.no_grad()
@@ -100,8 +112,7 @@ def init_weight_ranges(model: nn.Module, method: str = "mse", progress: bool = T
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    kwargs = {k: v for k, v in batch.items() if k not in ("sample", "timestep")}
-    model(batch["sample"], batch["timestep"], **kwargs)
+    call_denoiser(model, batch)
 
 
 @torch.no_grad()
@@ -164,9 +175,13 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
             finally:
                 for h in hooks:
                     h.remove()
-            entries = distributed.gather_objects({n: o.entries for n, o in observers.items()})
+            if distributed.is_distributed():     # every rank's entries, on the host
+                parts = distributed.gather_objects({n: o.host_entries() for n, o in observers.items()})
+                entries = {n: [e for part in parts for e in part[n]] for n in quantizers}
+            else:                                 # one process: the entries stay on the device
+                entries = {n: o.entries for n, o in observers.items()}
             for n, q in quantizers.items():
-                observers[n].merge([e for part in entries for e in part[n]])
+                observers[n].merge(entries[n])
                 set_index = group[0] if (per_step and q.n_sets > 1) else None
                 observers[n].apply(q, method, set_index)
     finally:

@@ -31,8 +31,16 @@ Settings and their cost (``QuantConfig`` fields):
   ``recon_bf16``        bf16 autocast of the unit forward on CUDA.
   ``recon_cache_gb``    GPU memory for cached rows (default: half the free memory).
 
-Each unit's statistics hold ``seconds`` (all of it), ``optimize_s`` (the iterations alone) and
-the error on fixed rows before / after (``error_before`` / ``error_after``).
+Each unit's statistics hold ``seconds`` (all of it), ``optimize_s`` (the iterations alone),
+``loop`` (how the iterations ran: ``graph``, ``eager`` or ``eager (data-parallel)``) and the
+error on fixed rows before / after (``error_before`` / ``error_after``).
+
+The iterations run in :mod:`tfmq.calib.loop`'s ``StepLoop`` (no host synchronisation, a CUDA
+graph on CUDA). Under several processes (:mod:`tfmq.distributed`) the same loop is data-parallel
+and eager: each rank caches its block of the rows, every rank draws the same batch table over all
+rows, computes the rows of each batch it holds (weighted by their share of the batch), and the
+gradients are summed over the ranks (the loop's ``grad_hook``) before the Adam step; AdaRound's
+regulariser is counted on rank 0 only. The result equals one process's up to float sum order.
 
 ``RECON_PRESETS["reference"]`` holds the reference values (20,000 iterations a unit, batch 32,
 5,000 activation-learning iterations at lr 4e-4).
@@ -41,7 +49,9 @@ the error on fixed rows before / after (``error_before`` / ``error_after``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,10 +60,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..models.adapter import call_denoiser
 from ..models.units import Unit, find_units, order_units, select_units
 from ..quant.adaround import AdaRound, pack_mask, unpack_mask
 from ..quant.layers import GroupActQuantizer, QuantLayer
 from ..quant.model import act_quantizers, multi_set_quantizers, row_steps, weight_quantizers
+from .loop import at, batch_indices, beta_table, run_steps, StepLoop, use_graphs
 
 #: Named sets of reconstruction settings (QuantConfig fields).
 RECON_PRESETS: dict[str, dict] = {
@@ -110,60 +122,73 @@ def attach_rounding(layers: list[QuantLayer]) -> list[AdaRound]:
     return out
 
 
-def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[int], torch.Tensor], iters: int,
+def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[torch.Tensor], torch.Tensor], iters: int,
                       lr: float = 1e-3, reg_weight: float = 0.01, warmup: float = 0.2,
                       beta: tuple[float, float] = (20.0, 2.0), desc: str = "adaround",
-                      progress: bool = True, data_parallel: bool = False) -> dict:
+                      progress: bool = True, graphs: bool | None = False,
+                      data_parallel: bool = False) -> dict:
     """Learn the rounding of ``layers``' weights.
 
     Attaches :class:`AdaRound` to each layer, then runs ``iters`` Adam steps on the ``alpha``s
-    only, minimising ``loss_fn(iteration) + reg_weight * sum(regularizer(beta))`` with ``beta``
+    only, minimising ``loss_fn(it) + reg_weight * sum(regularizer(beta))`` with ``beta``
     decaying linearly ``beta[0] -> beta[1]`` after a warm-up of ``warmup * iters`` iterations
     without the rounding term. Rounding is hard at the end.
 
-    Returns ``initial_loss`` / ``final_loss`` (the reconstruction term at the first / last
-    iteration) and ``undecided``: the fraction of weights whose soft offset is not exactly 0 or 1
-    at the end (0 means hard rounding equals the soft result).
+    ``loss_fn(it)`` gets the iteration as a 0-d long tensor on the layers' device (see
+    :mod:`tfmq.calib.loop`: the loop never synchronises with the device, and with
+    ``graphs=True``, or None on CUDA, one iteration is captured in a CUDA graph and replayed, so
+    ``loss_fn`` must then compute from device tensors only).
 
-    ``data_parallel`` (under several processes): ``loss_fn`` returns this rank's share of the batch
-    loss (see :func:`run_units`); the regulariser is counted once (rank 0) and the gradients are
-    summed over the ranks before each step, so every rank takes the same step, equal to one
-    process's up to the order of the float sums.
+    Returns ``initial_loss`` / ``final_loss`` (the reconstruction term at the first / last
+    iteration), ``undecided``: the fraction of weights whose soft offset is not exactly 0 or 1
+    at the end (0 means hard rounding equals the soft result), and ``loop`` (graph or eager).
+
+    ``data_parallel`` (under several processes, :mod:`tfmq.distributed`): ``loss_fn`` returns this
+    rank's share of the batch loss (see :func:`run_units`; a rank without rows of the batch a
+    zero tensor without a graph); the regulariser is counted once (rank 0) and the gradients are
+    summed over the ranks before each Adam step (the loop's ``grad_hook``), so every rank takes
+    the same step, equal to one process's up to the order of the float sums. Such a loop runs
+    eagerly (``loop``: ``eager (data-parallel)``); the losses reported are the ranks' sums.
     """
     if iters < 0:
         raise ValueError(f"iterations must be >= 0, got {iters}")
     roundings = attach_rounding(layers)
     stats = {"iters": iters, "initial_loss": None, "final_loss": None}
     if iters > 0 and roundings:
-        opt = torch.optim.Adam([r.alpha for r in roundings], lr=lr)
-        bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False)
-        shown = max(1, iters // 100)
+        device = roundings[0].alpha.device
         split = data_parallel and distributed.is_distributed()
-        for it in bar:
-            opt.zero_grad(set_to_none=True)
+        captured = use_graphs(graphs, device) and not split      # collectives: no CUDA graph
+        on, betas = beta_table(iters, warmup, beta)
+        coef = (on * reg_weight).to(device)          # 0 during the warm-up: no rounding loss
+        betas = betas.to(device)
+        with_reg = not split or distributed.is_main()   # data-parallel: the regulariser once
+
+        def step_loss(it):
             rec = loss_fn(it)
-            b = beta_at(it, iters, warmup, beta)
-            if split:
-                terms = [rec] if rec.requires_grad else []
-                if b is not None and distributed.is_main():
-                    terms.append(reg_weight * sum(r.regularizer(b) for r in roundings))
-                if terms:
-                    sum(terms).backward()
-                distributed.sync_grads_([r.alpha for r in roundings])
-            else:
-                loss = rec if b is None else rec + reg_weight * sum(r.regularizer(b) for r in roundings)
-                loss.backward()
-            opt.step()
-            if it == 0:
-                stats["initial_loss"] = _batch_loss(rec, split)
-            if it == iters - 1:
-                stats["final_loss"] = _batch_loss(rec, split)
-            elif it % shown == 0 and progress:
-                bar.set_postfix(loss=f"{float(rec.detach()):.4g}", beta="-" if b is None else f"{b:.1f}")
+            if not with_reg:
+                return rec, rec
+            reg = sum(r.regularizer(at(betas, it)) for r in roundings)
+            return rec + at(coef, it) * reg, rec
+
+        bar = tqdm(total=iters, desc=desc, disable=not progress, leave=False)
+        with contextlib.ExitStack() as stack:
+            for layer, r in zip(layers, roundings):
+                stack.enter_context(r.fixed_grid(layer.weight, layer.weight_quantizer))
+            for r in roundings:
+                r.alpha.requires_grad_(True)
+            loop = StepLoop([r.alpha for r in roundings], step_loss,
+                            torch.full((iters,), float(lr), dtype=torch.float64),
+                            grad_hook=sum_grads_over_ranks if split else None)
+            stats["loop"] = run_steps(loop, captured, lambda n: bar.update(n - bar.n),
+                                      report_every=max(1, iters // 100))
+        stats["initial_loss"], stats["final_loss"] = loop_losses(loop, split)
+        if split:
+            stats["loop"] = f"{stats['loop']} (data-parallel)"
+        bar.set_postfix(loss=f"{stats['final_loss']:.4g}")
         bar.close()
     with torch.no_grad():
         total = sum(r.alpha.numel() for r in roundings)
-        soft = sum(int(((r.h() > 0) & (r.h() < 1)).sum()) for r in roundings)
+        soft = int(sum(((r.h() > 0) & (r.h() < 1)).sum() for r in roundings)) if roundings else 0
     stats["undecided"] = soft / total if total else 0.0
     for r in roundings:
         r.hard = True
@@ -171,10 +196,22 @@ def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[int], torch.T
     return stats
 
 
-def _batch_loss(rec: torch.Tensor, split: bool) -> float:
-    """The batch's loss as a float (the ranks' shares summed when the batch is split)."""
-    value = float(rec.detach())
-    return distributed.all_reduce_float(value) if split else value
+def sum_grads_over_ranks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A data-parallel loop's ``grad_hook`` (:class:`~tfmq.calib.loop.StepLoop`): the gradients
+    summed over the ranks (every rank gets the same sums; a no-op in one process)."""
+    grads = [g.clone(memory_format=torch.contiguous_format) for g in grads]   # writable, dense
+    distributed.all_reduce_sum_(grads)
+    return grads
+
+
+def loop_losses(loop: StepLoop, split: bool) -> tuple[float, float]:
+    """The first and last iterations' logged losses of a finished loop (the one synchronisation
+    of the loop); data-parallel (``split``): the ranks' shares summed, i.e. the batch's loss."""
+    losses = loop.losses.cpu()
+    first, last = float(losses[0]), float(losses[loop.iters - 1])
+    if split:
+        first, last = distributed.all_reduce_float(first), distributed.all_reduce_float(last)
+    return first, last
 
 
 # ---- calibration rows -------------------------------------------------------------------
@@ -310,7 +347,7 @@ class UnitTensors:
         """Values for rows ``idx`` (row values indexed, static values as they are)."""
         out = dict(self.static)
         for k, v in self.data.items():
-            out[k] = v[idx.to(v.device)].to(device, non_blocking=True)
+            out[k] = v.index_select(0, idx.to(v.device)).to(device, non_blocking=True)
         return out
 
 
@@ -347,8 +384,7 @@ def unit_output(out) -> torch.Tensor:
 
 
 def _model_forward(model: nn.Module, batch: dict) -> None:
-    kwargs = {k: v for k, v in batch.items() if k not in ("sample", "timestep")}
-    model(batch["sample"], batch["timestep"], **kwargs)
+    call_denoiser(model, batch)
 
 
 @torch.no_grad()
@@ -398,6 +434,9 @@ class UnitSettings:
     cache_gb: float | None = None  # None: half the free GPU memory (CPU: no limit beyond RAM)
     p: float = 2.0                 # loss exponent during optimisation (2 = squared error)
     progress: bool = True
+    graphs: bool | None = None     # capture each iteration in a CUDA graph (None: on CUDA)
+    note: str | None = None        # how a unit's loop ran when not as asked (set per unit)
+    data_parallel: bool = False    # the loss is this rank's share of the batch (set per unit)
 
 
 class UnitWork:
@@ -437,7 +476,8 @@ class WeightRounding(UnitWork):
     def run(self, unit, loss_fn, settings):
         return optimize_rounding(list(self.layers(unit).values()), loss_fn, settings.iters, settings.lr,
                                  self.reg_weight, self.warmup, self.beta, desc=unit.name,
-                                 progress=settings.progress, data_parallel=True)
+                                 progress=settings.progress, graphs=settings.graphs,
+                                 data_parallel=settings.data_parallel)
 
     def state(self, unit):
         return {f"{n}.up": pack_mask(l.rounding.alpha >= 0) for n, l in self.layers(unit).items()}
@@ -453,9 +493,10 @@ class WeightRounding(UnitWork):
             l.rounding.alpha.requires_grad_(False)
 
 
-def _autocast(settings: UnitSettings, device: torch.device):
+def _autocast(settings: UnitSettings, device: torch.device, graphs: bool = False):
     if settings.bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        # no cast cache inside a captured graph (torch's advice for autocast + CUDA graphs)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphs)
     return contextlib.nullcontext()
 
 
@@ -481,6 +522,97 @@ def unit_error(unit: Unit, inputs: UnitTensors, targets: UnitTensors, device, ba
     if total_rows is not None and distributed.is_distributed():
         total = distributed.all_reduce_float(total)
     return total / len(idx)
+
+
+def _unit_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: torch.Tensor | None,
+               gen: torch.Generator, settings: UnitSettings, device,
+               shard: range | None = None, total_rows: int | None = None) -> tuple[Callable, UnitSettings]:
+    """The unit's loss as a function of the loop's iteration tensor, and the settings to run it
+    with. Every iteration's batch rows are drawn here, up front, by the same calls of
+    ``torch.randperm(rows, generator=gen)`` a one-by-one loop would make. When the cached rows
+    are on the model's device, the rows, their step indices and the batch table are too, and the
+    loss reads them by the iteration tensor (graph-capturable); rows kept on the CPU (over
+    ``recon_cache_gb``) are served eagerly, and the unit's stats say so (``loop_note``).
+
+    Data-parallel (``shard``: the rows ``inputs`` / ``targets`` hold, of ``total_rows``; several
+    processes): the table is drawn over all ``total_rows`` rows, as one process draws it, and
+    every rank computes the rows of each iteration's batch it holds (shifted to its local
+    indices), weighted by their share of the batch, so the ranks' losses add up to the batch
+    loss; a rank holding none of a batch's rows returns a zero without a graph. The loop then
+    runs eagerly (the settings say ``data_parallel``; its gradients are summed over the ranks).
+
+    ``it`` may also be a Python int (the iteration itself)."""
+    device = torch.device(device)
+    n = inputs.rows if shard is None else total_rows
+    table = batch_indices(n, settings.batch_size, settings.iters, gen)
+    if steps is not None and len(table):
+        _check_steps(unit.module, steps)
+    if shard is not None:
+        return (_shard_loss(unit, inputs, targets, steps, table, shard, settings, device),
+                dataclasses.replace(settings, graphs=False, data_parallel=True,
+                                    note=None if torch.device(inputs.device) == device and torch.device(targets.device) == device
+                                    else "rows kept on the CPU"))
+    resident = torch.device(inputs.device) == device and torch.device(targets.device) == device
+    if resident:
+        table = table.to(device)
+        steps = None if steps is None else steps.to(device)
+        graphs = use_graphs(settings.graphs, device)
+        counter = None
+    else:
+        graphs, counter = False, [0]
+        if use_graphs(settings.graphs, device):
+            warnings.warn(f"unit {unit.name}: cached rows are kept on the CPU (over recon_cache_gb), "
+                          "so its iterations run eagerly, without CUDA graphs")
+
+    def loss_fn(it):
+        if not torch.is_tensor(it):             # a Python iteration number
+            idx = table[it]
+        elif counter is None:
+            idx = at(table, it)
+        else:                                   # rows on the CPU: the table stays there too
+            idx = table[counter[0]]
+            counter[0] += 1
+        args, kw = _call_args(inputs.select(idx, device))
+        row = None if steps is None else steps.index_select(0, idx.to(steps.device))
+        with _autocast(settings, device, graphs), row_steps(unit.module, row, check=False):
+            out = unit_output(unit.module(*args, **kw))
+        return recon_loss(out, targets.select(idx, device)["out"], settings.p)
+
+    note = None if resident else "rows kept on the CPU: eager loop"
+    return loss_fn, dataclasses.replace(settings, graphs=graphs, note=note)
+
+
+def _shard_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: torch.Tensor | None,
+                table: torch.Tensor, shard: range, settings: UnitSettings, device) -> Callable:
+    """The data-parallel loss of :func:`_unit_loss` (eager: the batch table stays on the CPU)."""
+    counter = [0]
+
+    def loss_fn(it):
+        if torch.is_tensor(it):                 # the loop's counter: follow it on the host
+            i = counter[0]
+            counter[0] += 1
+        else:
+            i = it
+        idx = table[i]
+        drawn = len(idx)
+        idx = idx[(idx >= shard.start) & (idx < shard.stop)]        # this rank's rows of the batch
+        if len(idx) == 0:
+            return torch.zeros((), device=device)
+        local = idx - shard.start
+        args, kw = _call_args(inputs.select(local, device))
+        row = None if steps is None else steps.index_select(0, idx.to(steps.device))
+        with _autocast(settings, device), row_steps(unit.module, row, check=False):
+            out = unit_output(unit.module(*args, **kw))
+        return recon_loss(out, targets.select(local, device)["out"], settings.p) * (len(idx) / drawn)
+
+    return loss_fn
+
+
+def _check_steps(module: nn.Module, steps: torch.Tensor) -> None:
+    """The bounds check of :func:`row_steps`, once for all rows instead of every batch."""
+    multi = multi_set_quantizers(module)
+    if multi and int(steps.max()) >= min(q.n_sets for q in multi):
+        raise IndexError(f"step index {int(steps.max())} outside the calibrated steps")
 
 
 def _set_state(model: nn.Module, weight: bool, act: bool) -> None:
@@ -524,8 +656,9 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
     results: dict[str, dict] = {}
     outer = tqdm(total=len(units), desc=stage, unit="unit", disable=not settings.progress)
     # several processes: each caches and computes the rows of its share (whole capture batches)
-    mine = distributed.shard(len(rows), align=rows.batch_size)
+    # of every iteration's batch, drawn from all rows as in one process
     split = distributed.is_distributed()
+    mine = distributed.shard(len(rows), align=rows.batch_size)
     local_rows = rows.subset(mine) if split else rows
     n = len(rows)
     try:
@@ -557,31 +690,15 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             before = unit_error(unit, inputs, targets, device, settings.batch_size, steps, n, mine.start)
 
             gen = torch.Generator().manual_seed(unit_seed(settings.seed, work.phase, index))
-
-            def loss_fn(it, unit=unit, inputs=inputs, targets=targets, gen=gen, n=n, steps=steps):
-                # every rank draws the same global batch; each computes the rows it holds, weighted
-                # by their share of the batch, so the ranks' losses add up to the batch loss
-                idx = torch.randperm(n, generator=gen)[:settings.batch_size]
-                share = 1.0
-                if split:
-                    drawn = len(idx)
-                    idx = idx[(idx >= mine.start) & (idx < mine.stop)]
-                    if len(idx) == 0:
-                        return torch.zeros((), device=device)
-                    share = len(idx) / drawn
-                local = idx - mine.start if split else idx
-                args, kw = _call_args(inputs.select(local, device))
-                with _autocast(settings, device), row_steps(unit.module, None if steps is None else steps[idx]):
-                    out = unit_output(unit.module(*args, **kw))
-                loss = recon_loss(out, targets.select(local, device)["out"], settings.p)
-                return loss * share if split else loss
+            loss_fn, unit_settings = _unit_loss(unit, inputs, targets, steps, gen, settings, device,
+                                                shard=mine if split else None, total_rows=n)
 
             frozen = [(p, p.requires_grad) for p in unit.module.parameters()]
             for p, _ in frozen:                 # only what the work creates is learned
                 p.requires_grad_(False)
             t_opt = time.perf_counter()
             try:
-                stats = work.run(unit, loss_fn, settings)
+                stats = work.run(unit, loss_fn, unit_settings)
                 stats["optimize_s"] = round(time.perf_counter() - t_opt, 4)
             finally:
                 for p, flag in frozen:
@@ -590,6 +707,8 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             del inputs, targets
             seconds = time.perf_counter() - t0
             stats = {**stats, "error_before": before, "error_after": after, "seconds": round(seconds, 3)}
+            if unit_settings.note:
+                stats["loop_note"] = unit_settings.note
             results[unit.name] = stats
             if timer is not None:
                 timer.add_unit(stage, unit.name, seconds)
@@ -623,6 +742,12 @@ def prepare_units(ctx) -> tuple[list[Unit], CalibRows]:
     return units, rows
 
 
+def graph_setting(config) -> bool | None:
+    """The loops' ``graphs`` argument from a config: None (CUDA graphs on CUDA, eager elsewhere)
+    unless ``recon_cuda_graphs`` is off."""
+    return None if getattr(config, "recon_cuda_graphs", True) else False
+
+
 def _check_bf16(ctx) -> None:
     if ctx.config.recon_bf16 and next(ctx.denoiser.parameters()).device.type != "cuda":
         raise ValueError("recon_bf16 (bf16 autocast) needs the model on a CUDA device")
@@ -641,7 +766,7 @@ def reconstruct_weights(ctx) -> dict[str, dict]:
     work = WeightRounding(c.recon_reg_weight, c.recon_warmup, c.recon_beta,
                           ctx.extra.get("recon_exclude", ()))
     settings = UnitSettings(c.recon_iters, c.recon_batch_size, c.recon_lr, c.seed, c.recon_bf16,
-                            c.recon_cache_gb, 2.0, ctx.progress)
+                            c.recon_cache_gb, 2.0, ctx.progress, graph_setting(c))
     results = run_units(ctx.denoiser, units, rows, work, settings, ctx.store, ctx.timer,
                         "reconstruct", ctx.on_unit)
     info = ctx.extra.setdefault("tfmq_info", {})

@@ -24,6 +24,7 @@ from ..models.temporal import (TemporalBlock, find_temporal_block, finite_set, m
 from ..quant.layers import QuantLayer
 from ..quant.model import act_quantizers, weight_quantizers
 from .data import CalibrationData
+from .loop import at, batch_indices
 
 #: Rows of the finite set per TIAR iteration (all of them when there are fewer).
 DEFAULT_BATCH = 1024
@@ -42,15 +43,15 @@ def tib_quant_layers(denoiser: nn.Module) -> dict[str, QuantLayer]:
 def temporal_inputs(denoiser: nn.Module, timesteps: list[int], data: CalibrationData | None = None,
                     classes: list[int] | None = None) -> dict[str, torch.Tensor]:
     """The finite set the TIB is reconstructed / evaluated on: ``timestep`` (and ``class_labels``,
-    or the calibration data's ``encoder_hidden_states`` for embeddings that also read text).
+    or for blocks that also read other inputs, e.g. SDXL's ``text_embeds`` / ``time_ids``, the
+    calibration data's recorded conditioning rows).
     ``step`` gives each row's step index."""
     block = find_temporal_block(denoiser)
     if block.needs_conditioning:
         if data is None:
             raise ValueError("this model's time embedding also reads its conditioning: calibration data needed")
         rows = [dict(data.step(s), step=torch.full((data.rows(s),), s)) for s in range(len(data))]
-        keep = ("timestep", "class_labels", "encoder_hidden_states", "step")
-        return {k: torch.cat([r[k] for r in rows]) for k in keep if k in rows[0]}
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0] if k != "sample"}
     if block.class_conditional and classes is None:
         classes = model_classes(denoiser)
         if classes is None:
@@ -65,9 +66,9 @@ def temporal_inputs(denoiser: nn.Module, timesteps: list[int], data: Calibration
 
 
 def _features(denoiser, inputs: dict, idx, block: TemporalBlock, device) -> list[torch.Tensor]:
-    sel = {k: (v[idx] if idx is not None else v).to(device) for k, v in inputs.items() if k != "step"}
-    return temporal_features(denoiser, sel["timestep"], sel.get("class_labels"),
-                             sel.get("encoder_hidden_states"), block=block)
+    sel = {k: (v.index_select(0, idx.to(v.device)) if idx is not None else v).to(device)
+           for k, v in inputs.items() if k != "step"}
+    return temporal_features(denoiser, sel["timestep"], sel.get("class_labels"), sel, block=block)
 
 
 @torch.no_grad()
@@ -141,12 +142,17 @@ def evaluate_tib(denoiser: nn.Module, inputs: dict, targets: list[torch.Tensor],
 def tiar(denoiser: nn.Module, timesteps: list[int], data: CalibrationData | None = None,
          iters: int = 20000, lr: float = 1e-3, reg_weight: float = 0.01, warmup: float = 0.2,
          beta: tuple[float, float] = (20, 2), batch_size: int = DEFAULT_BATCH, seed: int = 0,
-         classes: list[int] | None = None, progress: bool = True) -> dict:
+         classes: list[int] | None = None, progress: bool = True, graphs: bool | None = False) -> dict:
     """Reconstruct the TIB's quantized linear layers with AdaRound under the TIAR loss.
 
     The weight quantizers' ranges must be initialised. Activation quantizers are off while it
     runs (FSC calibrates them afterwards); quantizer states are restored at the end. Returns a
     summary with the temporal-feature error and cosine before (nearest rounding) and after.
+
+    The finite set lives on the model's device for the whole run; when it has more than
+    ``batch_size`` rows, every iteration's rows are drawn up front (the same seeded draws as one
+    ``torch.randperm`` an iteration). ``graphs``: capture the iteration in a CUDA graph (None:
+    on CUDA; see :mod:`tfmq.calib.loop`).
     """
     layers = tib_quant_layers(denoiser)
     if not layers:
@@ -164,11 +170,13 @@ def tiar(denoiser: nn.Module, timesteps: list[int], data: CalibrationData | None
         before = evaluate_tib(denoiser, inputs, targets, block)
         gen = torch.Generator().manual_seed(seed)
         rows = min(batch_size, n)
+        resident = {k: v.to(device) for k, v in inputs.items() if k != "step"}   # sent once
+        table = None if rows == n else batch_indices(n, rows, iters, gen).to(device)
 
-        def loss_fn(iteration: int) -> torch.Tensor:
-            idx = None if rows == n else torch.randperm(n, generator=gen)[:rows]
-            feats = _features(denoiser, inputs, idx, block, device)
-            tg = targets if idx is None else [t[idx.to(device)] for t in targets]
+        def loss_fn(it: torch.Tensor) -> torch.Tensor:
+            idx = None if table is None else at(table, it)
+            feats = _features(denoiser, resident, idx, block, device)
+            tg = targets if idx is None else [t.index_select(0, idx) for t in targets]
             return temporal_error(feats, tg)
 
         opt = {}
@@ -177,7 +185,7 @@ def tiar(denoiser: nn.Module, timesteps: list[int], data: CalibrationData | None
             with torch.enable_grad():
                 opt = optimize_rounding(list(layers.values()), loss_fn, iters, lr=lr,
                                         reg_weight=reg_weight, warmup=warmup, beta=beta, desc="TIAR",
-                                        progress=progress)
+                                        progress=progress, graphs=graphs)
         after = evaluate_tib(denoiser, inputs, targets, block)
     finally:
         _restore(denoiser, states)

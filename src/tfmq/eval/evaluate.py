@@ -37,6 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..models.adapter import get_denoiser
 from ..sampling import SamplerConfig
 from .report import markdown_report  # noqa: F401  (re-exported: the CLI prints the report)
 
@@ -169,7 +170,7 @@ def _open_out(out: Path, settings: EvalSettings) -> None:
 
 
 def _fp32_denoiser_bytes(pipe) -> int:
-    return sum(p.numel() * 4 for p in pipe.unet.parameters())
+    return sum(p.numel() * 4 for p in get_denoiser(pipe).parameters())
 
 
 class _Metrics:
@@ -381,7 +382,7 @@ def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits:
     import tfmq
     from ..api import load_any
     from ..checkpoint import checkpoint_size
-    from ..models.adapter import get_denoiser, has_class_labels
+    from ..models.adapter import has_class_labels
     from ..sampling import build_conditioning, generate
     pipe = load_any(settings.model, settings.device)
     labels = None
@@ -401,7 +402,7 @@ def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits:
         if distributed.is_main():
             tfmq.save(pipe, ckpt, overwrite=True)
         distributed.barrier()
-        info = pipe.unet.tfmq_info
+        info = get_denoiser(pipe).tfmq_info
         row.update({"calibration_s": info["calibration_time"]["total_s"],
                     "calibration_stages_s": info["calibration_time"]["stages_s"],
                     "checkpoint_bytes": checkpoint_size(ckpt), "fsc": info.get("fsc"),

@@ -45,7 +45,7 @@ def temporal_feature_similarity(fp_denoiser: nn.Module, q_denoiser: nn.Module,
     dev_fp = next(fp_denoiser.parameters()).device
     dev_q = next(q_denoiser.parameters()).device
     cos_steps, err_steps = [], []
-    per_feature = {name: [] for name in block.resnets}
+    per_feature = {name: [] for name in block.projections}
     for s, t in enumerate(timesteps):
         tt, labels, _ = finite_set([t], classes if block.class_conditional else None)
         ref = temporal_features(fp_denoiser, tt.to(dev_fp), None if labels is None else labels.to(dev_fp),
@@ -56,7 +56,7 @@ def temporal_feature_similarity(fp_denoiser: nn.Module, q_denoiser: nn.Module,
                  for g, r in zip(got, ref)]
         num = sum(float(((g.float().cpu() - r.float().cpu()) ** 2).sum()) for g, r in zip(got, ref))
         den = sum(float((r.float().cpu() ** 2).sum()) for r in ref)
-        for name, c in zip(block.resnets, cos_i):
+        for name, c in zip(block.projections, cos_i):
             per_feature[name].append(c)
         cos_steps.append(sum(cos_i) / len(cos_i))
         err_steps.append(num / max(den, 1e-30))
@@ -181,10 +181,10 @@ def analyze_checkpoints(model, checkpoints: list[str | Path], out_dir: str | Pat
     reports = {}
     for i, ckpt in enumerate(tqdm(checkpoints, desc="temporal analysis", disable=not progress, leave=False)):
         q = load(ckpt, device)
-        label = labels[i] if labels else default_label(q.unet.tfmq_info, ckpt)
+        label = labels[i] if labels else default_label(get_denoiser(q).tfmq_info, ckpt)
         if label in reports:
             label = f"{label} [{Path(ckpt).name}]"
-        report = temporal_feature_similarity(fp_denoiser, q.unet)
+        report = temporal_feature_similarity(fp_denoiser, get_denoiser(q))
         report["checkpoint"] = str(ckpt)
         reports[label] = report
     paths = write_analysis(reports, out_dir)

@@ -19,9 +19,10 @@ cross-attention UNet ``encoder_hidden_states`` ``[B, S, D]``; output ``out_sampl
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
 from torch import nn
 
+from ..models.adapter import adapter_for
+from ..models.temporal import find_temporal_block
 from ..runtime.layers import ActQuant, AttentionActQuant, GroupActQuant, runtime_layers
 from ..runtime.steps import detach_step_index
 from ..runtime.temporal_cache import RemovedEmbedding, TemporalFeatureCache
@@ -57,13 +58,13 @@ class TemporalInput(nn.Module):
 class GraphDenoiser(nn.Module):
     """``forward(sample, temb_0, ..., temb_{n-1}[, encoder_hidden_states]) -> noise prediction``."""
 
-    def __init__(self, unet: nn.Module, features: _Features, dims: list[int]):
+    def __init__(self, denoiser: nn.Module, features: _Features, dims: list[int]):
         super().__init__()
-        self.unet = unet
+        self.denoiser = denoiser
         self._features = features
         self.dims = list(dims)
-        self.text = isinstance(unet, UNet2DConditionModel)
-        self.class_conditional = getattr(unet, "class_embedding", None) is not None
+        self.text = adapter_for(denoiser).text_conditional(denoiser)
+        self.class_conditional = getattr(denoiser, "class_embedding", None) is not None
 
     @property
     def input_names(self) -> list[str]:
@@ -90,14 +91,14 @@ class GraphDenoiser(nn.Module):
             kwargs["class_labels"] = torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
         self._features.values = list(inputs[:n])
         try:
-            return self.unet(sample, 0, return_dict=False, **kwargs)[0]
+            return self.denoiser(sample, 0, return_dict=False, **kwargs)[0]
         finally:
             self._features.values = None
 
     def example_inputs(self, batch: int = 2, sample_size: tuple[int, int] | None = None,
                        sequence: int = 8) -> tuple[torch.Tensor, ...]:
         """Random inputs of the graph's shapes (tracing, tests)."""
-        cfg = self.unet.config
+        cfg = self.denoiser.config
         size = sample_size or ((cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int)
                                else tuple(cfg.sample_size))
         g = torch.Generator().manual_seed(0)
@@ -115,8 +116,8 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def strip_temporal_block(denoiser: nn.Module, table: TemporalFeatureCache) -> _Features:
-    """Take the temporal information block out of ``denoiser`` (in place); its resnets read
-    the features of the returned holder."""
+    """Take the temporal information block out of ``denoiser`` (in place); the modules whose
+    outputs were the temporal features read them from the returned holder."""
     hook = getattr(denoiser, "_tfmq_cache_hook", None)
     if hook is not None:
         hook.remove()
@@ -124,12 +125,11 @@ def strip_temporal_block(denoiser: nn.Module, table: TemporalFeatureCache) -> _F
     if getattr(denoiser, "tfmq_temporal_cache", None) is not None:
         del denoiser.tfmq_temporal_cache
     detach_step_index(denoiser)
-    for name in ("time_proj", "time_embedding", "class_embedding", "add_time_proj", "add_embedding"):
-        if getattr(denoiser, name, None) is not None:
-            setattr(denoiser, name, RemovedEmbedding())
+    for name in find_temporal_block(denoiser).cache_removes:
+        _set_submodule(denoiser, name, RemovedEmbedding())
     features = _Features()
-    for i, (name, dim) in enumerate(zip(table.resnets, table.dims)):
-        denoiser.get_submodule(name).time_emb_proj = TemporalInput(features, i, dim)
+    for i, (name, dim) in enumerate(zip(table.features, table.dims)):
+        _set_submodule(denoiser, name, TemporalInput(features, i, dim))
     return features
 
 

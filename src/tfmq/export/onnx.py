@@ -3,7 +3,8 @@
 Layout of an export folder::
 
     model_index.json, scheduler/, vae/, text_encoder/, ...   the pipeline's other components
-    unet/config.json                        the denoiser's config (shapes, conditioning)
+    <denoiser>/config.json                  the denoiser's config (shapes, conditioning)
+                                            (UNets only: see check_exportable)
     denoiser.onnx                           the graph: QDQ activations, integer weight initializers
     temporal_features.safetensors           the temporal feature table the sampler feeds it
     export.json                             format, inputs, sampler and timesteps, quantization,
@@ -43,6 +44,7 @@ import torch
 
 from .. import __version__
 from ..sampling import SCHEDULERS, SamplerConfig
+from ..models.adapter import ADAPTERS, adapter_for
 from .graph import OUTPUT_NAME, GraphDenoiser, graph_denoiser
 from .qdq import ExportError, ExportWeight, _ExportLayer
 from .table import feature_table, save_table
@@ -57,6 +59,9 @@ DEFAULT_OPSET = 17
 INT4_OPSET = 21
 EXTERNAL_DATA_BYTES = 1_800_000_000          # protobuf's 2 GB limit: larger graphs keep tensors beside
 
+#: the denoiser classes the export handles (families whose adapter says ``onnx_export``)
+EXPORTABLE_CLASSES = tuple(t.__name__ for a in ADAPTERS if a.onnx_export for t in a.model_types)
+
 FSC_ALL_MESSAGE = (
     "this checkpoint was calibrated with --fsc all: every activation quantizer holds one parameter "
     "set per sampling step ({n} sets), which one ONNX graph with static scales cannot hold (scales "
@@ -65,16 +70,19 @@ FSC_ALL_MESSAGE = (
     "exported as a feature table outside the graph) or --fsc none, then export that checkpoint")
 
 
-def check_exportable(info: dict | None, unet_config: dict) -> None:
+def check_exportable(info: dict | None, denoiser_config: dict, denoiser_class: str) -> None:
     """Refuse, before any work, what cannot be exported (see the module docstring)."""
+    if denoiser_class not in EXPORTABLE_CLASSES:
+        raise ExportError(f"ONNX export supports {', '.join(EXPORTABLE_CLASSES)}; "
+                          f"{denoiser_class} is not supported yet: sample it with the PyTorch backends")
     if info is not None:
         fsc = info.get("fsc") or {}
         if fsc.get("mode") == "all" and fsc.get("n_sets", 1) > 1:
             raise ExportError(FSC_ALL_MESSAGE.format(n=fsc["n_sets"]))
-    if unet_config.get("time_embedding_type") == "fourier":
+    if denoiser_config.get("time_embedding_type") == "fourier":
         raise ExportError("this UNet (Fourier time embedding) also divides its output by the noise "
                           "level: the timestep would have to enter the graph; not supported")
-    if unet_config.get("addition_embed_type") is not None or unet_config.get("time_cond_proj_dim") is not None:
+    if denoiser_config.get("addition_embed_type") is not None or denoiser_config.get("time_cond_proj_dim") is not None:
         raise ExportError("this UNet's time embedding also reads text / image inputs (added conditioning, "
                           "e.g. SDXL): its temporal features are not a finite table, which the ONNX export needs")
 
@@ -144,8 +152,8 @@ def _resolve(source) -> _Source:
         if (path / CONFIG_FILE).exists():
             cfg = read_config(path)
             component = cfg["denoiser_component"]
-            unet_cfg = json.loads((path / component / "config.json").read_text())
-            check_exportable(config_info(cfg), unet_cfg)
+            denoiser_cfg = json.loads((path / component / "config.json").read_text())
+            check_exportable(config_info(cfg), denoiser_cfg, cfg.get("denoiser_class", ""))
             denoiser = load_denoiser(path, cfg=cfg)
             sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
             return _Source(denoiser, denoiser.tfmq_info, sched_cfg, _copy_pipeline_files(path, component))
@@ -156,7 +164,7 @@ def _resolve(source) -> _Source:
     denoiser = get_denoiser(pipe)
     component = denoiser_component(pipe)
     info = getattr(denoiser, "tfmq_info", None)
-    check_exportable(info, dict(denoiser.config))
+    check_exportable(info, dict(denoiser.config), type(denoiser).__name__)
     copy_ = _runtime_copy(denoiser) if info is not None else copy.deepcopy(denoiser).float().cpu().eval()
     return _Source(copy_, info, dict(pipe.scheduler.config), _save_pipeline_files(pipe, copy_, component))
 
@@ -299,7 +307,7 @@ def _weight_summary(graph: GraphDenoiser) -> dict:
     for name, m in graph.named_modules():
         if isinstance(m, _ExportLayer):
             kinds = [w.form for w in m.weights]
-            layers[name[len("unet."):]] = kinds[0] if len(kinds) == 1 else kinds
+            layers[name[len("denoiser."):]] = kinds[0] if len(kinds) == 1 else kinds
             for k in kinds:
                 forms[k] = forms.get(k, 0) + 1
     return {"forms": forms, "layers": layers}
@@ -384,13 +392,13 @@ def _export_config(src: _Source, graph: GraphDenoiser, table, sampler: SamplerCo
         "onnx_file": ONNX_FILE, "table_file": TABLE_FILE, "opset": opset,
         "precision": "int" if info is not None else "fp32",
         "weight_storage": weight_storage, "weights_checked": n_checked, "int4_weights": n_int4,
-        "denoiser_class": type(graph.unet).__name__, "denoiser_component": "unet",
+        "denoiser_class": type(graph.denoiser).__name__, "denoiser_component": adapter_for(graph.denoiser).component,
         "inputs": graph.input_names, "outputs": [OUTPUT_NAME],
         "sample_shape": list(graph.sample_shape),
         "sampler": asdict(sampler),
         "temporal": {"timesteps": table.timesteps.tolist(),
                      "classes": None if table.classes is None else table.classes.tolist(),
-                     "dims": list(table.dims), "resnets": list(table.resnets), "sampler": asdict(sampler),
+                     "dims": list(table.dims), "features": list(table.features), "sampler": asdict(sampler),
                      "source": "checkpoint cache" if (info or {}).get("temporal", {}).get("mode") == "cache"
                      else "computed by the exported model's temporal block"},
         "quantization": quant,

@@ -4,7 +4,7 @@
 whose ``onnx_denoiser`` (an :class:`OnnxDenoiser`) serves the denoiser calls of
 :func:`tfmq.sampling.denoise` / :func:`tfmq.generate`: for each
 call it looks the temporal features of the call's timesteps (and class labels) up in the
-feature table and runs the graph. ``pipe.unet`` is the denoiser's architecture without weights
+feature table and runs the graph. The pipeline's denoiser component is the architecture without weights
 (its config tells the sampler the shapes and the conditioning).
 
 Both runtimes are configured to compute what the graph says, in float32 outside the int8
@@ -191,7 +191,7 @@ class OnnxDenoiser(nn.Module):
 
 
 def _weightless_call(module, args):
-    raise RuntimeError("this pipeline's denoiser is an exported graph: its unet has no weights; sample with "
+    raise RuntimeError("this pipeline's denoiser is an exported graph: its denoiser component has no weights; sample with "
                        "tfmq.generate(pipe, ...) (or pass denoiser=pipe.onnx_denoiser)")
 
 
@@ -200,10 +200,12 @@ def load_onnx(export_dir, backend: str = "onnxruntime", threads: int | None = No
     (``onnxruntime`` or ``openvino``) with ``threads`` intra-op threads (default: torch's).
 
     Returns the diffusers pipeline with ``pipe.onnx_denoiser``, which :func:`tfmq.generate` /
-    :func:`tfmq.sampling.denoise` use for the denoiser calls; ``pipe.unet`` has no weights."""
+    :func:`tfmq.sampling.denoise` use for the denoiser calls; the pipeline's denoiser component has no weights."""
     import diffusers
     from accelerate import init_empty_weights
     from diffusers import DiffusionPipeline
+
+    from ..models.adapter import absent_components
     export_dir = Path(export_dir)
     cfg = read_export_config(export_dir)
     if backend not in RUNNERS:
@@ -217,7 +219,7 @@ def load_onnx(export_dir, backend: str = "onnxruntime", threads: int | None = No
     denoiser = OnnxDenoiser(runner, table, arch.config, cfg)
     arch.tfmq_info = denoiser.tfmq_info
     arch.register_forward_pre_hook(_weightless_call)
-    pipe = DiffusionPipeline.from_pretrained(str(export_dir), **{component: arch})
+    pipe = DiffusionPipeline.from_pretrained(str(export_dir), **absent_components(export_dir), **{component: arch})
     pipe.set_progress_bar_config(disable=True)
     pipe.onnx_denoiser = denoiser
     return pipe

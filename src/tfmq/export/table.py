@@ -24,14 +24,14 @@ from torch import nn
 
 from ..models.temporal import find_temporal_block, model_classes, temporal_features
 from ..runtime.steps import step_index_of
-from ..runtime.temporal_cache import TemporalFeatureCache
+from ..runtime.temporal_cache import TemporalFeatureCache, info_features
 from .qdq import ExportError
 
 
 def _copy(cache: TemporalFeatureCache) -> TemporalFeatureCache:
     out = TemporalFeatureCache(cache.timesteps.tolist(),
                                None if cache.classes is None else cache.classes.tolist(),
-                               cache.dims, cache.resnets, cache.sampler)
+                               cache.dims, cache.features, cache.sampler)
     for i in range(len(cache.dims)):
         out.feature_table(i).copy_(cache.feature_table(i).float().cpu())
     return out
@@ -58,7 +58,7 @@ def feature_table(denoiser: nn.Module, timesteps: list[int], sampler: dict | Non
         classes = model_classes(denoiser)
         if classes is None:
             raise ExportError("the class embedding is not a finite table: cannot tabulate its features")
-    table = TemporalFeatureCache(timesteps, classes, block.feature_dims, block.resnets, sampler)
+    table = TemporalFeatureCache(timesteps, classes, block.feature_dims, block.projections, sampler)
     steps = step_index_of(denoiser)
     device = next(denoiser.parameters()).device
     labels = None if classes is None else torch.tensor(classes, dtype=torch.long, device=device)
@@ -83,10 +83,10 @@ def save_table(table: TemporalFeatureCache, path: str | Path) -> None:
 
 def load_table(path: str | Path, description: dict) -> TemporalFeatureCache:
     """A table written by :func:`save_table`; ``description``: the export json's ``temporal``
-    entry (timesteps, classes, dims, resnets, sampler), checked against the tensors."""
+    entry (timesteps, classes, dims, features, sampler), checked against the tensors."""
     tensors = load_file(str(path))
     table = TemporalFeatureCache(description["timesteps"], description["classes"], description["dims"],
-                                 description["resnets"], description.get("sampler"))
+                                 info_features(description), description.get("sampler"))
     want = {k: v.shape for k, v in table.state_dict().items() if v is not None}
     have = {k: v.shape for k, v in tensors.items()}
     if want != have:

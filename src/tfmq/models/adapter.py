@@ -6,19 +6,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel, UNet2DModel
+from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-SUPPORTED_DENOISERS = (UNet2DModel, UNet2DConditionModel)
+from .base import DenoiserAdapter, UnsupportedModelError
+from .dit import DiTAdapter
+from .pixart import PixArtAdapter
+from .unet import UNetAdapter
 
-
-class UnsupportedModelError(ValueError):
-    """The pipeline or denoiser is not one tfmq can quantize."""
+#: One adapter per denoiser family (see :mod:`tfmq.models.base`).
+ADAPTERS: tuple[DenoiserAdapter, ...] = (UNetAdapter(), DiTAdapter(), PixArtAdapter())
+SUPPORTED_DENOISERS = tuple(t for a in ADAPTERS for t in a.model_types)
+#: Pipeline attributes that may hold the denoiser.
+DENOISER_COMPONENTS = tuple(dict.fromkeys(a.component for a in ADAPTERS))
 
 
 def _supported_names() -> str:
     return ", ".join(c.__name__ for c in SUPPORTED_DENOISERS)
+
+
+def adapter_for(denoiser: nn.Module) -> DenoiserAdapter:
+    """The adapter of ``denoiser``'s family; :class:`UnsupportedModelError` naming what is
+    supported for anything else."""
+    for adapter in ADAPTERS:
+        if adapter.matches(denoiser):
+            return adapter
+    raise UnsupportedModelError(f"unsupported denoiser {type(denoiser).__name__}; "
+                                f"supported denoisers: {_supported_names()}")
 
 
 def load_pipeline(model: str | Path, device: str | torch.device = "cpu",
@@ -28,8 +43,9 @@ def load_pipeline(model: str | Path, device: str | torch.device = "cpu",
     path = Path(model).expanduser()
     if not path.exists() and looks_like_path(model):
         raise ValueError(f"could not load a diffusers pipeline from {model!r}: no such local folder")
+    absent = absent_components(path) if path.exists() else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, dtype=dtype, **absent)
     except Exception as exc:  # diffusers raises many types: name the model in one clear error
         where = "local folder" if path.exists() else "hub id (no network access?)"
         raise ValueError(f"could not load a diffusers pipeline from {model!r} ({where}): {exc}") from exc
@@ -38,10 +54,21 @@ def load_pipeline(model: str | Path, device: str | torch.device = "cpu",
     return pipe.to(device)
 
 
+def absent_components(folder: str | Path) -> dict[str, None]:
+    """``{name: None}`` for every component a pipeline folder's ``model_index.json`` stores as
+    absent (e.g. the VAE of a pixel-space DiT), so that ``from_pretrained`` accepts the folder."""
+    import json
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return {}
+    return {name: None for name, spec in json.loads(index.read_text()).items()
+            if isinstance(spec, list) and spec and spec[0] is None}
+
+
 def denoiser_component(pipe) -> str:
-    """The name of the pipeline component that is the denoiser (after checking it is supported)."""
-    get_denoiser(pipe)
-    return "unet"
+    """The name of the pipeline component that is the denoiser (``unet`` / ``transformer``),
+    after checking it is supported."""
+    return adapter_for(get_denoiser(pipe)).component
 
 
 def looks_like_path(model: str) -> bool:
@@ -51,27 +78,25 @@ def looks_like_path(model: str) -> bool:
 
 
 def get_denoiser(pipe) -> nn.Module:
-    """The pipeline's denoiser (``pipe.unet``); a clear error for anything unsupported."""
-    denoiser = getattr(pipe, "unet", None)
-    if denoiser is None:
-        other = getattr(pipe, "transformer", None)
-        what = type(other).__name__ if other is not None else "no denoiser"
-        raise UnsupportedModelError(f"unsupported pipeline {type(pipe).__name__} ({what}); "
-                        f"supported denoisers: {_supported_names()}")
-    if not isinstance(denoiser, SUPPORTED_DENOISERS):
-        raise UnsupportedModelError(f"unsupported denoiser {type(denoiser).__name__}; "
-                        f"supported denoisers: {_supported_names()}")
-    return denoiser
+    """The pipeline's denoiser (its ``unet`` or ``transformer``); a clear error for anything
+    unsupported."""
+    for name in DENOISER_COMPONENTS:
+        denoiser = getattr(pipe, name, None)
+        if denoiser is not None:
+            adapter_for(denoiser)
+            return denoiser
+    raise UnsupportedModelError(f"unsupported pipeline {type(pipe).__name__} (no denoiser among "
+                                f"{', '.join(DENOISER_COMPONENTS)}); supported denoisers: {_supported_names()}")
+
+
+def pipeline_adapter(pipe) -> DenoiserAdapter:
+    """The adapter of ``pipe``'s denoiser."""
+    return adapter_for(get_denoiser(pipe))
 
 
 def denoiser_kind(denoiser: nn.Module) -> str:
-    """``unet2d`` (pixel / latent UNet, optionally class-conditional) or ``unet2d-cond``
-    (cross-attention UNet of Stable Diffusion)."""
-    if isinstance(denoiser, UNet2DConditionModel):
-        return "unet2d-cond"
-    if isinstance(denoiser, UNet2DModel):
-        return "unet2d"
-    raise UnsupportedModelError(f"unsupported denoiser {type(denoiser).__name__}; supported: {_supported_names()}")
+    """The family of ``denoiser`` (``unet``, ``dit``, ``pixart``)."""
+    return adapter_for(denoiser).family
 
 
 @dataclass
@@ -97,6 +122,13 @@ def quantizable_layers(denoiser: nn.Module) -> list[LayerInfo]:
 
 
 def has_class_labels(denoiser: nn.Module) -> bool:
-    """Whether the denoiser takes class labels (a class embedding)."""
-    return getattr(denoiser, "class_embedding", None) is not None and \
-        getattr(denoiser.config, "num_class_embeds", None) is not None
+    """Whether the denoiser takes class labels."""
+    return adapter_for(denoiser).class_labels_apply(denoiser)
+
+
+def call_denoiser(denoiser: nn.Module, row: dict[str, torch.Tensor]):
+    """Run ``denoiser`` on a flat row (``sample``, ``timestep`` and conditioning inputs, as
+    sampling conditions it and calibration data record it); returns the model's output."""
+    kwargs = adapter_for(denoiser).forward_kwargs(
+        {k: v for k, v in row.items() if k not in ("sample", "timestep")})
+    return denoiser(row["sample"], timestep=row["timestep"], **kwargs)

@@ -44,10 +44,10 @@ def build_cache(denoiser: nn.Module, timesteps: list[int], classes: list[int] | 
     class-conditional model (default: every row of its embedding table, null class included)."""
     block = _check_cacheable(denoiser)
     classes = _cache_classes(denoiser, block, classes)
-    cache = TemporalFeatureCache(timesteps, classes, block.feature_dims, block.resnets, sampler)
+    cache = TemporalFeatureCache(timesteps, classes, block.feature_dims, block.projections, sampler)
     device = next(denoiser.parameters()).device
     t, labels, _ = finite_set(timesteps, classes)
-    parts: list[list[torch.Tensor]] = [[] for _ in block.resnets]
+    parts: list[list[torch.Tensor]] = [[] for _ in block.projections]
     for a in tqdm(range(0, len(t), CHUNK_ROWS), desc="temporal cache", disable=not progress, leave=False):
         feats = temporal_features(denoiser, t[a:a + CHUNK_ROWS].to(device),
                                   None if labels is None else labels[a:a + CHUNK_ROWS].to(device), block=block)
@@ -63,7 +63,7 @@ def cache_info(cache: TemporalFeatureCache) -> dict:
     """What a checkpoint stores to rebuild the cache's structure (its tensors are in the state)."""
     return {"mode": "cache", "timesteps": cache.timesteps.tolist(),
             "classes": None if cache.classes is None else cache.classes.tolist(),
-            "dims": list(cache.dims), "resnets": list(cache.resnets), "sampler": cache.sampler,
+            "dims": list(cache.dims), "features": list(cache.features), "sampler": cache.sampler,
             "bytes": cache.nbytes()}
 
 

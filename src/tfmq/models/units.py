@@ -1,4 +1,4 @@
-"""Reconstruction units of diffusers UNets, and the channel splits of up blocks.
+"""Reconstruction units of diffusers denoisers, and the channel splits of UNet up blocks.
 
 A *unit* is the piece of the denoiser that block reconstruction (BRECQ) optimises at once:
 
@@ -6,9 +6,12 @@ A *unit* is the piece of the denoiser that block reconstruction (BRECQ) optimise
     and its shortcut conv;
   * each attention block: a ``Transformer2DModel`` (proj_in, its transformer blocks, proj_out)
     as one unit, or a bare diffusers ``Attention`` (pixel / latent UNets' attention blocks);
+  * each transformer block of a DiT / PixArt (``BasicTransformerBlock``: its attentions, its
+    feed-forward and, in a DiT, its own adaLN embedder and modulation linear);
   * each time / class embedding MLP (``TimestepEmbedding``: ``linear_1`` and ``linear_2``);
   * every quantized layer outside those ("loose" layers): ``conv_in``, ``conv_out``, the
-    upsampler and downsampler convs.
+    upsampler and downsampler convs; a transformer's patch embedding, caption projection and
+    final projections.
 
 Units are ordered by the order in which they first run in a forward pass (module registration
 order differs: e.g. diffusers registers ``up_blocks`` before ``mid_block`` and a block's
@@ -41,6 +44,7 @@ from torch import nn
 
 from ..quant.layers import QuantLayer
 from ..quant.model import quant_layers
+from .adapter import call_denoiser
 from ..quant.quantizer import UniformQuantizer
 
 
@@ -75,7 +79,7 @@ def _block_kind(module: nn.Module) -> str | None:
     cls = type(module).__name__
     if cls.startswith("ResnetBlock"):
         return "resnet"
-    if cls in ("Transformer2DModel", "DualTransformer2DModel"):
+    if cls in ("Transformer2DModel", "DualTransformer2DModel", "BasicTransformerBlock"):
         return "transformer"
     if cls == "Attention":
         return "attention"
@@ -115,27 +119,42 @@ class _Seen(Exception):
 def order_units(denoiser: nn.Module, units: list[Unit], example: dict[str, torch.Tensor]) -> list[Unit]:
     """``units`` sorted by when they first run on ``example`` (a one-row denoiser input:
     ``sample``, ``timestep`` and conditioning). Units that never run are dropped. Quantizers are
-    bypassed during this probe (their ranges may not be set yet)."""
+    bypassed during this probe (their ranges may not be set yet).
+
+    Units whose input is not one row per sample cannot be reconstructed on sample rows (PixArt's
+    size-condition embedders read the flattened (height, width) pair: two rows per sample); they
+    are dropped with a warning naming them, and keep nearest rounding and their initial ranges.
+    """
+    import warnings
+
     from ..quant.model import act_quantizers, weight_quantizers
     qs = list(act_quantizers(denoiser).values()) + list(weight_quantizers(denoiser).values())
     prev = [q.enabled for q in qs]
     first: dict[str, int] = {}
+    rows: dict[str, int] = {}
     hooks = []
     for u in units:
         def hook(module, args, name=u.name):
             first.setdefault(name, len(first))
+            x = next((a for a in args if torch.is_tensor(a)), None)
+            if x is not None and x.dim() > 0:
+                rows.setdefault(name, x.shape[0])
         hooks.append(u.module.register_forward_pre_hook(hook))
     try:
         for q in qs:
             q.enabled = False
-        kwargs = {k: v for k, v in example.items() if k not in ("sample", "timestep")}
-        denoiser(example["sample"], example["timestep"], **kwargs)
+        call_denoiser(denoiser, example)
     finally:
         for h in hooks:
             h.remove()
         for q, e in zip(qs, prev):
             q.enabled = e
-    ran = [u for u in units if u.name in first]
+    batch = example["sample"].shape[0]
+    unbatched = [u.name for u in units if rows.get(u.name, batch) != batch]
+    if unbatched:
+        warnings.warn(f"units whose input is not one row per sample are not reconstructed: {unbatched}",
+                      stacklevel=2)
+    ran = [u for u in units if u.name in first and u.name not in unbatched]
     return sorted(ran, key=lambda u: first[u.name])
 
 

@@ -17,6 +17,7 @@ quantizer's scale and zero-point stay fixed: only ``alpha`` is learned.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -58,6 +59,20 @@ class AdaRound(nn.Module):
         frac = x - torch.floor(x)
         self.alpha = nn.Parameter(inverse_rectified_sigmoid(frac))
         self.hard = False
+        self._fixed = None      # (floor(w / s), s, z) while the weight and its grid are fixed
+
+    @contextmanager
+    def fixed_grid(self, weight: torch.Tensor, quantizer):
+        """Within the block, ``floor(w / s)``, the scale and the zero-point are computed once
+        instead of on every call (the weight and its quantizer must not change meanwhile; the
+        results are the same as without it). Used by the optimisation loops."""
+        scale, zero = quantizer.current()
+        scale, zero = scale.detach().float(), zero.detach().float()
+        self._fixed = (torch.floor(weight.detach().float() / scale), scale, zero)
+        try:
+            yield self
+        finally:
+            self._fixed = None
 
     def h(self) -> torch.Tensor:
         """The soft rounding offsets ``h(alpha)`` in [0, 1]."""
@@ -68,9 +83,12 @@ class AdaRound(nn.Module):
         return (self.alpha >= 0).to(self.alpha.dtype) if self.hard else self.h()
 
     def _grid(self, weight: torch.Tensor, quantizer, offsets: torch.Tensor):
-        scale, zero = quantizer.current()
-        scale, zero = scale.detach().float(), zero.detach().float()
-        w_floor = torch.floor(weight.detach().float() / scale)
+        if self._fixed is not None:
+            w_floor, scale, zero = self._fixed
+        else:
+            scale, zero = quantizer.current()
+            scale, zero = scale.detach().float(), zero.detach().float()
+            w_floor = torch.floor(weight.detach().float() / scale)
         q = torch.clamp(w_floor + offsets + zero, quantizer.qmin, quantizer.qmax)
         return q, scale, zero
 
@@ -86,8 +104,9 @@ class AdaRound(nn.Module):
         q, _, _ = self._grid(weight, quantizer, up)
         return q
 
-    def regularizer(self, beta: float) -> torch.Tensor:
-        """``sum(1 - |2 h(alpha) - 1|^beta)``: zero only when every offset is exactly 0 or 1."""
+    def regularizer(self, beta: float | torch.Tensor) -> torch.Tensor:
+        """``sum(1 - |2 h(alpha) - 1|^beta)``: zero only when every offset is exactly 0 or 1.
+        ``beta`` may be a 0-d tensor (the loops' schedule on the device)."""
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
     @torch.no_grad()

@@ -123,16 +123,18 @@ def set_step(model: nn.Module, index: int) -> None:
 
 
 @contextmanager
-def row_steps(model: nn.Module, steps: torch.Tensor | None):
+def row_steps(model: nn.Module, steps: torch.Tensor | None, check: bool = True):
     """Within the block, every multi-set (FSC) activation quantizer uses parameter set
     ``steps[i]`` for row ``i`` of its input, and the step index of a calibrated model
     (:class:`tfmq.runtime.steps.StepIndex`) is paused. For calibration batches whose rows come
-    from several steps. ``steps=None`` changes nothing."""
+    from several steps. ``steps=None`` changes nothing. ``check=False`` skips the bounds check
+    (a host synchronisation when ``steps`` is on a GPU): for callers that checked every row's
+    step once beforehand."""
     if steps is None:
         yield
         return
     multi = multi_set_quantizers(model)
-    if multi and int(steps.max()) >= min(q.n_sets for q in multi):
+    if check and multi and int(steps.max()) >= min(q.n_sets for q in multi):
         raise IndexError(f"step index {int(steps.max())} outside the calibrated steps")
     selector = getattr(model, "tfmq_steps", None)
     saved = [q.set_index for q in multi]

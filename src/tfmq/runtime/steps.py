@@ -57,9 +57,11 @@ def call_arguments(denoiser: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 def argument_picker(denoiser: nn.Module, name: str) -> Callable[[tuple, dict], object]:
     """A function ``(args, kwargs) -> value`` of forward argument ``name`` of ``denoiser``'s
-    calls; plain indexing (the position is looked up once), so it is traceable by torch.compile."""
+    calls; plain indexing (the position is looked up once), so it is traceable by torch.compile.
+    ``sample`` is the first parameter whatever the model calls it (``hidden_states`` in
+    diffusers' transformers)."""
     params = list(inspect.signature(type(denoiser).forward).parameters)[1:]     # without self
-    pos = params.index(name) if name in params else None
+    pos = params.index(name) if name in params else (0 if name == "sample" else None)
 
     def pick(args: tuple, kwargs: dict):
         if name in kwargs:

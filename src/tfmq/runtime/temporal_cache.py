@@ -5,7 +5,8 @@ Every temporal feature ``g_i(h(t, c))`` depends only on the timestep and the cla
 finite sets (the sampler's timesteps, the model's classes). The table
 ``feature_i[step, class]`` is computed once at calibration (:func:`tfmq.models.temporal_cache.build_cache`)
 and stored in the checkpoint; at run time a forward pre-hook on the denoiser reads the call's
-timesteps / class labels and picks the rows, each resnet's ``time_emb_proj`` is a
+timesteps / class labels and picks the rows, each module whose output is a temporal feature (a
+UNet resnet's ``time_emb_proj``, a DiT block's adaLN ``norm1.linear``, ...) is a
 :class:`CachedProjection` returning its rows, and the removed embedding modules return
 zero-width tensors. While compiling or capturing a CUDA graph the lookup is tensor-only (no check
 that the timestep is in the table: :func:`tfmq.runtime.steps.check_timesteps` checked the
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.temporal import find_temporal_block
+from ..models.adapter import adapter_for
 from ..models.fingerprint import denoiser_fingerprint
 from .steps import _tracing, argument_picker, timestep_key
 
@@ -30,9 +31,9 @@ class TemporalFeatureCache(nn.Module):
     """The table ``feature_i[step, class] = g_i(h(timesteps[step], classes[class]))``."""
 
     def __init__(self, timesteps: list[int], classes: list[int] | None, dims: list[int],
-                 resnets: list[str], sampler: dict | None = None):
+                 features: list[str], sampler: dict | None = None):
         super().__init__()
-        self.resnets = list(resnets)
+        self.features = list(features)          # feature i = the output of module features[i]
         self.sampler = dict(sampler or {})
         self.register_buffer("timesteps", torch.tensor([int(t) for t in timesteps], dtype=torch.long))
         self.register_buffer("classes", None if classes is None else torch.tensor(classes, dtype=torch.long))
@@ -106,16 +107,27 @@ class TemporalFeatureCache(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
+def _float_dtype(args: tuple, kwargs: dict) -> torch.dtype:
+    """The dtype the replaced module would have computed in: ``hidden_dtype`` where the caller
+    names it (diffusers' embedders), else the first floating input's, else float32."""
+    if kwargs.get("hidden_dtype") is not None:
+        return kwargs["hidden_dtype"]
+    x = args[0] if args else None
+    return x.dtype if torch.is_tensor(x) and x.is_floating_point() else torch.float32
+
+
 class CachedProjection(nn.Module):
-    """Stands in for a resnet's ``time_emb_proj``: returns the cached feature of the call."""
+    """Stands in for a module whose output is a temporal feature (a resnet's ``time_emb_proj``,
+    a DiT block's ``norm1.linear``, PixArt's ``adaln_single.linear``): returns the cached
+    feature of the call, whatever it is called with."""
 
     def __init__(self, cache: TemporalFeatureCache, index: int):
         super().__init__()
         self._cache = [cache]          # a list: not a submodule, so its buffers are stored once
         self.index = index
 
-    def forward(self, temb: torch.Tensor) -> torch.Tensor:
-        return self._cache[0].feature(self.index).to(temb.dtype)
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self._cache[0].feature(self.index).to(_float_dtype(args, kwargs))
 
     def extra_repr(self) -> str:
         return f"cached feature {self.index}"
@@ -125,17 +137,21 @@ class RemovedEmbedding(nn.Module):
     """Stands in for a removed embedding module: a zero-width ``[B, 0]`` tensor."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        return torch.zeros((x.shape[0], 0), device=x.device, dtype=dtype)
+        return torch.zeros((x.shape[0] if x.dim() else 1, 0), device=x.device,
+                           dtype=_float_dtype((x,), kwargs))
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 def _check_cacheable(denoiser: nn.Module):
-    block = find_temporal_block(denoiser)
-    if block.needs_conditioning:
-        raise ValueError("temporal feature caching needs a time embedding that depends on the timestep "
-                         "and class only; this model's also reads text / image inputs (add_embedding)")
-    if getattr(denoiser.config, "class_embeddings_concat", False):
-        raise ValueError("temporal feature caching does not support class_embeddings_concat")
+    adapter = adapter_for(denoiser)
+    block = adapter.temporal_block(denoiser)
+    why = adapter.cache_refusal(denoiser, block)
+    if why:
+        raise ValueError(why)
     return block
 
 
@@ -144,24 +160,31 @@ def install_cache(denoiser: nn.Module, cache: TemporalFeatureCache) -> TemporalF
     if getattr(denoiser, "tfmq_temporal_cache", None) is not None:
         raise RuntimeError("this denoiser already uses a temporal feature cache")
     block = _check_cacheable(denoiser)
-    if block.resnets != cache.resnets:
-        raise ValueError("the temporal feature cache was built for another model (resnet blocks differ)")
+    if block.projections != cache.features:
+        raise ValueError("the temporal feature cache was built for another model (temporal features differ)")
     if getattr(denoiser, "tfmq_fp_fingerprint", None) is None:
         denoiser.tfmq_fp_fingerprint = denoiser_fingerprint(denoiser)   # before the modules change
-    for name in block.embedding:
-        if name != "time_embed_act":
-            setattr(denoiser, name, RemovedEmbedding())
-    for i, name in enumerate(block.resnets):
-        denoiser.get_submodule(name).time_emb_proj = CachedProjection(cache, i)
+    for name in block.cache_removes:
+        _set_submodule(denoiser, name, RemovedEmbedding())
+    for i, name in enumerate(block.projections):
+        _set_submodule(denoiser, name, CachedProjection(cache, i))
     cache._pickers = {n: argument_picker(denoiser, n) for n in ("sample", "timestep", "class_labels")}
     denoiser.tfmq_temporal_cache = cache
     denoiser._tfmq_cache_hook = denoiser.register_forward_pre_hook(cache.pre_hook, with_kwargs=True)
     return cache
 
 
+def info_features(info: dict) -> list[str]:
+    """The feature module names of a checkpoint's cache entry (checkpoints written before the
+    adapters named resnets: their features are the resnets' ``time_emb_proj``)."""
+    if "features" in info:
+        return list(info["features"])
+    return [f"{r}.time_emb_proj" for r in info["resnets"]]
+
+
 def install_from_info(denoiser: nn.Module, info: dict) -> TemporalFeatureCache:
     """Rebuild an (empty) cache of a checkpoint's shape and install it; the state dict fills it."""
-    cache = TemporalFeatureCache(info["timesteps"], info["classes"], info["dims"], info["resnets"],
+    cache = TemporalFeatureCache(info["timesteps"], info["classes"], info["dims"], info_features(info),
                                  info.get("sampler"))
     device = next(denoiser.parameters()).device
     return install_cache(denoiser, cache.to(device))

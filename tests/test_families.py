@@ -1,0 +1,224 @@
+"""Denoiser families behind the adapter: DiT, PixArt (T5 text, adaLN-single) and SDXL (two CLIP
+text encoders, text_time added embedding), next to the UNets of the other test files.
+
+Tiny pipelines built from configs with RANDOM weights: structure, exactness and plumbing only
+(quantize with each method -> save -> load -> identical outputs; the temporal block equals what
+the forward pass computes; TIAR lowers the temporal-feature error). Quality on a TRAINED
+transformer is tests/test_bundled_model.py's fmnist-dit test.
+"""
+
+import pytest
+import torch
+from conftest import _tiny_vocab
+
+import tfmq
+from tfmq.models.adapter import adapter_for, call_denoiser, get_denoiser
+from tfmq.models.temporal import find_temporal_block, temporal_features, tib_layer_names
+from tfmq.sampling import SamplerConfig, build_conditioning, denoise, generate, sampler_timesteps
+
+SAMPLER = SamplerConfig("ddim", 4)
+
+
+def tiny_dit_pipeline(seed=0, learned_sigma=False):
+    """DiTPipeline without a VAE (pixel space), 2 blocks of width 16, 5 classes + null."""
+    from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+    torch.manual_seed(seed)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1,
+                                out_channels=2 if learned_sigma else 1, num_layers=2, sample_size=8,
+                                patch_size=2, num_embeds_ada_norm=5).eval()
+    pipe = DiTPipeline(transformer=dit, vae=None, scheduler=DDPMScheduler(clip_sample=True))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pixart_pipeline(tmp_dir, seed=0, additional_conditions=False):
+    """PixArtAlphaPipeline: 1-layer T5 encoder (made-up vocabulary), 2 adaLN-single blocks of
+    width 24 (divisible by 3, as the size conditions need) with a learned-variance output, a small VAE."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    tok = _tiny_vocab(tmp_dir)
+    torch.manual_seed(seed)
+    text = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(tok.get_vocab()), d_model=16, d_kv=8, num_heads=2, num_layers=1, d_ff=32)).eval()
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=8, patch_size=2, cross_attention_dim=24, caption_channels=16,
+        use_additional_conditions=additional_conditions).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=8, sample_size=16).eval()
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
+                               scheduler=DDIMScheduler(clip_sample=True))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(tmp_dir, seed=0):
+    """StableDiffusionXLPipeline: two 1-layer CLIP text encoders (the second with a projection),
+    a text_time UNet, a small VAE."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    tok = _tiny_vocab(tmp_dir)
+    torch.manual_seed(seed)
+    clip = dict(vocab_size=len(tok.get_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip)).eval()
+    text2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**clip, projection_dim=8)).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+        addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 8).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=8, sample_size=16).eval()
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=DDIMScheduler(clip_sample=True))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PROMPTS = ["a red dress", "blue shoes"]
+
+
+@pytest.fixture(params=["dit", "pixart", "pixart-sizes", "sdxl"])
+def family(request, tmp_path):
+    """(pipeline, sampling kwargs) of each family."""
+    if request.param == "dit":
+        return tiny_dit_pipeline(), {"class_labels": [0, 3]}
+    if request.param == "pixart":
+        return tiny_pixart_pipeline(tmp_path), {"prompts": PROMPTS}
+    if request.param == "pixart-sizes":
+        return tiny_pixart_pipeline(tmp_path, additional_conditions=True), {"prompts": PROMPTS}
+    return tiny_sdxl_pipeline(tmp_path), {"prompts": PROMPTS}
+
+
+def _quick(method, **kw):
+    small = dict(wbits=4, abits=8, sampler=SAMPLER, calib_size=2, calib_batch_size=2, layer_policy="all")
+    if method in ("qdiff", "tfmq"):
+        small.update(recon_iters=3, act_learn_iters=2, recon_batch_size=4)
+    if method == "tfmq":
+        small.update(tiar_iters=3)
+    if method == "qdiff":
+        small.update(calib_steps=2)
+    small.update(kw)
+    return tfmq.QuantConfig.for_method(method, **small)
+
+
+def test_adapters_name_component_and_family(family):
+    pipe, _ = family
+    adapter = adapter_for(get_denoiser(pipe))
+    assert adapter.component == ("unet" if adapter.family == "unet" else "transformer")
+    assert getattr(pipe, adapter.component) is get_denoiser(pipe)
+
+
+def test_temporal_block_equals_forward_pass(family):
+    """The features computed from the block alone are the outputs the modules give inside a
+    real forward call (forward hooks), for the call's timesteps / classes / conditioning."""
+    pipe, kw = family
+    denoiser = get_denoiser(pipe)
+    block = find_temporal_block(denoiser)
+    cond = build_conditioning(pipe, 2, 0, kw.get("class_labels"), kw.get("prompts"))
+    row = {"sample": torch.randn(2, *adapter_for(denoiser).sample_shape(denoiser), generator=torch.Generator().manual_seed(0)),
+           "timestep": torch.tensor([999, 10]), **cond.rows(slice(0, 2), False)}
+    seen = {}
+    hooks = [denoiser.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: seen.setdefault(n, out)) for n in block.projections]
+    try:
+        with torch.no_grad():
+            call_denoiser(denoiser, row)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        feats = temporal_features(denoiser, row["timestep"], row.get("class_labels"), row, block=block)
+    assert len(feats) == len(block.projections) == len(block.feature_dims) > 0
+    for name, f, dim in zip(block.projections, feats, block.feature_dims):
+        assert f.shape == (2, dim)
+        torch.testing.assert_close(f, seen[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method,extra", [("naive", {}), ("qdiff", {}), ("tfmq", {"temporal": "tiar"}),
+                                          ("tfmq", {"temporal": "cache"})])
+def test_quantize_save_load_identical(family, method, extra, tmp_path):
+    pipe, kw = family
+    denoiser = get_denoiser(pipe)
+    block = find_temporal_block(denoiser)
+    config = _quick(method, prompts=kw.get("prompts"), **extra)
+    if extra.get("temporal") == "cache" and block.needs_conditioning:
+        with pytest.raises(ValueError, match="caching"):
+            tfmq.quantize(pipe, config, progress=False)
+        return
+    tfmq.quantize(pipe, config, progress=False)
+    q = generate(pipe, SAMPLER, 2, batch_size=2, seed=1, progress=False, **kw)
+    tfmq.save(pipe, tmp_path / "ckpt")
+    back = tfmq.load(tmp_path / "ckpt")
+    assert type(get_denoiser(back)) is type(denoiser)
+    again = generate(back, SAMPLER, 2, batch_size=2, seed=1, progress=False, **kw)
+    assert (q == again).all()
+    if method == "tfmq":                     # per-step parameters: the calibrated sampler is enforced
+        from tfmq.runtime.steps import CalibrationMismatchError
+        with pytest.raises(CalibrationMismatchError):
+            generate(back, SamplerConfig("ddim", 5), 1, progress=False, **kw)
+
+
+def test_tiar_lowers_temporal_error(family):
+    from tfmq.api import make_wrap_spec
+    from tfmq.calib.ranges import init_weight_ranges
+    from tfmq.calib.tiar import tiar
+    from tfmq.quant.model import wrap_denoiser
+    pipe, kw = family
+    denoiser = get_denoiser(pipe)
+    timesteps = sampler_timesteps(pipe, SAMPLER)
+    data = None
+    if find_temporal_block(denoiser).needs_conditioning:
+        from tfmq.calib.data import collect_calibration_data
+        data = collect_calibration_data(pipe, SAMPLER, 2, 2, prompts=kw.get("prompts"), progress=False)
+    config = _quick("tfmq", wbits=3)
+    wrap_denoiser(denoiser, make_wrap_spec(config, denoiser, timesteps))
+    init_weight_ranges(denoiser, "minmax", progress=False)
+    summary = tiar(denoiser, timesteps, data, iters=120, lr=1e-2, progress=False)
+    assert summary["layers"] and set(summary["layers"]) <= set(tib_layer_names(denoiser))
+    assert summary["error_tiar"] < summary["error_nearest"]
+
+
+def test_dit_learned_sigma_output_is_split():
+    pipe = tiny_dit_pipeline(learned_sigma=True)
+    out = denoise(pipe, SAMPLER, 2, 2, 0, build_conditioning(pipe, 2, 0, [1, 2]), progress=False)
+    assert out.shape == (2, 1, 8, 8)
+
+
+def test_dit_conditioning_and_errors():
+    pipe = tiny_dit_pipeline()
+    dit = get_denoiser(pipe)
+    cond = build_conditioning(pipe, 3, 0, [4], guidance_scale=2.0)
+    assert cond.class_labels.tolist() == [4, 4, 4]
+    assert cond.negative["class_labels"].tolist() == [5, 5, 5]      # the null row after 5 classes
+    with pytest.raises(ValueError, match="class labels must be in 0..4"):
+        build_conditioning(pipe, 1, 0, [5])
+    with pytest.raises(ValueError, match="not text-conditional"):
+        build_conditioning(pipe, 1, 0, prompts=["x"])
+    assert adapter_for(dit).class_table(dit) == list(range(6))
+
+
+def test_temporal_cache_refused_where_the_block_reads_other_inputs(tmp_path):
+    pipe = tiny_sdxl_pipeline(tmp_path)
+    block = find_temporal_block(get_denoiser(pipe))
+    assert block.needs_conditioning and "add_embedding" in block.embedding
+    pipe = tiny_pixart_pipeline(tmp_path, additional_conditions=False)
+    assert not find_temporal_block(get_denoiser(pipe)).needs_conditioning
+
+
+def test_unsupported_denoiser_lists_the_supported_ones():
+    from diffusers import DiffusionPipeline
+
+    from tfmq.models.base import UnsupportedModelError
+
+    class Odd(DiffusionPipeline):
+        def __init__(self, transformer):
+            super().__init__()
+            self.register_modules(transformer=transformer)
+
+    with pytest.raises(UnsupportedModelError, match="DiTTransformer2DModel.*PixArtTransformer2DModel"):
+        get_denoiser(Odd(torch.nn.Linear(2, 2)))
