@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .calib.data import collect_calibration_data
 from .finite import FiniteOutputWatch, check_finite_quant_params, check_finite_weights
-from .calib.resume import PROGRESS_DIR, ProgressStore, model_fingerprint
+from .calib.resume import PROGRESS_DIR, ProgressStore, ResumeError, model_fingerprint
 from .config import QuantConfig
 from .models.adapter import absent_components, get_denoiser, load_pipeline
 from .models.units import shortcut_splits
@@ -113,6 +113,11 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
     Raises :class:`tfmq.finite.NonFiniteError` before any work if a weight is NaN / inf,
     while collecting the calibration data if the FP model's output is, and at the end if a
     quantization parameter came out non-finite.
+
+    Under several processes (``torchrun`` / ``accelerate launch``, see :mod:`tfmq.distributed`)
+    every process calls it with the same arguments: calibration data, activation ranges and the
+    reconstruction rows are split over the ranks, and every rank ends with the same quantized
+    denoiser (rank 0's state is broadcast after each stage). Only rank 0 writes ``work_dir``.
     """
     if config is None:
         config = QuantConfig.for_method(overrides.pop("method", "naive"), **overrides)
@@ -128,7 +133,7 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
     store = None
     created_work_dir = work_dir is not None and not Path(work_dir).exists()
     if work_dir is not None:
-        store = ProgressStore.open(work_dir, config.to_dict(), model_fingerprint(denoiser), resume)
+        store = _open_store(work_dir, config.to_dict(), model_fingerprint(denoiser), resume)
     try:
         timer = StageTimer()
         watch = FiniteOutputWatch(denoiser)
@@ -151,8 +156,8 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
         finally:
             data.cleanup()
     except BaseException:
-        if store is not None and not store.manifest["done"]:   # a failed start: leave nothing
-            store.clear()
+        if store is not None and not store.manifest["done"] and distributed.is_main():  # a failed start
+            store.clear()                                                               # leaves nothing
             if created_work_dir and Path(work_dir).is_dir() and not any(Path(work_dir).iterdir()):
                 Path(work_dir).rmdir()
         raise
@@ -171,6 +176,20 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
     bind_quantized(pipe, denoiser)
     guard_save_pretrained(pipe)
     return pipe
+
+
+def _open_store(work_dir, config_dict: dict, fingerprint: str, resume: bool) -> ProgressStore:
+    """The progress store: rank 0 opens (and writes) it; the other ranks read its manifest."""
+    store, error = None, None
+    if distributed.is_main():
+        try:
+            store = ProgressStore.open(work_dir, config_dict, fingerprint, resume)
+        except ResumeError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)       # every rank fails alike, none waits forever
+    if error is not None:
+        raise ResumeError(error)
+    return store if store is not None else ProgressStore.mirror(work_dir)
 
 
 def save(pipe, out_dir, overwrite: bool = False) -> Path:

@@ -6,6 +6,10 @@
 
 MODEL defaults to the bundled model. Every subcommand is registered in ``COMMANDS``.
 
+Several GPUs: ``torchrun --nproc_per_node N -m tfmq quantize|sample|evaluate ... --device cuda``
+(or ``accelerate launch --num_processes N -m tfmq ...``) splits the work over N processes, one a
+GPU (see :mod:`tfmq.distributed`); results equal one process's, rank 0 writes and prints.
+
 Exit codes: 0 done; 1 failed while working (an OS error such as a full disk, printed as one
 line); 2 usage error: bad flags or input refused before any work (flag values, an output folder
 that is not empty / not writable / the input model's own folder, a missing device, a model or
@@ -90,6 +94,16 @@ def _check_device(device: str) -> None:
         import torch
         if not torch.cuda.is_available():
             raise UsageError("--device cuda requested but no CUDA GPU is available")
+
+
+def _start_processes(device: str) -> str:
+    """Under torchrun / accelerate launch: join the process group (after every check that reads
+    the file system, so no rank sees another's output) and return this process's device."""
+    from . import distributed
+    try:
+        return distributed.setup(device)
+    except distributed.DistributedSetupError as exc:
+        raise UsageError(str(exc)) from None
 
 
 PROGRESS_DIR = ".tfmq-progress"        # tfmq.calib.resume.PROGRESS_DIR (not imported: it needs torch)
@@ -269,8 +283,12 @@ def run_quantize(args) -> int:
         _check_out(args.out, args.overwrite)
     _check_out_apart(args.out, args.model)
     _check_device(args.device)
-    pipe = load_any(args.model, args.device)
-    tfmq.quantize(pipe, config, progress=True, **_extra_quantize_kwargs(args))
+    from . import distributed
+    device = _start_processes(args.device)
+    pipe = load_any(args.model, device)
+    tfmq.quantize(pipe, config, progress=distributed.progress(), **_extra_quantize_kwargs(args))
+    if not distributed.is_main():           # rank 0 writes the checkpoint and prints
+        return 0
     tfmq.save(pipe, args.out, overwrite=True)
     from .models.adapter import get_denoiser
     info = get_denoiser(pipe).tfmq_info
@@ -443,14 +461,21 @@ def run_sample(args) -> int:
     _check_out_apart(args.out, args.model, of="the input model or checkpoint")
     _check_device(args.device)
     kind = _sample_source(args)
+    from . import distributed
+    args.device = _start_processes(args.device)
+    part = distributed.shard(args.num_images, align=args.batch_size) \
+        if distributed.is_distributed() else None      # several processes: each draws its block
     try:
         with _sampling_denoiser(args, kind) as (pipe, denoiser):
             sampler = resolve_sampler(pipe, args)
             images = generate(pipe, sampler, args.num_images, args.batch_size, args.seed,
-                              class_labels=args.class_labels, prompts=args.prompt, progress=True,
-                              denoiser=denoiser)
+                              class_labels=args.class_labels, prompts=args.prompt,
+                              progress=distributed.progress(), denoiser=denoiser, indices=part)
     except BackendUnavailable as exc:
         raise UsageError(str(exc)) from None
+    images = distributed.gather_rows(images)            # in sample order
+    if not distributed.is_main():
+        return 0
     _remove_stale_samples(args.out, keep=len(images))
     paths = save_samples(images, args.out)
     backend = args.backend or ("onnxruntime" if kind == "export" else None)
@@ -596,8 +621,12 @@ def run_evaluate(args) -> int:
     _check_writable(args.out)
     _check_out_apart(args.out, args.model)
     _check_device(args.device)
+    from . import distributed
+    settings.device = _start_processes(args.device)
     from .eval.evaluate import markdown_report
-    report = evaluate(settings, args.out, progress=True)
+    report = evaluate(settings, args.out, progress=distributed.progress())
+    if not distributed.is_main():
+        return 0
     print(markdown_report(report))
     print(f"written: {args.out / 'report.md'}, {args.out / 'report.json'}, {args.out / 'grid.png'}")
     return 0
@@ -660,20 +689,39 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def _end_processes(ok: bool) -> None:
+    """End the process group of a multi-process run (if a command started one)."""
+    distributed = sys.modules.get("tfmq.distributed")
+    if distributed is not None:
+        distributed.shutdown(wait=ok)
+
+
+def _who() -> str:
+    """`` (rank R/N)`` in a multi-process run, else ''."""
+    distributed = sys.modules.get("tfmq.distributed")
+    where = distributed.describe() if distributed is not None else ""
+    return f" ({where})" if where else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tfmq`` console script; returns the exit code (see the module doc)."""
     args = build_parser().parse_args(argv)       # flag errors: argparse exits with 2
+    ok = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        ok = True
+        return code
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.on_interrupt(args)}", file=sys.stderr)
+        print(f"\ninterrupted{_who()}: {args.on_interrupt(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (UsageError, ValueError, FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error{_who()}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:                       # disk full, permissions, ...: one line, not a traceback
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error{_who()}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        _end_processes(ok)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Callable
 
 from torch import nn
 
+from . import distributed
 from .calib.data import CalibrationData
 from .choices import METHOD_DESCRIPTIONS
 from .calib.ranges import calibrate_activations, init_weight_ranges
@@ -209,6 +210,7 @@ def run_recipe(ctx: QuantContext) -> None:
     for name in recipe.stages:
         with ctx.timer(name):
             STAGES[name](ctx)
+            distributed.broadcast_module_(ctx.denoiser)   # several processes: rank 0's state everywhere
 
 
 def write_json(path: Path, obj) -> None:

@@ -112,11 +112,15 @@ def serving_denoiser(pipe, denoiser=None):
 @torch.no_grad()
 def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed: int,
             cond: Conditioning | None = None, on_step: StepHook | None = None,
-            denoiser=None, progress: bool = True, desc: str = "sampling") -> torch.Tensor:
+            denoiser=None, progress: bool = True, desc: str = "sampling",
+            first_index: int = 0) -> torch.Tensor:
     """Run the sampler and return the final latents / images (float, model space).
 
     ``on_step(step_index, t, model_input, kwargs)`` sees exactly what the denoiser receives
     at every step (with the guidance batch doubled). ``denoiser`` overrides the pipeline's own.
+    ``first_index``: the samples drawn are ``first_index .. first_index + num_images - 1`` of a
+    larger set (one process's share, see :func:`tfmq.distributed.shard`): their noise seeds are
+    those global indices; ``cond`` holds the rows of these samples only.
     """
     sampler.validate()
     arch = get_denoiser(pipe)
@@ -136,9 +140,10 @@ def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         sched = make_scheduler(pipe, sampler)
-        x = initial_noise(shape, start, count, seed).to(device=device, dtype=dtype)
+        x = initial_noise(shape, first_index + start, count, seed).to(device=device, dtype=dtype)
         x = x * sched.init_noise_sigma
-        gens = [torch.Generator(device).manual_seed(seed + 1_000_003 + start + i) for i in range(count)]
+        gens = [torch.Generator(device).manual_seed(seed + 1_000_003 + first_index + start + i)
+                for i in range(count)]
         kwargs = cond.rows(slice(start, start + count), cfg)
         kwargs = {k: v.to(device) if not v.is_floating_point() else v.to(device, dtype) for k, v in kwargs.items()}
         for i, t in enumerate(sched.timesteps):
@@ -177,12 +182,32 @@ def decode(pipe, x: torch.Tensor, batch_size: int = 16) -> np.ndarray:
 
 def generate(pipe, sampler: SamplerConfig, num_images: int, batch_size: int = 16, seed: int = 0,
              class_labels=None, prompts=None, progress: bool = True, desc: str = "sampling",
-             denoiser=None) -> np.ndarray:
+             denoiser=None, indices: range | None = None) -> np.ndarray:
     """Sample ``num_images`` images (uint8 NHWC) from a FP or quantized pipeline. ``denoiser``
-    overrides the pipeline's own (see :func:`serving_denoiser`)."""
+    overrides the pipeline's own (see :func:`serving_denoiser`).
+
+    ``indices`` (a contiguous ``range`` within ``0 .. num_images - 1``, e.g. this process's
+    :func:`tfmq.distributed.shard`) draws only those images, exactly as they are in the full set
+    (same noise, labels and prompts); None draws all."""
     denoiser = serving_denoiser(pipe, denoiser)
     device = next(denoiser.parameters()).device
     cond = build_conditioning(pipe, num_images, seed, class_labels, prompts, sampler.guidance_scale, device)
+    first = 0
+    if indices is not None:
+        if indices.step != 1 or indices.start < 0 or indices.stop > num_images:
+            raise ValueError(f"indices must be a contiguous range within 0..{num_images - 1}, got {indices}")
+        first, num_images = indices.start, len(indices)
+        cond = select_rows(cond, slice(indices.start, indices.stop))
+        if num_images == 0:      # a process with no share (more processes than batches)
+            return np.zeros((0, 0, 0, 0), dtype=np.uint8)
     x = denoise(pipe, sampler, num_images, batch_size, seed, cond, progress=progress, desc=desc,
-                denoiser=denoiser)
+                denoiser=denoiser, first_index=first)
     return decode(pipe, x)
+
+
+def select_rows(cond: Conditioning, rows: slice) -> Conditioning:
+    """The conditioning of samples ``rows`` only."""
+    inputs = {k: v[rows] for k, v in cond.inputs.items()}
+    negative = None if cond.negative is None else {k: v[rows] for k, v in cond.negative.items()}
+    return Conditioning(inputs, negative)
+

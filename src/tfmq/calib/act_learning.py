@@ -20,24 +20,31 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models.units import Unit
 from ..quant.quantizer import UniformQuantizer
 from .loop import StepLoop, cosine_lr_table, run_steps, use_graphs
-from .reconstruction import (UnitSettings, UnitWork, _check_bf16, graph_setting, prepare_units,
-                             run_units)
+from .reconstruction import (UnitSettings, UnitWork, _check_bf16, graph_setting, loop_losses,
+                             prepare_units, run_units, sum_grads_over_ranks)
 
 MIN_SCALE = 1e-8
 
 
 def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr: float = 4e-4,
-                    desc: str = "act steps", progress: bool = True, graphs: bool | None = False) -> dict:
+                    desc: str = "act steps", progress: bool = True, graphs: bool | None = False,
+                    data_parallel: bool = False) -> dict:
     """Learn the scales of ``quantizers`` with Adam (cosine decay of ``lr`` to 0 over ``iters``)
     minimising ``loss_fn(it)``. Scales are kept positive. Returns the first / last loss and
     ``loop`` (graph or eager).
 
     ``loss_fn(it)`` gets the iteration as a 0-d long tensor on the scales' device; the loop is
     :mod:`tfmq.calib.loop`'s (no host synchronisation; with ``graphs=True``, or None on CUDA,
-    captured in a CUDA graph, so ``loss_fn`` must then compute from device tensors only)."""
+    captured in a CUDA graph, so ``loss_fn`` must then compute from device tensors only).
+
+    ``data_parallel`` (under several processes, :mod:`tfmq.distributed`): ``loss_fn`` gives this
+    rank's share of the batch loss and the scales' gradients are summed over the ranks before each
+    step; the loop runs eagerly (``loop``: ``eager (data-parallel)``) and the losses reported
+    are the ranks' sums."""
     for q in quantizers:
         if q.n_sets > 1:
             raise ValueError("activation step learning handles one parameter set per quantizer; "
@@ -48,7 +55,8 @@ def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr:
     if iters <= 0 or not quantizers:
         return stats
     params = [q.scale for q in quantizers]
-    captured = use_graphs(graphs, params[0].device)
+    split = data_parallel and distributed.is_distributed()
+    captured = use_graphs(graphs, params[0].device) and not split     # collectives: no CUDA graph
     for p in params:
         p.requires_grad_(True)
 
@@ -62,11 +70,13 @@ def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr:
 
     bar = tqdm(total=iters, desc=desc, disable=not progress, leave=False)
     try:
-        loop = StepLoop(params, step_loss, cosine_lr_table(lr, iters), after_step=clamp)
+        loop = StepLoop(params, step_loss, cosine_lr_table(lr, iters), after_step=clamp,
+                        grad_hook=sum_grads_over_ranks if split else None)
         stats["loop"] = run_steps(loop, captured, lambda n: bar.update(n - bar.n),
                                   report_every=max(1, iters // 100))
-        losses = loop.losses.cpu()                   # the one synchronisation of the loop
-        stats["initial_loss"], stats["final_loss"] = float(losses[0]), float(losses[iters - 1])
+        stats["initial_loss"], stats["final_loss"] = loop_losses(loop, split)   # one synchronisation
+        if split:
+            stats["loop"] = f"{stats['loop']} (data-parallel)"
     finally:
         bar.close()
         for p in params:
@@ -90,7 +100,7 @@ class ActStepLearning(UnitWork):
     def run(self, unit, loss_fn, settings):
         return learn_act_steps(list(self.quantizers(unit).values()), loss_fn, settings.iters,
                                settings.lr, desc=unit.name, progress=settings.progress,
-                               graphs=settings.graphs)
+                               graphs=settings.graphs, data_parallel=settings.data_parallel)
 
     def state(self, unit):
         return {f"{n}.scale": q.scale.detach().clone() for n, q in self.quantizers(unit).items()}

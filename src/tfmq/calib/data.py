@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .. import distributed
 from ..models.adapter import get_denoiser
-from ..sampling import Conditioning, SamplerConfig, build_conditioning, denoise
+from ..sampling import Conditioning, SamplerConfig, build_conditioning, denoise, select_rows
 
 
 @dataclass
@@ -86,6 +87,10 @@ def collect_calibration_data(pipe, sampler: SamplerConfig, num_trajectories: int
 
     Each trajectory contributes exactly one record to every step. Seeded like sampling (sample i
     starts from seed + i), so the same arguments give the same data.
+
+    Under several processes (:mod:`tfmq.distributed`) each rank runs its share of the
+    trajectories (whole sampling batches) and the steps' rows are gathered in global order: every
+    rank ends with the same data as one process would.
     """
     if num_trajectories < 1:
         raise ValueError(f"calibration size must be >= 1, got {num_trajectories}")
@@ -99,10 +104,13 @@ def collect_calibration_data(pipe, sampler: SamplerConfig, num_trajectories: int
     used = 0
 
     def record(i: int, t: int, model_in: torch.Tensor, kwargs: dict) -> None:
-        nonlocal used
         row = {"sample": model_in.detach().cpu(),
                "timestep": torch.full((model_in.shape[0],), t, dtype=torch.long)}
         row.update({k: v.detach().cpu() for k, v in kwargs.items()})
+        keep(i, t, row)
+
+    def keep(i: int, t: int, row: dict) -> None:
+        nonlocal used
         size = sum(v.numel() * v.element_size() for v in row.values())
         chunks = per_step.setdefault(i, [])
         if used + size > memory_budget_bytes:
@@ -116,8 +124,31 @@ def collect_calibration_data(pipe, sampler: SamplerConfig, num_trajectories: int
             chunks.append(row)
         timesteps[i] = t
 
-    denoise(pipe, sampler, num_trajectories, batch_size, seed, cond, on_step=record,
-            progress=progress, desc="calibration data")
+    part = distributed.shard(num_trajectories, align=batch_size)      # all of them in one process
+    if len(part):                      # a process may have no share (more processes than batches)
+        denoise(pipe, sampler, len(part), batch_size, seed, select_rows(cond, slice(part.start, part.stop)),
+                on_step=record, progress=progress, desc="calibration data", first_index=part.start)
+    if distributed.is_distributed():
+        used = 0                          # the budget counts the gathered rows
+        _gather_steps(data, per_step, timesteps, keep, sampler)
     data.timesteps = [timesteps[i] for i in sorted(timesteps)]
     data.chunks = [per_step[i] for i in sorted(per_step)]
     return data
+
+
+def _gather_steps(data: CalibrationData, per_step: dict, timesteps: dict, keep, sampler) -> None:
+    """Replace this rank's rows of every step by all ranks' rows, in rank (= global) order."""
+    local = CalibrationData(sampler, [], 0, [per_step[i] for i in sorted(per_step)], data.spill_dir)
+    n_steps = max(distributed.gather_objects(len(local)))
+    keys = sorted(set().union(*distributed.gather_objects(sorted(local.step(0)) if len(local) else [])))
+    ts = distributed.gather_objects([timesteps[i] for i in sorted(timesteps)])
+    ts = next(t for t in ts if len(t) == n_steps)
+    rows = [local.step(i) if len(local) else {} for i in range(n_steps)]
+    local.cleanup()                       # this rank's spilled files (if any): read above
+    per_step.clear()
+    timesteps.clear()
+    data.spill_dir = None
+    for i in range(n_steps):
+        empty = torch.zeros(0)
+        keep(i, ts[i], {k: distributed.gather_rows(rows[i].get(k, empty)) for k in keys})
+        rows[i] = None

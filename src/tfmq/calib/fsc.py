@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models.temporal import (find_temporal_block, finite_set, model_classes, step_layer_names,
                                temporal_features, tib_layer_names)
 from ..quant.model import act_quantizers, multi_set_quantizers, set_quant_state
@@ -181,10 +182,15 @@ def calibrate_all_per_step(denoiser: nn.Module, data: CalibrationData, method: s
                                   only=quantizers)
             if momentum == 0:
                 continue
+            # this rank's batch extremes, read once per step (one host sync); several processes:
+            # every rank's batches, in batch (= rank) order
+            seen = {n: torch.stack(v).cpu() if v else torch.empty(0, 2) for n, v in extremes.items()}
+            if distributed.is_distributed():
+                parts = distributed.gather_objects(seen)
+                seen = {n: torch.cat([part[n] for part in parts]) for n in quantizers}
             for n, q in quantizers.items():
                 lo, hi = _representable_range(q, s)
-                seen = torch.stack(extremes[n]).cpu() if extremes[n] else torch.empty(0, 2)
-                for mn, mx in seen:
+                for mn, mx in seen[n]:
                     lo = momentum * lo + (1 - momentum) * mn
                     hi = momentum * hi + (1 - momentum) * mx
                 q.set_range(lo, hi, like, set_index=s)

@@ -110,6 +110,8 @@ class Adam:
 
 
 def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    if not loss.requires_grad:      # a loss that reaches no parameter (a data-parallel rank with
+        return [torch.zeros_like(p) for p in params]        # no rows this iteration): zeros
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     # a parameter the loss does not reach keeps still (Adam with zero moments moves it by 0)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -122,10 +124,15 @@ class StepLoop:
     as the iteration's loss (usually the reconstruction term of ``loss``); ``it`` is the 0-d
     long counter tensor. ``lr`` is a float64 table with one learning rate per iteration.
     ``after_step()`` (optional) runs after the update, without gradient (e.g. clamping).
+    ``grad_hook(grads)`` (optional) runs between the backward pass and the update, without
+    gradient: it gets the gradients (in parameter order, tensors it may change in place) and
+    returns those to apply (e.g. summed over the processes of a data-parallel loop; such a hook
+    talks to other processes, so a loop with one runs eagerly).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], loss_fn: Callable, lr: torch.Tensor,
-                 after_step: Callable[[], None] | None = None):
+                 after_step: Callable[[], None] | None = None,
+                 grad_hook: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None):
         self.params = list(params)
         device = self.params[0].device
         self.device = device
@@ -133,6 +140,7 @@ class StepLoop:
         self.lr = lr.to(device, torch.float64)
         self.iters = self.lr.shape[0]
         self.after_step = after_step
+        self.grad_hook = grad_hook
         self.opt = Adam(self.params)
         self.counter = torch.zeros((), dtype=torch.long, device=device)
         self.losses = torch.full((max(1, self.iters),), float("nan"), device=device)
@@ -143,6 +151,8 @@ class StepLoop:
             loss, logged = self.loss_fn(it)
             grads = _grads(loss, self.params)
         with torch.no_grad():
+            if self.grad_hook is not None:
+                grads = self.grad_hook(grads)
             self.opt.step(grads, at(self.lr, it))
             if self.after_step is not None:
                 self.after_step()

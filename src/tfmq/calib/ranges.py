@@ -6,6 +6,10 @@ Each observer keeps the exact min / max and a seeded random subsample of the val
 uses the former (or their EMA, Q-Diffusion's running statistics), ``mse`` and ``percentile``
 the subsample (with the exact extremes added).
 
+Under several processes each rank runs its share of the calibration batches and the observers'
+per-batch entries are gathered and folded in batch order (:class:`Observer`), so the ranges equal
+one process's exactly.
+
 With ``per_step=True`` every multi-set quantizer gets one parameter set per sampling step
 (finite set calibration, FSC); otherwise one set for all steps.
 """
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models.adapter import call_denoiser
 from ..quant.model import act_quantizers, set_quant_state, weight_quantizers
 from ..quant.quantizer import UniformQuantizer, init_range
@@ -28,36 +33,64 @@ SAMPLE_CAP = 1 << 17         # values kept per observer in total
 class Observer:
     """Running statistics of one activation quantizer's input.
 
-    Everything stays on the input's device until :meth:`apply` (one host synchronisation per
-    quantizer, not one per observed call); the sample positions come from the CPU generator as
-    before (sent without waiting), so the values kept are the same as those of a CPU-side
-    observer."""
+    Each observed batch leaves one entry: its exact min / max and a random subsample of its values
+    drawn with a generator seeded by (``seed``, batch index), so the entries do not depend on which
+    process observed which batch. :meth:`merge` folds entries (all ranks', see
+    :func:`tfmq.distributed.gather_objects`) in batch order: min / max (or their EMA, Q-Diffusion's
+    running statistics) and the subsample, kept up to ``SAMPLE_CAP`` values.
 
-    def __init__(self, generator: torch.Generator, ema: float | None = None):
+    Everything stays on the input's device until :meth:`apply` (one host synchronisation per
+    quantizer, not one per observed call): the sample positions come from the CPU generator (sent
+    without waiting), the min / max and the kept values are device tensors. Only under several
+    processes do the entries travel to the host, once per group (:meth:`host_entries`).
+    """
+
+    def __init__(self, seed: int, ema: float | None = None):
+        self.seed = seed
+        self.ema = ema
+        self.entries: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.kept = 0
         self.lo = None
         self.hi = None
         self.samples: list[torch.Tensor] = []
-        self.kept = 0
-        self.gen = generator
-        self.ema = ema
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, batch_index: int) -> None:
         x = x.detach().float()
         lo, hi = x.min(), x.max()
-        if self.lo is None:
-            self.lo, self.hi = lo, hi
-        elif self.ema is not None:
-            self.lo = self.ema * self.lo + (1 - self.ema) * lo
-            self.hi = self.ema * self.hi + (1 - self.ema) * hi
-        else:
-            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
-        if self.kept < SAMPLE_CAP:
+        sample = None
+        if self.kept < SAMPLE_CAP:       # a batch beyond the cap on this rank is beyond it globally
             flat = x.reshape(-1)
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + batch_index) % (2 ** 63))
             idx = torch.randint(0, flat.numel(), (min(SAMPLE_PER_CALL, flat.numel()),),
-                                generator=self.gen).to(flat.device, non_blocking=True)
-            self.samples.append(torch.cat([flat[idx], lo.reshape(1), hi.reshape(1)]))
-            self.kept += self.samples[-1].numel()
+                                generator=gen).to(flat.device, non_blocking=True)
+            sample = torch.cat([flat[idx], lo.reshape(1), hi.reshape(1)])
+            self.kept += sample.numel()
+        self.entries.append((batch_index, lo, hi, sample))
+
+    def host_entries(self) -> list:
+        """The entries with their tensors on the host (to send to the other ranks)."""
+        return [(b, lo.cpu(), hi.cpu(), None if s is None else s.cpu()) for b, lo, hi, s in self.entries]
+
+    @torch.no_grad()
+    def merge(self, entries: list) -> None:
+        """Fold batch entries (any order, from every rank) in batch order into the statistics
+        (on the entries' device: no host synchronisation)."""
+        kept = 0
+        for _, lo, hi, sample in sorted(entries, key=lambda e: e[0]):
+            if self.lo is None:
+                self.lo, self.hi = lo, hi
+            elif self.ema is not None:
+                self.lo = self.ema * self.lo + (1 - self.ema) * lo
+                self.hi = self.ema * self.hi + (1 - self.ema) * hi
+            else:
+                self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+            if kept < SAMPLE_CAP:
+                if sample is None:
+                    raise RuntimeError("an observer dropped a batch sample that the global cap keeps")
+                self.samples.append(sample)
+                kept += sample.numel()
+        self.entries = []
 
     def apply(self, quantizer: UniformQuantizer, method: str, set_index: int | None) -> None:
         if self.lo is None:
@@ -110,21 +143,45 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
     prev = {n: q.enabled for n, q in all_act.items()}
     set_quant_state(model, act=False)
     try:
-        for group in tqdm(groups, desc="activation ranges", disable=not progress, leave=False):
-            observers = {n: Observer(gen, ema) for n in quantizers}
-            hooks = [q.register_forward_pre_hook(lambda m, a, o=observers[n]: o.update(a[0]))
+        for g_index, group in enumerate(tqdm(groups, desc="activation ranges", disable=not progress,
+                                             leave=False)):
+            # the group's batches, numbered globally; this process observes its share of them
+            counts = [data.rows(s) if rows_per_step is None else min(rows_per_step, data.rows(s))
+                      for s in group]
+            n_batches = [(c + batch_size - 1) // batch_size for c in counts]
+            mine = distributed.shard(sum(n_batches))
+            observers = {n: Observer(seed * 7_919 + g_index * 104_729 + q_index, ema)
+                         for q_index, n in enumerate(quantizers)}
+            current = [0]
+            hooks = [q.register_forward_pre_hook(lambda m, a, o=observers[n]: o.update(a[0], current[0]))
                      for n, q in quantizers.items()]
             try:
-                for s in group:
+                first = 0
+                for s, count, nb in zip(group, counts, n_batches):
+                    local = [b for b in range(first, first + nb) if b in mine]
+                    if not local:       # draw the same rows as the processes that read this step
+                        if rows_per_step is not None and rows_per_step < data.rows(s):
+                            torch.randperm(data.rows(s), generator=gen)
+                        first += nb
+                        continue
                     d = data.batch([s], rows_per_step, gen)
-                    for i in range(0, d["sample"].shape[0], batch_size):
-                        b = {k: (v[i:i + batch_size].to(device) if v.dtype == torch.long
-                                 else v[i:i + batch_size].to(device, dtype)) for k, v in d.items()}
-                        _forward(model, b)
+                    for b in local:
+                        i = (b - first) * batch_size
+                        current[0] = b
+                        batch = {k: (v[i:i + batch_size].to(device) if v.dtype == torch.long
+                                     else v[i:i + batch_size].to(device, dtype)) for k, v in d.items()}
+                        _forward(model, batch)
+                    first += nb
             finally:
                 for h in hooks:
                     h.remove()
+            if distributed.is_distributed():     # every rank's entries, on the host
+                parts = distributed.gather_objects({n: o.host_entries() for n, o in observers.items()})
+                entries = {n: [e for part in parts for e in part[n]] for n in quantizers}
+            else:                                 # one process: the entries stay on the device
+                entries = {n: o.entries for n, o in observers.items()}
             for n, q in quantizers.items():
+                observers[n].merge(entries[n])
                 set_index = group[0] if (per_step and q.n_sets > 1) else None
                 observers[n].apply(q, method, set_index)
     finally:

@@ -31,8 +31,16 @@ Settings and their cost (``QuantConfig`` fields):
   ``recon_bf16``        bf16 autocast of the unit forward on CUDA.
   ``recon_cache_gb``    GPU memory for cached rows (default: half the free memory).
 
-Each unit's statistics hold ``seconds`` (all of it), ``optimize_s`` (the iterations alone) and
-the error on fixed rows before / after (``error_before`` / ``error_after``).
+Each unit's statistics hold ``seconds`` (all of it), ``optimize_s`` (the iterations alone),
+``loop`` (how the iterations ran: ``graph``, ``eager`` or ``eager (data-parallel)``) and the
+error on fixed rows before / after (``error_before`` / ``error_after``).
+
+The iterations run in :mod:`tfmq.calib.loop`'s ``StepLoop`` (no host synchronisation, a CUDA
+graph on CUDA). Under several processes (:mod:`tfmq.distributed`) the same loop is data-parallel
+and eager: each rank caches its block of the rows, every rank draws the same batch table over all
+rows, computes the rows of each batch it holds (weighted by their share of the batch), and the
+gradients are summed over the ranks (the loop's ``grad_hook``) before the Adam step; AdaRound's
+regulariser is counted on rank 0 only. The result equals one process's up to float sum order.
 
 ``RECON_PRESETS["reference"]`` holds the reference values (20,000 iterations a unit, batch 32,
 5,000 activation-learning iterations at lr 4e-4).
@@ -51,6 +59,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models.adapter import call_denoiser
 from ..models.units import Unit, find_units, order_units, select_units
 from ..quant.adaround import AdaRound, pack_mask, unpack_mask
@@ -116,7 +125,8 @@ def attach_rounding(layers: list[QuantLayer]) -> list[AdaRound]:
 def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[torch.Tensor], torch.Tensor], iters: int,
                       lr: float = 1e-3, reg_weight: float = 0.01, warmup: float = 0.2,
                       beta: tuple[float, float] = (20.0, 2.0), desc: str = "adaround",
-                      progress: bool = True, graphs: bool | None = False) -> dict:
+                      progress: bool = True, graphs: bool | None = False,
+                      data_parallel: bool = False) -> dict:
     """Learn the rounding of ``layers``' weights.
 
     Attaches :class:`AdaRound` to each layer, then runs ``iters`` Adam steps on the ``alpha``s
@@ -132,6 +142,13 @@ def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[torch.Tensor]
     Returns ``initial_loss`` / ``final_loss`` (the reconstruction term at the first / last
     iteration), ``undecided``: the fraction of weights whose soft offset is not exactly 0 or 1
     at the end (0 means hard rounding equals the soft result), and ``loop`` (graph or eager).
+
+    ``data_parallel`` (under several processes, :mod:`tfmq.distributed`): ``loss_fn`` returns this
+    rank's share of the batch loss (see :func:`run_units`; a rank without rows of the batch a
+    zero tensor without a graph); the regulariser is counted once (rank 0) and the gradients are
+    summed over the ranks before each Adam step (the loop's ``grad_hook``), so every rank takes
+    the same step, equal to one process's up to the order of the float sums. Such a loop runs
+    eagerly (``loop``: ``eager (data-parallel)``); the losses reported are the ranks' sums.
     """
     if iters < 0:
         raise ValueError(f"iterations must be >= 0, got {iters}")
@@ -139,13 +156,17 @@ def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[torch.Tensor]
     stats = {"iters": iters, "initial_loss": None, "final_loss": None}
     if iters > 0 and roundings:
         device = roundings[0].alpha.device
-        captured = use_graphs(graphs, device)
+        split = data_parallel and distributed.is_distributed()
+        captured = use_graphs(graphs, device) and not split      # collectives: no CUDA graph
         on, betas = beta_table(iters, warmup, beta)
         coef = (on * reg_weight).to(device)          # 0 during the warm-up: no rounding loss
         betas = betas.to(device)
+        with_reg = not split or distributed.is_main()   # data-parallel: the regulariser once
 
         def step_loss(it):
             rec = loss_fn(it)
+            if not with_reg:
+                return rec, rec
             reg = sum(r.regularizer(at(betas, it)) for r in roundings)
             return rec + at(coef, it) * reg, rec
 
@@ -156,11 +177,13 @@ def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[torch.Tensor]
             for r in roundings:
                 r.alpha.requires_grad_(True)
             loop = StepLoop([r.alpha for r in roundings], step_loss,
-                            torch.full((iters,), float(lr), dtype=torch.float64))
+                            torch.full((iters,), float(lr), dtype=torch.float64),
+                            grad_hook=sum_grads_over_ranks if split else None)
             stats["loop"] = run_steps(loop, captured, lambda n: bar.update(n - bar.n),
                                       report_every=max(1, iters // 100))
-        losses = loop.losses.cpu()                   # the one synchronisation of the loop
-        stats["initial_loss"], stats["final_loss"] = float(losses[0]), float(losses[iters - 1])
+        stats["initial_loss"], stats["final_loss"] = loop_losses(loop, split)
+        if split:
+            stats["loop"] = f"{stats['loop']} (data-parallel)"
         bar.set_postfix(loss=f"{stats['final_loss']:.4g}")
         bar.close()
     with torch.no_grad():
@@ -171,6 +194,24 @@ def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[torch.Tensor]
         r.hard = True
         r.alpha.requires_grad_(False)
     return stats
+
+
+def sum_grads_over_ranks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A data-parallel loop's ``grad_hook`` (:class:`~tfmq.calib.loop.StepLoop`): the gradients
+    summed over the ranks (every rank gets the same sums; a no-op in one process)."""
+    grads = [g.clone(memory_format=torch.contiguous_format) for g in grads]   # writable, dense
+    distributed.all_reduce_sum_(grads)
+    return grads
+
+
+def loop_losses(loop: StepLoop, split: bool) -> tuple[float, float]:
+    """The first and last iterations' logged losses of a finished loop (the one synchronisation
+    of the loop); data-parallel (``split``): the ranks' shares summed, i.e. the batch's loss."""
+    losses = loop.losses.cpu()
+    first, last = float(losses[0]), float(losses[loop.iters - 1])
+    if split:
+        first, last = distributed.all_reduce_float(first), distributed.all_reduce_float(last)
+    return first, last
 
 
 # ---- calibration rows -------------------------------------------------------------------
@@ -228,6 +269,12 @@ class CalibRows:
 
     def example(self) -> dict[str, torch.Tensor]:
         return {k: self._to(v[:1]) for k, v in self.inputs.items()}
+
+    def subset(self, rows: range) -> "CalibRows":
+        """Rows ``rows`` (a contiguous range) only: one process's share."""
+        sl = slice(rows.start, rows.stop)
+        return CalibRows({k: v[sl] for k, v in self.inputs.items()}, self.batch_size, self.device,
+                         self.dtype, None if self.steps is None else self.steps[sl])
 
 
 def calibration_rows(data, steps: list[int], max_rows: int | None, seed: int, batch_size: int,
@@ -389,6 +436,7 @@ class UnitSettings:
     progress: bool = True
     graphs: bool | None = None     # capture each iteration in a CUDA graph (None: on CUDA)
     note: str | None = None        # how a unit's loop ran when not as asked (set per unit)
+    data_parallel: bool = False    # the loss is this rank's share of the batch (set per unit)
 
 
 class UnitWork:
@@ -428,7 +476,8 @@ class WeightRounding(UnitWork):
     def run(self, unit, loss_fn, settings):
         return optimize_rounding(list(self.layers(unit).values()), loss_fn, settings.iters, settings.lr,
                                  self.reg_weight, self.warmup, self.beta, desc=unit.name,
-                                 progress=settings.progress, graphs=settings.graphs)
+                                 progress=settings.progress, graphs=settings.graphs,
+                                 data_parallel=settings.data_parallel)
 
     def state(self, unit):
         return {f"{n}.up": pack_mask(l.rounding.alpha >= 0) for n, l in self.layers(unit).items()}
@@ -453,33 +502,56 @@ def _autocast(settings: UnitSettings, device: torch.device, graphs: bool = False
 
 @torch.no_grad()
 def unit_error(unit: Unit, inputs: UnitTensors, targets: UnitTensors, device, batch_size: int,
-               steps: torch.Tensor | None = None) -> float:
+               steps: torch.Tensor | None = None, total_rows: int | None = None, offset: int = 0) -> float:
     """Mean squared error (summed over channels) of the unit on up to EVAL_ROWS fixed rows
-    (``steps``: each row's step index, for per-step quantizers)."""
-    n = inputs.rows
+    (``steps``: each row's step index, for per-step quantizers).
+
+    Under several processes ``inputs`` / ``targets`` hold rows ``offset ..`` of ``total_rows``:
+    each rank measures the fixed rows it holds and the sums are added over the ranks (every rank
+    must call it)."""
+    n = inputs.rows if total_rows is None else total_rows
     idx = torch.linspace(0, n - 1, min(n, EVAL_ROWS)).round().long().unique()
+    local = idx if inputs.rows == n else idx[(idx >= offset) & (idx < offset + inputs.rows)]
     total = 0.0
-    for i in range(0, len(idx), batch_size):
-        sel = idx[i:i + batch_size]
-        args, kw = _call_args(inputs.select(sel, device))
+    for i in range(0, len(local), batch_size):
+        sel = local[i:i + batch_size]
+        args, kw = _call_args(inputs.select(sel - offset, device))
         with row_steps(unit.module, None if steps is None else steps[sel]):
             out = unit_output(unit.module(*args, **kw))
-        total += float(recon_loss(out, targets.select(sel, device)["out"])) * len(sel)
+        total += float(recon_loss(out, targets.select(sel - offset, device)["out"])) * len(sel)
+    if total_rows is not None and distributed.is_distributed():
+        total = distributed.all_reduce_float(total)
     return total / len(idx)
 
 
 def _unit_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: torch.Tensor | None,
-               gen: torch.Generator, settings: UnitSettings, device) -> tuple[Callable, UnitSettings]:
+               gen: torch.Generator, settings: UnitSettings, device,
+               shard: range | None = None, total_rows: int | None = None) -> tuple[Callable, UnitSettings]:
     """The unit's loss as a function of the loop's iteration tensor, and the settings to run it
     with. Every iteration's batch rows are drawn here, up front, by the same calls of
     ``torch.randperm(rows, generator=gen)`` a one-by-one loop would make. When the cached rows
     are on the model's device, the rows, their step indices and the batch table are too, and the
     loss reads them by the iteration tensor (graph-capturable); rows kept on the CPU (over
-    ``recon_cache_gb``) are served eagerly, and the unit's stats say so (``loop_note``)."""
+    ``recon_cache_gb``) are served eagerly, and the unit's stats say so (``loop_note``).
+
+    Data-parallel (``shard``: the rows ``inputs`` / ``targets`` hold, of ``total_rows``; several
+    processes): the table is drawn over all ``total_rows`` rows, as one process draws it, and
+    every rank computes the rows of each iteration's batch it holds (shifted to its local
+    indices), weighted by their share of the batch, so the ranks' losses add up to the batch
+    loss; a rank holding none of a batch's rows returns a zero without a graph. The loop then
+    runs eagerly (the settings say ``data_parallel``; its gradients are summed over the ranks).
+
+    ``it`` may also be a Python int (the iteration itself)."""
     device = torch.device(device)
-    table = batch_indices(inputs.rows, settings.batch_size, settings.iters, gen)
+    n = inputs.rows if shard is None else total_rows
+    table = batch_indices(n, settings.batch_size, settings.iters, gen)
     if steps is not None and len(table):
         _check_steps(unit.module, steps)
+    if shard is not None:
+        return (_shard_loss(unit, inputs, targets, steps, table, shard, settings, device),
+                dataclasses.replace(settings, graphs=False, data_parallel=True,
+                                    note=None if torch.device(inputs.device) == device and torch.device(targets.device) == device
+                                    else "rows kept on the CPU"))
     resident = torch.device(inputs.device) == device and torch.device(targets.device) == device
     if resident:
         table = table.to(device)
@@ -493,7 +565,9 @@ def _unit_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: tor
                           "so its iterations run eagerly, without CUDA graphs")
 
     def loss_fn(it):
-        if counter is None:
+        if not torch.is_tensor(it):             # a Python iteration number
+            idx = table[it]
+        elif counter is None:
             idx = at(table, it)
         else:                                   # rows on the CPU: the table stays there too
             idx = table[counter[0]]
@@ -506,6 +580,32 @@ def _unit_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: tor
 
     note = None if resident else "rows kept on the CPU: eager loop"
     return loss_fn, dataclasses.replace(settings, graphs=graphs, note=note)
+
+
+def _shard_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: torch.Tensor | None,
+                table: torch.Tensor, shard: range, settings: UnitSettings, device) -> Callable:
+    """The data-parallel loss of :func:`_unit_loss` (eager: the batch table stays on the CPU)."""
+    counter = [0]
+
+    def loss_fn(it):
+        if torch.is_tensor(it):                 # the loop's counter: follow it on the host
+            i = counter[0]
+            counter[0] += 1
+        else:
+            i = it
+        idx = table[i]
+        drawn = len(idx)
+        idx = idx[(idx >= shard.start) & (idx < shard.stop)]        # this rank's rows of the batch
+        if len(idx) == 0:
+            return torch.zeros((), device=device)
+        local = idx - shard.start
+        args, kw = _call_args(inputs.select(local, device))
+        row = None if steps is None else steps.index_select(0, idx.to(steps.device))
+        with _autocast(settings, device), row_steps(unit.module, row, check=False):
+            out = unit_output(unit.module(*args, **kw))
+        return recon_loss(out, targets.select(local, device)["out"], settings.p) * (len(idx) / drawn)
+
+    return loss_fn
 
 
 def _check_steps(module: nn.Module, steps: torch.Tensor) -> None:
@@ -555,6 +655,12 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
     budget = cache_budget(settings.cache_gb, device) // 2     # half for inputs, half for targets
     results: dict[str, dict] = {}
     outer = tqdm(total=len(units), desc=stage, unit="unit", disable=not settings.progress)
+    # several processes: each caches and computes the rows of its share (whole capture batches)
+    # of every iteration's batch, drawn from all rows as in one process
+    split = distributed.is_distributed()
+    mine = distributed.shard(len(rows), align=rows.batch_size)
+    local_rows = rows.subset(mine) if split else rows
+    n = len(rows)
     try:
         for index, unit in enumerate(units):
             outer.update(1)
@@ -570,9 +676,9 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             t0 = time.perf_counter()
             w_on, a_on = work.quant_state
             _set_state(model, w_on, a_on)
-            inputs = capture(model, unit, rows, "input", budget)
+            inputs = capture(model, unit, local_rows, "input", budget)
             _set_state(model, False, False)
-            targets = capture(model, unit, rows, "output", budget)
+            targets = capture(model, unit, local_rows, "output", budget)
             _set_state(model, w_on, a_on)
             # per-step (FSC) quantizers take each row's own step while activations are quantized
             steps = None
@@ -581,10 +687,11 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
                     raise ValueError(f"unit {unit.name} has per-step activation quantizers but the "
                                      "calibration rows carry no step indices")
                 steps = rows.steps      # on the CPU: the bounds check of row_steps needs no GPU sync
-            before = unit_error(unit, inputs, targets, device, settings.batch_size, steps)
+            before = unit_error(unit, inputs, targets, device, settings.batch_size, steps, n, mine.start)
 
             gen = torch.Generator().manual_seed(unit_seed(settings.seed, work.phase, index))
-            loss_fn, unit_settings = _unit_loss(unit, inputs, targets, steps, gen, settings, device)
+            loss_fn, unit_settings = _unit_loss(unit, inputs, targets, steps, gen, settings, device,
+                                                shard=mine if split else None, total_rows=n)
 
             frozen = [(p, p.requires_grad) for p in unit.module.parameters()]
             for p, _ in frozen:                 # only what the work creates is learned
@@ -596,7 +703,7 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             finally:
                 for p, flag in frozen:
                     p.requires_grad_(flag)
-            after = unit_error(unit, inputs, targets, device, settings.batch_size, steps)
+            after = unit_error(unit, inputs, targets, device, settings.batch_size, steps, n, mine.start)
             del inputs, targets
             seconds = time.perf_counter() - t0
             stats = {**stats, "error_before": before, "error_after": after, "seconds": round(seconds, 3)}

@@ -121,6 +121,13 @@ class ProgressStore:
         store._write_manifest()
         return store
 
+    @classmethod
+    def mirror(cls, work_dir) -> "ProgressStore":
+        """Another process's view of the progress rank 0 keeps (several processes, see
+        :mod:`tfmq.distributed`): it reads rank 0's manifest and unit files and writes nothing."""
+        root = Path(work_dir) / PROGRESS_DIR
+        return _MirrorStore(root, json.loads((root / MANIFEST).read_text()))
+
     # ---- items ------------------------------------------------------------------------------
     def done(self, key: str) -> bool:
         """Whether work item ``key`` finished in an earlier (or this) run."""
@@ -160,3 +167,17 @@ class ProgressStore:
     def clear(self) -> None:
         """Delete the progress folder (after the final checkpoint is safely written)."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class _MirrorStore(ProgressStore):
+    """A read-only :class:`ProgressStore`: saving records the item in memory only."""
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor], seconds: float = 0.0,
+             meta: dict | None = None) -> None:
+        self.manifest["done"][key] = {"seconds": round(seconds, 4), **(meta or {})}
+
+    def _write_manifest(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass

@@ -18,6 +18,12 @@ Everything lands in ``out/``: ``cells/<cell>/`` (samples.npz, cell.json, the che
 ``report.json``, ``report.md`` (see :mod:`tfmq.eval.report`) and ``grid.png``. A finished cell is
 never recomputed, so an interrupted evaluation continues where it stopped; a folder made with
 other settings is refused.
+
+Under several processes (``torchrun`` / ``accelerate launch``, :mod:`tfmq.distributed`) every
+process runs the same call: each cell's calibration and sampling are split over the ranks (sample
+``i`` keeps seed ``seed + i``), each rank computes the Inception features of the images it drew and
+the features are gathered in sample order; rank 0 writes every file. The report equals one
+process's.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models.adapter import get_denoiser
 from ..sampling import SamplerConfig
 from .report import markdown_report  # noqa: F401  (re-exported: the CLI prints the report)
@@ -186,13 +193,28 @@ class _Metrics:
     def _load(self) -> None:
         if self.ref is not None or not self.available:
             return
-        try:
-            from .inception import InceptionFeatures
-            from .reference import reference_stats
-            self.net = InceptionFeatures(device=self.settings.device, progress=self.progress)
-            self.ref = reference_stats(self.settings.reference, self.settings.reference_size, network=self.net)
-        except (FileNotFoundError, ImportError) as exc:
-            self.available, self.reason = False, f"FID not available here: {exc}"
+        for turn in ("main", "others"):      # rank 0 computes (and caches) the reference statistics first
+            if (turn == "main") == distributed.is_main():
+                try:
+                    from .inception import InceptionFeatures
+                    from .reference import reference_stats
+                    self.net = InceptionFeatures(device=self.settings.device, progress=self.progress)
+                    self.ref = reference_stats(self.settings.reference, self.settings.reference_size,
+                                               network=self.net)
+                except (FileNotFoundError, ImportError) as exc:
+                    self.available, self.reason = False, f"FID not available here: {exc}"
+            distributed.barrier()
+
+    def _features(self, images: np.ndarray, spatial: bool):
+        """Inception features of ``images`` in order; under several processes each rank extracts
+        the block of images it sampled (the sampling shard) and the features are gathered."""
+        from .inception import InceptionOutput
+        if not distributed.is_distributed():
+            return self.net.extract(images, spatial=spatial)
+        part = distributed.shard(len(images), align=self.settings.batch_size)
+        mine = self.net.extract(images[part.start:part.stop], spatial=spatial)
+        spat = distributed.gather_rows(mine.spatial) if spatial else None
+        return InceptionOutput(distributed.gather_rows(mine.pool), spat)
 
     def _bootstrap_key(self) -> dict | None:
         b = self.settings.fid_bootstrap
@@ -200,14 +222,17 @@ class _Metrics:
 
     def for_cell(self, cell_dir: Path, images: np.ndarray) -> dict:
         cached = cell_dir / self.cache_name
-        if cached.exists():
+        data = None
+        if distributed.is_main() and cached.exists():
             data = json.loads(cached.read_text())
             boot = data.get("fid_bootstrap")
             key = {k: boot[k] for k in ("resamples", "seed")} if boot else None
-            if "fid_bootstrap" in data and key == self._bootstrap_key():
-                return data
+            if not ("fid_bootstrap" in data and key == self._bootstrap_key()):
+                data = None
+        if distributed.broadcast_object(data is not None):     # every rank follows rank 0
+            return data if distributed.is_main() else {}
         result = self(images)
-        if self.available:
+        if self.available and distributed.is_main():
             cached.write_text(json.dumps(result, indent=2))
         return result
 
@@ -218,7 +243,9 @@ class _Metrics:
             return {"fid": None, "sfid": None, "is": None, "metric_note": self.reason}
         from .fid import feature_stats, fid_from_stats
         from .fid_bootstrap import bootstrap_interval, fid_and_bootstrap
-        feats = self.net.extract(images, spatial=self.ref.spatial is not None and self.net.has_spatial)
+        feats = self._features(images, spatial=self.ref.spatial is not None and self.net.has_spatial)
+        if not distributed.is_main():
+            return {}                 # rank 0 computes the metrics and writes them
         # FID and its bootstrap from N x N Gram matrices (N <= 2048) or the eigendecomposition form
         # of Tr((S1 S2)^1/2) (N > 2048): equal to scipy's sqrtm up to rounding (checked in
         # tests/test_eval_metrics.py and tests/test_fid_bootstrap.py) and far faster on CPU
@@ -371,7 +398,10 @@ def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits:
     if method != "fp":
         config = settings.quant_config(method, wbits, abits)
         tfmq.quantize(pipe, config, progress=progress)
-        ckpt = tfmq.save(pipe, cell_dir / "checkpoint", overwrite=True)
+        ckpt = cell_dir / "checkpoint"
+        if distributed.is_main():
+            tfmq.save(pipe, ckpt, overwrite=True)
+        distributed.barrier()
         info = get_denoiser(pipe).tfmq_info
         row.update({"calibration_s": info["calibration_time"]["total_s"],
                     "calibration_stages_s": info["calibration_time"]["stages_s"],
@@ -381,14 +411,18 @@ def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits:
         if settings.backend != "reference":          # sample from the deployable runtime instead
             pipe = tfmq.load(ckpt, settings.device, backend=settings.backend)
     t0 = time.perf_counter()
+    part = distributed.shard(settings.num_images, align=settings.batch_size) \
+        if distributed.is_distributed() else None     # several processes: each draws its block
     images = generate(pipe, settings.sampler, settings.num_images, settings.batch_size, settings.seed,
-                      prompts=settings.prompts, progress=progress, desc=f"sampling {name}")
+                      prompts=settings.prompts, progress=progress, desc=f"sampling {name}", indices=part)
+    images = distributed.gather_rows(images)
     row["sampling_s"] = time.perf_counter() - t0
     if fp_images is not None and method != "fp":
         from .metrics import mse, psnr
         row["mse_vs_fp"] = float(mse(images, fp_images))
         row["psnr_vs_fp"] = float(psnr(images, fp_images))
-    np.savez(cell_dir / "samples.npz", arr_0=images, **({"class_labels": labels} if labels is not None else {}))
+    if distributed.is_main():
+        np.savez(cell_dir / "samples.npz", arr_0=images, **({"class_labels": labels} if labels is not None else {}))
     return row, images
 
 
@@ -398,7 +432,15 @@ def evaluate(settings: EvalSettings, out: str | Path, progress: bool = True) -> 
     from .report_settings import non_default_settings
     settings.validate()
     out = Path(out)
-    _open_out(out, settings)
+    error = None
+    if distributed.is_main():
+        try:
+            _open_out(out, settings)
+        except (ValueError, FileExistsError) as exc:
+            error = exc
+    error = distributed.broadcast_object(error)      # every rank stops alike
+    if error is not None:
+        raise error
     metrics = _Metrics(settings, progress)
     clip = _ClipMetric(settings, progress)
     classes = _ClassMetric(settings)
@@ -408,15 +450,20 @@ def evaluate(settings: EvalSettings, out: str | Path, progress: bool = True) -> 
     for name, method, w, a in tqdm(cells, desc="evaluation cells", disable=not progress):
         cell_dir = out / "cells" / name
         done = cell_dir / "cell.json"
-        if done.exists():
+        if distributed.broadcast_object(done.exists()):     # rank 0 decides: all ranks agree
             row = json.loads(done.read_text())
             images = np.load(cell_dir / "samples.npz")["arr_0"]
         else:
-            cell_dir.mkdir(parents=True, exist_ok=True)
+            if distributed.is_main():
+                cell_dir.mkdir(parents=True, exist_ok=True)
+            distributed.barrier()
             row, images = _run_cell(settings, name, method, w, a, cell_dir, fp_images, progress)
-            done.write_text(json.dumps(row, indent=2))
-        row = {**row, **metrics.for_cell(cell_dir, images), **clip.for_cell(cell_dir, images),
-               **classes.for_cell(cell_dir, row, images)}
+            if distributed.is_main():
+                done.write_text(json.dumps(row, indent=2))
+        row = {**row, **metrics.for_cell(cell_dir, images)}
+        if distributed.is_main():          # the other ranks only help with sampling and features
+            row = {**row, **clip.for_cell(cell_dir, images), **classes.for_cell(cell_dir, row, images)}
+        distributed.barrier()
         if method == "fp":
             fp_images = images
         rows.append(row)
@@ -430,9 +477,11 @@ def evaluate(settings: EvalSettings, out: str | Path, progress: bool = True) -> 
               "metric_notes": {"is": next((r.get("is_note") for r in rows if r.get("is_note")), None),
                                "fid": metrics.reason, "clip": clip.reason, "class_accuracy": classes.reason},
               "grid": "grid.png"}
-    save_comparison_grid(samples, out / "grid.png")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown_report(report))
+    if distributed.is_main():
+        save_comparison_grid(samples, out / "grid.png")
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.md").write_text(markdown_report(report))
+    distributed.barrier()
     return report
 
 
