@@ -10,6 +10,9 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 python3 -c "import diffusers" || { echo "diffusers is not importable: install the wheel first" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 W=$(mktemp -d /tmp/tfmq-multi-XXXX)
+# the benchmark first (the targets; BENCH_LIMIT seconds at most), then the CLI under the launchers
+timeout "${BENCH_LIMIT:-600}" python3 benchmarks/bench_multi_gpu.py --device cuda --nproc "$NPROC" \
+    --work "$W/bench" --json "$OUT/bench_multi_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_multi_gpu.txt"
 {
   S="sample --device cuda --num-images 96 --batch-size 16 --steps 20 --seed 5"
   echo "== tfmq $S: 1 process, accelerate launch x$NPROC, torchrun x$NPROC"
@@ -33,5 +36,3 @@ PY
   torchrun --standalone --nproc_per_node $(( $(nvidia-smi -L | wc -l) + 1 )) -m tfmq sample --device cuda \
       --num-images 4 --out "$W/bad" 2>&1 | grep -m2 "error" || echo "(no error line)"
 } 2>&1 | tee "$OUT/cli_check.txt"
-python3 benchmarks/bench_multi_gpu.py --device cuda --nproc "$NPROC" --work "$W/bench" \
-    --json "$OUT/bench_multi_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_multi_gpu.txt"
