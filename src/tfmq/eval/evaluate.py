@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..models.adapter import get_denoiser
+from ..models.adapter import adapter_for, get_denoiser
 from ..sampling import SamplerConfig
 from .report import markdown_report  # noqa: F401  (re-exported: the CLI prints the report)
 
@@ -394,7 +394,9 @@ def _run_cell(settings: EvalSettings, name: str, method: str, wbits: int, abits:
            "sampler": settings.sampler.name, "steps": settings.sampler.steps, "n": settings.num_images,
            "seed": settings.seed, "device": settings.device,
            "backend": BACKENDS[settings.backend] if method != "fp" else None,
-           "class_conditional": labels is not None, "fp32_denoiser_bytes": _fp32_denoiser_bytes(pipe)}
+           "class_conditional": labels is not None, "fp32_denoiser_bytes": _fp32_denoiser_bytes(pipe),
+           "denoiser": type(get_denoiser(pipe)).__name__,
+           "not_transferred": list(adapter_for(get_denoiser(pipe)).not_transferred)}
     if method != "fp":
         config = settings.quant_config(method, wbits, abits)
         tfmq.quantize(pipe, config, progress=progress)

@@ -250,6 +250,10 @@ def _notes(report: dict) -> list[str]:
         out.append(f"FID: {notes['fid']}.")
     if notes.get("is") and not any(r.get("is") is not None for r in rows):
         out.append(f"IS: not available ({notes['is']}).")
+    gaps = next((r.get("not_transferred") for r in rows if r.get("not_transferred")), None)
+    if gaps:
+        den = next((r.get("denoiser") for r in rows if r.get("denoiser")), "this denoiser")
+        out.append(f"Not transferred to {den}: " + "; ".join(gaps) + ".")
     if notes.get("clip") and s.get("prompts"):
         out.append(f"CLIP score: {notes['clip']}.")
     if notes.get("class_accuracy"):

@@ -99,6 +99,8 @@ class DenoiserAdapter:
     model_types: tuple = ()
     #: whether :mod:`tfmq.export` can write this family as an ONNX graph
     onnx_export: bool = False
+    #: pieces of the methods that do not transfer to this family (said in the evaluation report)
+    not_transferred: tuple[str, ...] = ()
 
     @classmethod
     def matches(cls, denoiser: nn.Module) -> bool:

@@ -33,6 +33,8 @@ def _out_features(m) -> int:
 class DiTAdapter(DenoiserAdapter):
     family = "dit"
     component = "transformer"
+    not_transferred = ("Q-Diffusion's split shortcut (a DiT has no skip concatenations: "
+                       "--set split_shortcut=true changes nothing)",)
     model_types = (DiTTransformer2DModel,)
 
     def class_labels_apply(self, denoiser):

@@ -33,6 +33,8 @@ PIXART_ADDED = ("resolution", "aspect_ratio")
 class PixArtAdapter(DenoiserAdapter):
     family = "pixart"
     component = "transformer"
+    not_transferred = ("Q-Diffusion's split shortcut (a PixArt has no skip concatenations: "
+                       "--set split_shortcut=true changes nothing)",)
     model_types = (PixArtTransformer2DModel,)
 
     def text_conditional(self, denoiser):
