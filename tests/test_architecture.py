@@ -69,3 +69,19 @@ def test_no_import_cycle_anywhere():
     assert len(graph) > 40 and "tfmq.calib.fsc" in closure(graph, "tfmq.recipes")   # the graph is real
     on_cycle = sorted(m for m in graph if m in closure(graph, m))
     assert not on_cycle, f"modules on an import cycle: {on_cycle}"
+
+
+def test_only_the_adapters_name_the_unet_component():
+    """The denoiser is reached through its family's adapter (tfmq.models): no module outside
+    models/ reads ``pipe.unet`` or names the ``"unet"`` component."""
+    import re
+    pattern = re.compile(r"\.unet\b|[\"']unet[\"']")
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("models/"):
+            continue
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{rel}:{no}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
