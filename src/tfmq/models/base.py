@@ -26,9 +26,40 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..quant.layers import QuantLayer
+
 
 class UnsupportedModelError(ValueError):
     """The pipeline or denoiser is not one tfmq can quantize."""
+
+
+#: what TFMQ-DM / Q-Diffusion piece a transformer family cannot use (said in evaluation reports)
+NO_SPLIT_SHORTCUT = ("Q-Diffusion's split shortcut (transformers have no skip concatenations: "
+                     "--set split_shortcut=true changes nothing)")
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The FP layer inside a fake-quant wrapper (the module itself when it is not wrapped)."""
+    return module.layer if isinstance(module, QuantLayer) else module
+
+
+def cycled_prompts(class_labels, prompts, num_images: int) -> list[str]:
+    """A text-to-image model's prompt for each of ``num_images`` samples (``prompts`` cycled);
+    a clear error for class labels or no prompt."""
+    if class_labels is not None:
+        raise ValueError("this is a text-to-image model: class labels do not apply")
+    if not prompts:
+        raise ValueError("this is a text-to-image model: give at least one prompt")
+    return [prompts[i % len(prompts)] for i in range(num_images)]
+
+
+def pixel_size(pipe, denoiser: nn.Module) -> tuple[int, int]:
+    """The (height, width) in pixels of the denoiser's native sample size (latent size times the
+    pipeline's VAE scale factor, 8 when the pipeline does not say)."""
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    size = denoiser.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    return h * scale, w * scale
 
 
 @dataclass

@@ -18,23 +18,16 @@ a DiT's class embedder is part of the block (in a UNet the class embedding is to
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 
-from ..quant.layers import QuantLayer
-from .base import DenoiserAdapter, TemporalBlock
-
-
-def _out_features(m) -> int:
-    return (m.layer if isinstance(m, QuantLayer) else m).out_features
+from .base import NO_SPLIT_SHORTCUT, DenoiserAdapter, TemporalBlock, unwrap
 
 
 class DiTAdapter(DenoiserAdapter):
     family = "dit"
     component = "transformer"
-    not_transferred = ("Q-Diffusion's split shortcut (a DiT has no skip concatenations: "
-                       "--set split_shortcut=true changes nothing)",)
+    not_transferred = (NO_SPLIT_SHORTCUT,)
     model_types = (DiTTransformer2DModel,)
 
     def class_labels_apply(self, denoiser):
@@ -53,7 +46,7 @@ class DiTAdapter(DenoiserAdapter):
         blocks = [f"transformer_blocks.{i}" for i in range(len(denoiser.transformer_blocks))]
         embedding = [f"{b}.norm1.emb" for b in blocks]
         projections = [f"{b}.norm1.linear" for b in blocks] + ["proj_out_1"]
-        dims = [_out_features(denoiser.get_submodule(p)) for p in projections]
+        dims = [unwrap(denoiser.get_submodule(p)).out_features for p in projections]
         return TemporalBlock(embedding, projections, class_conditional=True, needs_conditioning=False,
                              feature_dims=dims, cache_removes=list(embedding))
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from .base import Conditioning, DenoiserAdapter, TemporalBlock
+from .base import NO_SPLIT_SHORTCUT, Conditioning, DenoiserAdapter, TemporalBlock, cycled_prompts, pixel_size
 
 #: added-conditioning inputs of the 1024 px PixArt-alpha, recorded flat
 PIXART_ADDED = ("resolution", "aspect_ratio")
@@ -33,8 +33,7 @@ PIXART_ADDED = ("resolution", "aspect_ratio")
 class PixArtAdapter(DenoiserAdapter):
     family = "pixart"
     component = "transformer"
-    not_transferred = ("Q-Diffusion's split shortcut (a PixArt has no skip concatenations: "
-                       "--set split_shortcut=true changes nothing)",)
+    not_transferred = (NO_SPLIT_SHORTCUT,)
     model_types = (PixArtTransformer2DModel,)
 
     def text_conditional(self, denoiser):
@@ -46,19 +45,13 @@ class PixArtAdapter(DenoiserAdapter):
 
     def conditioning(self, pipe, denoiser, num_images, seed, class_labels=None, prompts=None,
                      guidance_scale=1.0, device="cpu"):
-        if class_labels is not None:
-            raise ValueError("this is a text-to-image model: class labels do not apply")
-        if not prompts:
-            raise ValueError("this is a text-to-image model: give at least one prompt")
-        prompts = [prompts[i % len(prompts)] for i in range(num_images)]
+        prompts = cycled_prompts(class_labels, prompts, num_images)
         do_cfg = guidance_scale > 1.0
         pos, pos_mask, neg, neg_mask = pipe.encode_prompt(prompts, do_cfg, device=device, clean_caption=False)
         inputs = {"encoder_hidden_states": pos, "encoder_attention_mask": pos_mask}
         negative = {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask} if do_cfg else None
         if self.additional_conditions(denoiser):
-            scale = getattr(pipe, "vae_scale_factor", 8)
-            size = denoiser.config.sample_size
-            h, w = (size * scale, size * scale) if isinstance(size, int) else (size[0] * scale, size[1] * scale)
+            h, w = pixel_size(pipe, denoiser)
             extra = {"resolution": torch.tensor([[float(h), float(w)]], device=device).expand(num_images, -1),
                      "aspect_ratio": torch.tensor([[h / w]], device=device).expand(num_images, -1)}
             inputs.update(extra)

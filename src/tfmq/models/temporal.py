@@ -74,10 +74,6 @@ def _as_timesteps(timesteps, batch: int | None, device) -> torch.Tensor:
     return t.to(device)
 
 
-def model_dtype(denoiser: nn.Module) -> torch.dtype:
-    return next(p for p in denoiser.parameters()).dtype
-
-
 def temporal_features(denoiser: nn.Module, timesteps, class_labels: torch.Tensor | None = None,
                       cond: dict[str, torch.Tensor] | None = None, block: TemporalBlock | None = None,
                       step_index: int | None = None) -> list[torch.Tensor]:

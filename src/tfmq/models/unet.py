@@ -24,8 +24,8 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from ..quant.layers import QuantLayer
-from .base import Conditioning, DenoiserAdapter, TemporalBlock, UnsupportedModelError
+from .base import (Conditioning, DenoiserAdapter, TemporalBlock, UnsupportedModelError, cycled_prompts,
+                   pixel_size, unwrap)
 
 #: Module type names that read the time embedding without a ``time_emb_proj``; a model using
 #: them has temporal paths the block would not cover.
@@ -36,7 +36,7 @@ SDXL_ADDED = ("text_embeds", "time_ids")
 
 
 def _out_features(proj: nn.Module) -> int:
-    inner = proj.layer if isinstance(proj, QuantLayer) else proj
+    inner = unwrap(proj)
     return getattr(inner, "out_features", getattr(inner, "dim", 0))
 
 
@@ -68,11 +68,7 @@ class UNetAdapter(DenoiserAdapter):
         if not self.text_conditional(denoiser):
             return super().conditioning(pipe, denoiser, num_images, seed, class_labels, prompts,
                                         guidance_scale, device)
-        if class_labels is not None:
-            raise ValueError("this is a text-to-image model: class labels do not apply")
-        if not prompts:
-            raise ValueError("this is a text-to-image model: give at least one prompt")
-        prompts = [prompts[i % len(prompts)] for i in range(num_images)]
+        prompts = cycled_prompts(class_labels, prompts, num_images)
         do_cfg = guidance_scale > 1.0
         if not self.is_sdxl(denoiser):
             pos, neg = pipe.encode_prompt(prompts, device, 1, do_cfg)
@@ -92,12 +88,9 @@ class UNetAdapter(DenoiserAdapter):
     def sdxl_time_ids(pipe, denoiser, pooled_dim: int) -> torch.Tensor:
         """``(original H, W, crop top, left, target H, W)`` for the native resolution, as
         StableDiffusionXLPipeline passes them by default; checked against ``add_embedding``."""
-        scale = getattr(pipe, "vae_scale_factor", 8)
-        size = denoiser.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else size
-        ids = torch.tensor([[h * scale, w * scale, 0, 0, h * scale, w * scale]], dtype=torch.float32)
-        lin = getattr(denoiser.add_embedding, "linear_1", None)
-        lin = lin.layer if isinstance(lin, QuantLayer) else lin
+        h, w = pixel_size(pipe, denoiser)
+        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+        lin = unwrap(getattr(denoiser.add_embedding, "linear_1", None))
         expected = getattr(lin, "in_features", None)
         got = denoiser.config.addition_time_embed_dim * ids.shape[1] + pooled_dim
         if expected is not None and expected != got:
