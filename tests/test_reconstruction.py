@@ -128,3 +128,47 @@ def test_reconstruction_on_cuda_with_bf16():
     tfmq.quantize(pipe, tiny_qdiff(recon_bf16=True, abits=8, act_learn_iters=10), progress=False)
     results = pipe.unet.tfmq_info["reconstruction"]
     assert sum(r["error_after"] < r["error_before"] for r in results.values()) >= 0.8 * len(results)
+
+
+def test_capture_rows_default_rule():
+    from tfmq.calib.reconstruction import capture_rows
+    assert capture_rows(32, 3 * 32 * 32, "cpu") == 32                 # CPU: one calibration batch
+    assert capture_rows(32, 3 * 32 * 32, "cuda") == 160               # 2^19 values, whole batches
+    assert capture_rows(32, 28 * 28, "cuda") == 256                   # at most 256 rows
+    assert capture_rows(32, 4 * 64 * 64, "cuda") == 32                # SD latents: one batch
+    assert capture_rows(8, 4 * 128 * 128, "cuda") == 8                # never less than a batch
+    assert capture_rows(32, 3 * 32 * 32, "cuda", requested=48) == 48
+
+
+def test_capture_in_larger_passes_caches_the_same_rows():
+    """Caching a unit's inputs / outputs in passes of 4 batches gives the rows of 1-batch passes."""
+    from tfmq.calib.data import collect_calibration_data
+    from tfmq.calib.reconstruction import calibration_rows, capture
+    from tfmq.sampling import SamplerConfig
+    from tfmq.calib.ranges import init_weight_ranges
+    from tfmq.quant.model import set_quant_state
+    pipe = tiny_ddpm_pipeline()
+    data = collect_calibration_data(pipe, SamplerConfig("ddim", 10), 12, batch_size=12,
+                                    seed=0, progress=False)
+    steps = [0, 4, 9]
+    unet = wrap_denoiser(pipe.unet, WrapSpec(4, 8, 8, layer_policy="all"))
+    init_weight_ranges(unet, "minmax", progress=False)
+    set_quant_state(unet, weight=True, act=False)       # W4 nearest rounding, FP activations
+    units = order_units(unet, find_units(unet), example_input())
+    unit = next(u for u in units if u.name == "up_blocks.1.resnets.0")    # takes a skip concat
+    cached = {}
+    for size in (4, 16):
+        rows = calibration_rows(data, steps, None, 0, 4, "cpu", torch.float32, capture_size=size)
+        assert rows.capture_size == size
+        cached[size] = (capture(unet, unit, rows, "input", 1 << 40), capture(unet, unit, rows, "output", 1 << 40))
+    for a, b in zip(cached[4], cached[16]):
+        assert a.rows == b.rows == 36
+        assert set(a.data) == set(b.data)
+        for k in a.data:
+            # float rounding may differ with the batch size (conv algorithms): about 1e-6 here
+            torch.testing.assert_close(a.data[k], b.data[k], rtol=1e-4, atol=1e-5)
+
+
+def test_capture_rows_must_be_positive():
+    with pytest.raises(ValueError, match="recon_capture_rows"):
+        tiny_qdiff(recon_capture_rows=0)

@@ -66,6 +66,8 @@ class QuantConfig:
     recon_rows: int | None = None        # at most this many calibration rows per unit (None = all)
     recon_bf16: bool = False             # bf16 autocast of unit forwards (CUDA only)
     recon_cache_gb: float | None = None  # GPU memory for cached unit inputs + targets (None: half free)
+    recon_capture_rows: int | None = None  # rows per forward pass when caching unit inputs / outputs
+                                         # (None: see tfmq.calib.reconstruction.capture_rows)
     recon_cuda_graphs: bool = True       # on CUDA, capture each TIAR / AdaRound / act-step iteration
                                          # in a CUDA graph (same arithmetic, no launch overhead)
     act_learn_iters: int = 500           # activation step-size iterations per unit (reference: 5000)
@@ -152,6 +154,7 @@ class QuantConfig:
         positive_int("recon_iters", allow_zero=True)
         positive_int("act_learn_iters", allow_zero=True)
         positive_int("recon_batch_size")
+        positive_int("recon_capture_rows", allow_none=True)
         for name in ("recon_lr", "act_learn_lr", "act_learn_p", "recon_cache_gb"):
             if getattr(self, name) is None and name == "recon_cache_gb":
                 continue

@@ -30,6 +30,11 @@ Settings and their cost (``QuantConfig`` fields):
                         of (input + output) x rows, on the GPU while under ``recon_cache_gb``.
   ``recon_bf16``        bf16 autocast of the unit forward on CUDA.
   ``recon_cache_gb``    GPU memory for cached rows (default: half the free memory).
+  ``recon_capture_rows`` rows per forward pass when caching a unit's inputs / outputs (default:
+                        :func:`capture_rows`: one calibration batch on the CPU; on CUDA whole
+                        calibration batches up to about 2^19 sample values, at most 256 rows, as
+                        the two partial forward passes of a unit are launch-bound in small batches:
+                        on an H100 they were three quarters of Q-Diffusion's per-unit time).
 
 Each unit's statistics hold ``seconds`` (all of it), ``optimize_s`` (the iterations alone),
 ``loop`` (how the iterations ran: ``graph``, ``eager`` or ``eager (data-parallel)``) and the
@@ -242,9 +247,12 @@ class CalibRows:
     ``steps`` holds each row's sampling-step index (the parameter set of per-step quantizers)."""
 
     def __init__(self, inputs: dict[str, torch.Tensor], batch_size: int, device, dtype,
-                 steps: torch.Tensor | None = None):
+                 steps: torch.Tensor | None = None, capture_size: int | None = None):
         self.inputs = inputs
         self.batch_size = batch_size
+        self.capture_size = batch_size if capture_size is None else capture_size
+        if self.capture_size < 1:
+            raise ValueError(f"capture_size must be >= 1, got {capture_size!r}")
         self.device = device
         self.dtype = dtype
         if steps is not None and steps.shape != (len(self),):
@@ -259,11 +267,12 @@ class CalibRows:
             return v.to(self.device, self.dtype)
         return v.to(self.device)
 
-    def batches(self):
-        """``(batch, steps)`` in row order: the inputs on the model's device / dtype and the rows'
-        step indices (None without ``steps``)."""
-        for i in range(0, len(self), self.batch_size):
-            sl = slice(i, i + self.batch_size)
+    def batches(self, size: int | None = None):
+        """``(batch, steps)`` of ``size`` rows (default ``batch_size``) in row order: the inputs on
+        the model's device / dtype and the rows' step indices (None without ``steps``)."""
+        size = self.batch_size if size is None else size
+        for i in range(0, len(self), size):
+            sl = slice(i, i + size)
             yield ({k: self._to(v[sl]) for k, v in self.inputs.items()},
                    None if self.steps is None else self.steps[sl])
 
@@ -274,13 +283,34 @@ class CalibRows:
         """Rows ``rows`` (a contiguous range) only: one process's share."""
         sl = slice(rows.start, rows.stop)
         return CalibRows({k: v[sl] for k, v in self.inputs.items()}, self.batch_size, self.device,
-                         self.dtype, None if self.steps is None else self.steps[sl])
+                         self.dtype, None if self.steps is None else self.steps[sl], self.capture_size)
+
+
+#: Sample values (rows x values a row) of one capture pass on CUDA by default.
+CAPTURE_VALUES = 1 << 19
+#: Most rows of one capture pass by default.
+CAPTURE_MAX_ROWS = 256
+
+
+def capture_rows(batch_size: int, sample_values: int, device, requested: int | None = None) -> int:
+    """Rows per forward pass when caching a unit's inputs / outputs: ``requested`` if given;
+    ``batch_size`` on the CPU (larger passes are not faster there); on CUDA as many whole batches
+    as keep a pass under :data:`CAPTURE_VALUES` sample values and :data:`CAPTURE_MAX_ROWS` rows
+    (at least one batch). Every row's forward is independent of its batch-mates, so this changes
+    only how many rows share a launch."""
+    if requested is not None:
+        return requested
+    if torch.device(device).type != "cuda":
+        return batch_size
+    rows = min(CAPTURE_MAX_ROWS, CAPTURE_VALUES // max(1, sample_values))
+    return max(batch_size, rows // batch_size * batch_size)
 
 
 def calibration_rows(data, steps: list[int], max_rows: int | None, seed: int, batch_size: int,
-                     device, dtype) -> CalibRows:
+                     device, dtype, capture_size: int | None = None) -> CalibRows:
     """The rows of the chosen steps (all trajectories), at most ``max_rows`` of them (a seeded
-    random subset, in original order), with each row's step index."""
+    random subset, in original order), with each row's step index. ``capture_size``: rows per
+    capture pass (None: :func:`capture_rows`'s default)."""
     inputs = data.batch(steps)
     n = inputs["sample"].shape[0]
     row_steps = torch.cat([torch.full((data.rows(s),), s, dtype=torch.long) for s in steps])
@@ -290,7 +320,9 @@ def calibration_rows(data, steps: list[int], max_rows: int | None, seed: int, ba
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
         inputs = {k: v[idx] for k, v in inputs.items()}
         row_steps = row_steps[idx]
-    return CalibRows(inputs, batch_size, device, dtype, row_steps)
+    values = inputs["sample"][0].numel() if n else 1
+    return CalibRows(inputs, batch_size, device, dtype, row_steps,
+                     capture_rows(batch_size, values, device, capture_size))
 
 
 # ---- caching unit inputs / outputs -------------------------------------------------------
@@ -409,7 +441,7 @@ def capture(model: nn.Module, unit: Unit, rows: CalibRows, what: str, budget_byt
         raise ValueError(f"what must be 'input' or 'output', not {what!r}")
     current = [0]
     try:
-        for batch, steps in rows.batches():
+        for batch, steps in rows.batches(rows.capture_size):
             current[0] = batch["sample"].shape[0]
             try:
                 with row_steps(model, steps):
@@ -735,7 +767,7 @@ def prepare_units(ctx) -> tuple[list[Unit], CalibRows]:
     param = next(ctx.denoiser.parameters())
     steps = reconstruction_steps(c, len(ctx.data))
     rows = calibration_rows(ctx.data, steps, c.recon_rows, c.seed, c.calib_batch_size,
-                            param.device, param.dtype)
+                            param.device, param.dtype, c.recon_capture_rows)
     units = order_units(ctx.denoiser, find_units(ctx.denoiser), rows.example())
     units = select_units(units, c.recon_units)
     ctx.extra["recon_units"], ctx.extra["recon_rows"] = units, rows
