@@ -7,7 +7,8 @@
 #   bash scripts/gpu_calib_check.sh "$OUT"          (carry .whl: the diffusers wheel)
 #
 # Environment knobs: TFMQ_LIMIT / QDIFF_LIMIT (seconds per benchmark run, default 215 / 190),
-# SKIP_TESTS=1 skips the CUDA tests, PROFILE=1 also runs benchmarks/profile_calibration.py (about a minute more; tar'ed).
+# METHODS (default "tfmq qdiff") picks the benchmark runs, SKIP_TESTS=1 skips the CUDA tests, PROFILE=1 also runs benchmarks/profile_calibration.py (about a minute more; tar'ed;
+# PROFILE_ARGS are passed on, e.g. "--stage fsc act_learning").
 # Writes at most 8 files into OUT: env.txt, tests.log, tfmq_default.json, tfmq.log,
 # qdiff_default.json, qdiff.log, profile.tar.gz (with PROFILE=1).
 set -u
@@ -30,7 +31,7 @@ timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_fast_loo
 echo "tests rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/tests.log"
 fi
 
-for m in tfmq qdiff; do
+for m in ${METHODS:-tfmq qdiff}; do
   limit=$([ "$m" = tfmq ] && echo "${TFMQ_LIMIT:-215}" || echo "${QDIFF_LIMIT:-190}")
   start=$SECONDS
   timeout $((limit + 45)) python3 benchmarks/bench_calibration.py --device cuda --method "$m" --run default \
@@ -41,7 +42,7 @@ done
 
 if [ "${PROFILE:-0}" = 1 ]; then
   P=${TMPDIR:-/tmp}/tfmq_profile_$$
-  timeout 120 python3 benchmarks/profile_calibration.py --out "$P" --method tfmq > "$P.log" 2>&1
+  timeout 150 python3 benchmarks/profile_calibration.py --out "$P" --method tfmq ${PROFILE_ARGS:-} > "$P.log" 2>&1
   echo "profile rc=$?" >> "$P.log"; mv "$P.log" "$P/"
   tar -czf "$OUT/profile.tar.gz" -C "$P" .
 fi
