@@ -20,8 +20,9 @@ from tfmq.calib.act_learning import MIN_SCALE, learn_act_steps
 from tfmq.calib.loop import Adam, at, batch_indices, beta_table, cosine_lr_table, use_graphs
 from tfmq.calib.reconstruction import (UnitSettings, _unit_loss, attach_rounding, beta_at, capture,
                                        optimize_rounding, prepare_units, recon_loss, unit_output,
-                                       _call_args, _set_state)
+                                       _call_args)
 from tfmq.quant.layers import QuantLayer
+from tfmq.quant.model import quant_state, set_quant_state
 from tfmq.quant.quantizer import UniformQuantizer, init_range
 
 
@@ -180,11 +181,10 @@ def test_unit_loss_draws_the_reference_batches_and_computes_the_reference_loss()
     units, rows = prepare_units(ctx)
     unit = next(u for u in units if u.name == "down_blocks.0.resnets.0")
     model = ctx.denoiser
-    _set_state(model, True, False)
+    set_quant_state(model, True, False)
     inputs = capture(model, unit, rows, "input", 1 << 40)
-    _set_state(model, False, False)
-    targets = capture(model, unit, rows, "output", 1 << 40)
-    _set_state(model, True, False)
+    with quant_state(model, weight=False, act=False):
+        targets = capture(model, unit, rows, "output", 1 << 40)
     settings = UnitSettings(iters=6, batch_size=8, lr=1e-3)
     loss_fn, run = _unit_loss(unit, inputs, targets, None, torch.Generator().manual_seed(11), settings, "cpu")
     assert run.graphs is False and run.note is None

@@ -172,3 +172,21 @@ def test_capture_in_larger_passes_caches_the_same_rows():
 def test_capture_rows_must_be_positive():
     with pytest.raises(ValueError, match="recon_capture_rows"):
         tiny_qdiff(recon_capture_rows=0)
+
+
+def test_quant_state_restores_every_quantizer_flag_even_after_an_error():
+    from tfmq.quant.model import act_quantizers, quant_state, weight_quantizers
+    unet = wrap_denoiser(tiny_unet2d(), WrapSpec(4, 8, 8, layer_policy="all"))
+    qs = list(weight_quantizers(unet).values()) + list(act_quantizers(unet).values())
+    for i, q in enumerate(qs):                       # a mixed state, as TIAR leaves it mid-run
+        q.enabled = i % 3 == 0
+    before = [q.enabled for q in qs]
+    with quant_state(unet, weight=False, act=True):
+        assert not any(q.enabled for q in weight_quantizers(unet).values())
+        assert all(q.enabled for q in act_quantizers(unet).values())
+    assert [q.enabled for q in qs] == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with quant_state(unet, weight=True):
+            assert all(q.enabled for q in weight_quantizers(unet).values())
+            raise RuntimeError("inside")
+    assert [q.enabled for q in qs] == before

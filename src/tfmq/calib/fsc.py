@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..models.temporal import (find_temporal_block, finite_set, model_classes, step_layer_names,
                                temporal_features, tib_layer_names)
-from ..quant.model import act_quantizers, multi_set_quantizers, set_quant_state
+from ..quant.model import act_quantizers, multi_set_quantizers, quant_state, set_quant_state
 from ..quant.quantizer import UniformQuantizer
 from ..runtime.steps import (CalibrationMismatchError, StepIndex, attach_step_index,  # noqa: F401
                              describe_calibration, detach_step_index)
@@ -97,9 +97,6 @@ def calibrate_tib_per_step(denoiser: nn.Module, timesteps: list[int], data: Cali
     _require_sets(quantizers, len(timesteps))
     block = find_temporal_block(denoiser)
     device = next(denoiser.parameters()).device
-    all_act = act_quantizers(denoiser)
-    prev = {n: q.enabled for n, q in all_act.items()}
-    set_quant_state(denoiser, act=False)
     lo = {n: torch.full((len(timesteps),), float("inf")) for n in quantizers}
     hi = {n: torch.full((len(timesteps),), float("-inf")) for n in quantizers}
     current: dict = {}
@@ -118,32 +115,31 @@ def calibrate_tib_per_step(denoiser: nn.Module, timesteps: list[int], data: Cali
 
     hooks = [q.register_forward_pre_hook(observe(n)) for n, q in quantizers.items()]
     try:
-        if block.needs_conditioning:
-            if data is None:
-                raise ValueError("this model's time embedding reads other inputs: calibration data needed")
-            for s in tqdm(range(len(timesteps)), desc="FSC (TIB)", disable=not progress, leave=False):
-                d = data.step(s)
-                current["step"] = torch.full((d["timestep"].shape[0],), s, dtype=torch.long)
-                temporal_features(denoiser, d["timestep"].to(device),
-                                  d["class_labels"].to(device) if "class_labels" in d else None, d,
-                                  block=block)
-        else:
-            classes = model_classes(denoiser) if block.class_conditional else None
-            if block.class_conditional and classes is None:
+        with quant_state(denoiser, act=False):
+            if block.needs_conditioning:
                 if data is None:
-                    raise ValueError("class labels of this model are not a finite table: calibration data needed")
-                classes = sorted({int(c) for s in range(len(data)) for c in data.step(s)["class_labels"]})
-            t, labels, step = finite_set(timesteps, classes)
-            for a in tqdm(range(0, len(t), TIB_CHUNK_ROWS), desc="FSC (TIB)", disable=not progress, leave=False):
-                sl = slice(a, a + TIB_CHUNK_ROWS)
-                current["step"] = step[sl]
-                temporal_features(denoiser, t[sl].to(device), None if labels is None else labels[sl].to(device),
-                                  block=block)
+                    raise ValueError("this model's time embedding reads other inputs: calibration data needed")
+                for s in tqdm(range(len(timesteps)), desc="FSC (TIB)", disable=not progress, leave=False):
+                    d = data.step(s)
+                    current["step"] = torch.full((d["timestep"].shape[0],), s, dtype=torch.long)
+                    temporal_features(denoiser, d["timestep"].to(device),
+                                      d["class_labels"].to(device) if "class_labels" in d else None, d,
+                                      block=block)
+            else:
+                classes = model_classes(denoiser) if block.class_conditional else None
+                if block.class_conditional and classes is None:
+                    if data is None:
+                        raise ValueError("class labels of this model are not a finite table: calibration data needed")
+                    classes = sorted({int(c) for s in range(len(data)) for c in data.step(s)["class_labels"]})
+                t, labels, step = finite_set(timesteps, classes)
+                for a in tqdm(range(0, len(t), TIB_CHUNK_ROWS), desc="FSC (TIB)", disable=not progress, leave=False):
+                    sl = slice(a, a + TIB_CHUNK_ROWS)
+                    current["step"] = step[sl]
+                    temporal_features(denoiser, t[sl].to(device), None if labels is None else labels[sl].to(device),
+                                      block=block)
     finally:
         for h in hooks:
             h.remove()
-        for n, q in all_act.items():
-            q.enabled = prev[n]
     like = torch.zeros(1)
     for n, q in quantizers.items():
         for s in range(len(timesteps)):

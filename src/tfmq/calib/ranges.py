@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..models.adapter import call_denoiser
-from ..quant.model import act_quantizers, set_quant_state, weight_quantizers
+from ..quant.model import act_quantizers, quant_state, weight_quantizers
 from ..quant.quantizer import UniformQuantizer, init_range
 from .data import CalibrationData
 
@@ -139,10 +139,7 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
     steps = list(range(len(data))) if steps is None else steps
     gen = torch.Generator().manual_seed(seed)
     groups = [[s] for s in steps] if per_step else [steps]
-    all_act = act_quantizers(model)
-    prev = {n: q.enabled for n, q in all_act.items()}
-    set_quant_state(model, act=False)
-    try:
+    with quant_state(model, act=False):
         for g_index, group in enumerate(tqdm(groups, desc="activation ranges", disable=not progress,
                                              leave=False)):
             # the group's batches, numbered globally; this process observes its share of them
@@ -184,6 +181,3 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
                 observers[n].merge(entries[n])
                 set_index = group[0] if (per_step and q.n_sets > 1) else None
                 observers[n].apply(q, method, set_index)
-    finally:
-        for n, q in all_act.items():
-            q.enabled = prev[n]

@@ -69,7 +69,7 @@ from ..models.adapter import call_denoiser
 from ..models.units import Unit, find_units, order_units, select_units
 from ..quant.adaround import AdaRound, pack_mask, unpack_mask
 from ..quant.layers import GroupActQuantizer, QuantLayer
-from ..quant.model import act_quantizers, multi_set_quantizers, row_steps, weight_quantizers
+from ..quant.model import multi_set_quantizers, quant_state, row_steps, set_quant_state
 from .loop import at, batch_indices, beta_table, run_steps, StepLoop, use_graphs
 
 #: Named sets of reconstruction settings (QuantConfig fields).
@@ -647,13 +647,6 @@ def _check_steps(module: nn.Module, steps: torch.Tensor) -> None:
         raise IndexError(f"step index {int(steps.max())} outside the calibrated steps")
 
 
-def _set_state(model: nn.Module, weight: bool, act: bool) -> None:
-    for q in weight_quantizers(model).values():
-        q.enabled = weight
-    for q in act_quantizers(model).values():
-        q.enabled = act
-
-
 def cache_budget(cache_gb: float | None, device) -> int:
     """Bytes of cached unit tensors allowed on ``device`` (beyond it they stay on the CPU)."""
     if cache_gb is not None:
@@ -682,8 +675,6 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
     saved); an exception from it stops the run with the progress kept.
     """
     device = rows.device
-    all_q = list(weight_quantizers(model).values()) + list(act_quantizers(model).values())
-    prev = [q.enabled for q in all_q]
     budget = cache_budget(settings.cache_gb, device) // 2     # half for inputs, half for targets
     results: dict[str, dict] = {}
     outer = tqdm(total=len(units), desc=stage, unit="unit", disable=not settings.progress)
@@ -693,7 +684,7 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
     mine = distributed.shard(len(rows), align=rows.batch_size)
     local_rows = rows.subset(mine) if split else rows
     n = len(rows)
-    try:
+    with outer, quant_state(model):        # every quantizer's flag as it was, at the end
         for index, unit in enumerate(units):
             outer.update(1)
             if not work.applies(unit):
@@ -707,11 +698,10 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
                 continue
             t0 = time.perf_counter()
             w_on, a_on = work.quant_state
-            _set_state(model, w_on, a_on)
+            set_quant_state(model, w_on, a_on)
             inputs = capture(model, unit, local_rows, "input", budget)
-            _set_state(model, False, False)
-            targets = capture(model, unit, local_rows, "output", budget)
-            _set_state(model, w_on, a_on)
+            with quant_state(model, weight=False, act=False):
+                targets = capture(model, unit, local_rows, "output", budget)
             # per-step (FSC) quantizers take each row's own step while activations are quantized
             steps = None
             if a_on and multi_set_quantizers(unit.module):
@@ -750,10 +740,6 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             outer.set_postfix(unit=unit.name, error=f"{before:.3g}->{after:.3g}")
             if on_unit is not None:
                 on_unit(work.phase, unit.name, stats)
-    finally:
-        outer.close()
-        for q, e in zip(all_q, prev):
-            q.enabled = e
     return results
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from ..models.temporal import (TemporalBlock, find_temporal_block, finite_set, model_classes,
                                temporal_features, tib_layer_names)
 from ..quant.layers import QuantLayer
-from ..quant.model import act_quantizers, weight_quantizers
+from ..quant.model import quant_state
 from .data import CalibrationData
 from .loop import at, batch_indices
 
@@ -77,14 +77,10 @@ def fp_temporal_features(denoiser: nn.Module, inputs: dict, block: TemporalBlock
     """Temporal features with every quantizer of the denoiser turned off (the FP targets)."""
     block = block or find_temporal_block(denoiser)
     device = next(denoiser.parameters()).device
-    states = _quant_states(denoiser)
-    _set_all(denoiser, False, False)
-    try:
+    with quant_state(denoiser, weight=False, act=False):
         n = inputs["timestep"].shape[0]
         parts = [_features(denoiser, inputs, torch.arange(a, min(a + chunk, n)), block, device)
                  for a in range(0, n, chunk)]
-    finally:
-        _restore(denoiser, states)
     return [torch.cat([p[i] for p in parts]).detach() for i in range(len(block))]
 
 
@@ -98,26 +94,6 @@ def temporal_cosine(features: list[torch.Tensor], targets: list[torch.Tensor]) -
     sims = [torch.nn.functional.cosine_similarity(f.float(), t.float(), dim=1).mean()
             for f, t in zip(features, targets)]
     return torch.stack(sims).mean()
-
-
-def _quant_states(denoiser):
-    return ({n: q.enabled for n, q in weight_quantizers(denoiser).items()},
-            {n: q.enabled for n, q in act_quantizers(denoiser).items()})
-
-
-def _set_all(denoiser, weight: bool, act: bool) -> None:
-    for q in weight_quantizers(denoiser).values():
-        q.enabled = weight
-    for q in act_quantizers(denoiser).values():
-        q.enabled = act
-
-
-def _restore(denoiser, states) -> None:
-    w, a = states
-    for n, q in weight_quantizers(denoiser).items():
-        q.enabled = w.get(n, q.enabled)
-    for n, q in act_quantizers(denoiser).items():
-        q.enabled = a.get(n, q.enabled)
 
 
 @torch.no_grad()
@@ -162,11 +138,9 @@ def tiar(denoiser: nn.Module, timesteps: list[int], data: CalibrationData | None
     inputs = temporal_inputs(denoiser, timesteps, data, classes)
     targets = [t.to(device) for t in fp_temporal_features(denoiser, inputs, block)]
     n = inputs["timestep"].shape[0]
-    states = _quant_states(denoiser)
-    _set_all(denoiser, False, False)
-    for layer in layers.values():
-        layer.weight_quantizer.enabled = True
-    try:
+    with quant_state(denoiser, weight=False, act=False):
+        for layer in layers.values():
+            layer.weight_quantizer.enabled = True
         before = evaluate_tib(denoiser, inputs, targets, block)
         gen = torch.Generator().manual_seed(seed)
         rows = min(batch_size, n)
@@ -187,8 +161,6 @@ def tiar(denoiser: nn.Module, timesteps: list[int], data: CalibrationData | None
                                         reg_weight=reg_weight, warmup=warmup, beta=beta, desc="TIAR",
                                         progress=progress, graphs=graphs)
         after = evaluate_tib(denoiser, inputs, targets, block)
-    finally:
-        _restore(denoiser, states)
     return {"layers": list(layers), "rows": n, "iters": iters, "batch_rows": rows,
             "error_nearest": before["error"], "error_tiar": after["error"],
             "cosine_nearest": before["cosine"], "cosine_tiar": after["cosine"],

@@ -127,9 +127,7 @@ def order_units(denoiser: nn.Module, units: list[Unit], example: dict[str, torch
     """
     import warnings
 
-    from ..quant.model import act_quantizers, weight_quantizers
-    qs = list(act_quantizers(denoiser).values()) + list(weight_quantizers(denoiser).values())
-    prev = [q.enabled for q in qs]
+    from ..quant.model import quant_state
     first: dict[str, int] = {}
     rows: dict[str, int] = {}
     hooks = []
@@ -141,14 +139,11 @@ def order_units(denoiser: nn.Module, units: list[Unit], example: dict[str, torch
                 rows.setdefault(name, x.shape[0])
         hooks.append(u.module.register_forward_pre_hook(hook))
     try:
-        for q in qs:
-            q.enabled = False
-        call_denoiser(denoiser, example)
+        with quant_state(denoiser, weight=False, act=False):
+            call_denoiser(denoiser, example)
     finally:
         for h in hooks:
             h.remove()
-        for q, e in zip(qs, prev):
-            q.enabled = e
     batch = example["sample"].shape[0]
     unbatched = [u.name for u in units if rows.get(u.name, batch) != batch]
     if unbatched:

@@ -109,6 +109,21 @@ def set_quant_state(model: nn.Module, weight: bool | None = None, act: bool | No
             q.enabled = act
 
 
+@contextmanager
+def quant_state(model: nn.Module, weight: bool | None = None, act: bool | None = None):
+    """Within the block, weight / activation fake-quant are on or off everywhere as asked (None
+    leaves them as they are; the block may change them further); on exit every quantizer gets back
+    its own flag, whatever happened inside."""
+    qs = list(weight_quantizers(model).values()) + list(act_quantizers(model).values())
+    saved = [q.enabled for q in qs]
+    try:
+        set_quant_state(model, weight, act)
+        yield
+    finally:
+        for q, e in zip(qs, saved):
+            q.enabled = e
+
+
 def multi_set_quantizers(model: nn.Module) -> list[UniformQuantizer]:
     """The activation quantizers holding several parameter sets (FSC: one per step)."""
     return [q for q in act_quantizers(model).values() if q.n_sets > 1]
