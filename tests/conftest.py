@@ -133,3 +133,14 @@ def tiny_qdiff(wbits=4, abits=8, recon_iters=20, act_learn_iters=20, recon_batch
     values.update(overrides)
     return tfmq.QuantConfig.for_method("qdiff", **values)
 
+
+def tiny_dit_pipeline(seed=0, learned_sigma=False):
+    """DiTPipeline without a VAE (pixel space), 2 blocks of width 16, 5 classes + null."""
+    from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+    torch.manual_seed(seed)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1,
+                                out_channels=2 if learned_sigma else 1, num_layers=2, sample_size=8,
+                                patch_size=2, num_embeds_ada_norm=5).eval()
+    pipe = DiTPipeline(transformer=dit, vae=None, scheduler=DDPMScheduler(clip_sample=True))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -9,7 +9,7 @@ transformer is tests/test_bundled_model.py's fmnist-dit test.
 
 import pytest
 import torch
-from conftest import _tiny_vocab
+from conftest import _tiny_vocab, tiny_dit_pipeline
 
 import tfmq
 from tfmq.models.adapter import adapter_for, call_denoiser, get_denoiser
@@ -17,18 +17,6 @@ from tfmq.models.temporal import find_temporal_block, temporal_features, tib_lay
 from tfmq.sampling import SamplerConfig, build_conditioning, denoise, generate, sampler_timesteps
 
 SAMPLER = SamplerConfig("ddim", 4)
-
-
-def tiny_dit_pipeline(seed=0, learned_sigma=False):
-    """DiTPipeline without a VAE (pixel space), 2 blocks of width 16, 5 classes + null."""
-    from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
-    torch.manual_seed(seed)
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1,
-                                out_channels=2 if learned_sigma else 1, num_layers=2, sample_size=8,
-                                patch_size=2, num_embeds_ada_norm=5).eval()
-    pipe = DiTPipeline(transformer=dit, vae=None, scheduler=DDPMScheduler(clip_sample=True))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def tiny_pixart_pipeline(tmp_dir, seed=0, additional_conditions=False):

@@ -12,8 +12,12 @@
 * quantized layers and attention quantizers become their export modules (:mod:`tfmq.export.qdq`).
 
 Inputs: ``sample`` ``[B, C, H, W]``, ``temb_0 .. temb_{n-1}`` ``[B, C_i]``, and for a
-cross-attention UNet ``encoder_hidden_states`` ``[B, S, D]``; output ``out_sample``. The batch
-(and the text sequence) are dynamic axes.
+cross-attention UNet ``encoder_hidden_states`` ``[B, S, D]``; output ``out_sample`` (for a DiT
+with learned variance both halves, as the model returns them). The batch (and the text sequence)
+are dynamic axes.
+
+A DiT's block is every transformer block's adaLN-Zero embedder (removed) and modulation linear
+plus the final ``proj_out_1`` (graph inputs), see :mod:`tfmq.models.dit`.
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ class GraphDenoiser(nn.Module):
         self.denoiser = denoiser
         self._features = features
         self.dims = list(dims)
-        self.text = adapter_for(denoiser).text_conditional(denoiser)
-        self.class_conditional = getattr(denoiser, "class_embedding", None) is not None
+        adapter = adapter_for(denoiser)
+        self.text = adapter.text_conditional(denoiser)
+        self.class_conditional = adapter.class_labels_apply(denoiser)
 
     @property
     def input_names(self) -> list[str]:
@@ -87,11 +92,13 @@ class GraphDenoiser(nn.Module):
         kwargs = {}
         if self.text:
             kwargs["encoder_hidden_states"] = inputs[n]
-        if self.class_conditional:          # read by nothing: the class reaches the graph through temb
-            kwargs["class_labels"] = torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
+        # timestep and class are read by nothing: they reach the graph through the temporal features
+        unused = torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
+        if self.class_conditional:
+            kwargs["class_labels"] = unused
         self._features.values = list(inputs[:n])
         try:
-            return self.denoiser(sample, 0, return_dict=False, **kwargs)[0]
+            return self.denoiser(sample, unused, return_dict=False, **kwargs)[0]
         finally:
             self._features.values = None
 

@@ -291,7 +291,10 @@ def _to_int4(model, graph: GraphDenoiser) -> int:
 
 def _save_model(model, path: Path) -> None:
     import onnx
-    large = model.ByteSize() > EXTERNAL_DATA_BYTES if model.ByteSize() >= 0 else True
+    try:
+        large = model.ByteSize() > EXTERNAL_DATA_BYTES
+    except Exception:           # protobuf cannot even size a message over 2 GB (EncodeError)
+        large = True
     if large:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=path.name + ".data")

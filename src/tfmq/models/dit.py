@@ -29,6 +29,7 @@ class DiTAdapter(DenoiserAdapter):
     component = "transformer"
     not_transferred = (NO_SPLIT_SHORTCUT,)
     model_types = (DiTTransformer2DModel,)
+    onnx_export = True          # the temporal features leave the graph as for a UNet
 
     def class_labels_apply(self, denoiser):
         return True
