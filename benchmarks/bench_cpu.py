@@ -338,7 +338,7 @@ def main(argv=None) -> int:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads (pinned to cores 0..N-1)")
     p.add_argument("--machine", default=None, help="name in the result file (default: the hostname)")
-    p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/cpu_<machine>.json")
+    p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/cpu/<machine>.json")
     p.add_argument("--batch", type=int, default=16, help="bundled-model batch (default 16)")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps of the bundled model's table (default 100)")
     p.add_argument("--iters", type=int, default=20)
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
         print(f"error: --threads {args.threads} > {len(os.sched_getaffinity(0))} available cores", file=sys.stderr)
         return 2
     machine = args.machine or platform.node()
-    json_path = args.json or Path(__file__).parent / "results" / f"cpu_{machine}.json"
+    json_path = args.json or Path(__file__).parent / "results" / "cpu" / f"{machine}.json"
     out = {"machine": machine, "cpu": cpu_info(), "versions": versions(),
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
            "load_average_start": os.getloadavg(), "rows": [],

@@ -9,7 +9,7 @@ transformer is tests/test_bundled_model.py's fmnist-dit test.
 
 import pytest
 import torch
-from conftest import _tiny_vocab, tiny_dit_pipeline
+from conftest import _tiny_vocab, tiny_dit_pipeline, tiny_pixart_pipeline
 
 import tfmq
 from tfmq.models.adapter import adapter_for, call_denoiser, get_denoiser
@@ -17,28 +17,6 @@ from tfmq.models.temporal import find_temporal_block, temporal_features, tib_lay
 from tfmq.sampling import SamplerConfig, build_conditioning, denoise, generate, sampler_timesteps
 
 SAMPLER = SamplerConfig("ddim", 4)
-
-
-def tiny_pixart_pipeline(tmp_dir, seed=0, additional_conditions=False):
-    """PixArtAlphaPipeline: 1-layer T5 encoder (made-up vocabulary), 2 adaLN-single blocks of
-    width 24 (divisible by 3, as the size conditions need) with a learned-variance output, a small VAE."""
-    transformers = pytest.importorskip("transformers")
-    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    tok = _tiny_vocab(tmp_dir)
-    torch.manual_seed(seed)
-    text = transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=len(tok.get_vocab()), d_model=16, d_kv=8, num_heads=2, num_layers=1, d_ff=32)).eval()
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, cross_attention_dim=24, caption_channels=16,
-        use_additional_conditions=additional_conditions).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=8, sample_size=16).eval()
-    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
-                               scheduler=DDIMScheduler(clip_sample=True))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def tiny_sdxl_pipeline(tmp_dir, seed=0):

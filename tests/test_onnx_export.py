@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_ddpm_pipeline, tiny_dit_pipeline
+from conftest import tiny_ddpm_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -179,8 +179,9 @@ def naive(**kw):
     return tfmq.QuantConfig.for_method("naive", **values)
 
 
-def ort_vs_runtime(pipe, out, class_labels=None, text=None, batch=3):
-    """Relative RMS of ORT vs the runtime reference on the same inputs, per calibrated timestep."""
+def ort_vs_runtime(pipe, out, class_labels=None, text=None, batch=3, conditioning=None):
+    """Relative RMS of ORT vs the runtime reference on the same inputs, per calibrated timestep.
+    ``text``: a UNet's encoder_hidden_states; ``conditioning``: other named graph inputs."""
     cfg = json.loads((out / "export.json").read_text())
     table = load_table(out / cfg["table_file"], cfg["temporal"])
     run = OrtRunner(out / cfg["onnx_file"], threads=1)
@@ -193,14 +194,15 @@ def ort_vs_runtime(pipe, out, class_labels=None, text=None, batch=3):
         row = {"sample": x, "timestep": torch.full((batch,), t)}
         if class_labels is not None:
             row["class_labels"] = class_labels
+        cond = dict(conditioning or {})
         if text is not None:
-            row["encoder_hidden_states"] = text
+            cond["encoder_hidden_states"] = text
+        row.update(cond)
         with torch.no_grad():
             want = call_denoiser(denoiser, row).sample.numpy()
         feats = table.features_for(torch.full((batch,), t), class_labels)
         feeds = {"sample": x.numpy(), **{f"temb_{i}": f.numpy() for i, f in enumerate(feats)}}
-        if text is not None:
-            feeds["encoder_hidden_states"] = text.numpy()
+        feeds.update({k: v.float().numpy() for k, v in cond.items()})
         errs.append(rel_rms(run(feeds), want))
     return errs, cfg
 
@@ -255,6 +257,43 @@ def test_tiny_dit_export_round_trip(learned_sigma, tmp_path, one_thread):
     print(f"DiT sampled through ONNX Runtime vs reference: mean |diff| {diff.mean():.2f} / 255, "
           f"images mean {want.mean():.1f} std {want.std():.1f}, {len(np.unique(want))} distinct values")
     assert diff.mean() < 4
+
+
+def test_tiny_pixart_export_round_trip(tmp_path, one_thread):
+    """PixArt (random weights): adaln_single leaves the graph (its modulation and embedded timestep
+    are graph inputs), T5 embeddings and their padding mask are graph inputs; the learned-variance
+    output is returned whole; sampling from prompts through the export follows the reference."""
+    pipe = tiny_pixart_pipeline(tmp_path)
+    tfmq.quantize(pipe, naive(prompts=["a b", "c"]), progress=False)
+    out = export_onnx(pipe, tmp_path / "onnx")
+    onnx.checker.check_model(str(out / "denoiser.onnx"), full_check=True)
+    # diffusers' squeeze(1) of the token axis (an If in the traced graph) is folded: the axis is static
+    assert "If" not in {n.op_type for n in onnx.load(str(out / "denoiser.onnx")).graph.node}
+    tfmq.convert(pipe)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    cond = {"encoder_hidden_states": torch.randn(3, 5, 16, generator=g), "encoder_attention_mask": mask}
+    errs, cfg = ort_vs_runtime(pipe, out, conditioning=cond)
+    assert np.median(errs) < A8_TOL[0] and max(errs) < A8_TOL[1], errs
+    assert cfg["inputs"] == ["sample", "temb_0", "temb_1", "encoder_hidden_states", "encoder_attention_mask"]
+    assert cfg["denoiser_class"] == "PixArtTransformer2DModel"
+    exported = load_onnx(out)
+    images = tfmq.generate(exported, STEPS, 2, 2, seed=1, prompts=["a b", "c"], progress=False,
+                           denoiser=exported.onnx_denoiser)
+    want = tfmq.generate(pipe, STEPS, 2, 2, seed=1, prompts=["a b", "c"], progress=False)
+    assert images.shape == want.shape
+    diff = np.abs(images.astype(np.int32) - want.astype(np.int32))
+    assert diff.mean() < 4 and want.std() > 10, (diff.mean(), want.std())
+    with pytest.raises(ValueError, match="missing encoder_attention_mask"):
+        exported.onnx_denoiser(torch.zeros(1, 4, 8, 8), torch.tensor([1]),
+                               encoder_hidden_states=torch.zeros(1, 5, 16))
+
+
+def test_pixart_with_size_conditions_is_refused(tmp_path, one_thread):
+    pipe = tiny_pixart_pipeline(tmp_path, additional_conditions=True)
+    with pytest.raises(ExportError, match="not a finite table"):
+        export_onnx(pipe, tmp_path / "onnx", sampler=STEPS)
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_weight_only_and_fp32_graphs_are_exact(tmp_path, one_thread):

@@ -11,13 +11,16 @@
 * the runtime's step index / temporal cache hooks are removed (the table replaces them);
 * quantized layers and attention quantizers become their export modules (:mod:`tfmq.export.qdq`).
 
-Inputs: ``sample`` ``[B, C, H, W]``, ``temb_0 .. temb_{n-1}`` ``[B, C_i]``, and for a
-cross-attention UNet ``encoder_hidden_states`` ``[B, S, D]``; output ``out_sample`` (for a DiT
+Inputs: ``sample`` ``[B, C, H, W]``, ``temb_0 .. temb_{n-1}`` ``[B, C_i]``, and the text
+conditioning of the family (:meth:`~tfmq.models.base.DenoiserAdapter.text_inputs`: a cross-attention
+UNet's ``encoder_hidden_states`` ``[B, S, D]``; PixArt's T5 ``encoder_hidden_states`` and its
+``encoder_attention_mask`` ``[B, S]``); output ``out_sample`` (for a DiT
 with learned variance both halves, as the model returns them). The batch (and the text sequence)
 are dynamic axes.
 
 A DiT's block is every transformer block's adaLN-Zero embedder (removed) and modulation linear
-plus the final ``proj_out_1`` (graph inputs), see :mod:`tfmq.models.dit`.
+plus the final ``proj_out_1`` (graph inputs), see :mod:`tfmq.models.dit`; PixArt's is
+``adaln_single`` (its modulation and embedded timestep are graph inputs), see :mod:`tfmq.models.pixart`.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class TemporalInput(nn.Module):
         self._features = features
         self.index, self.dim = index, dim
 
-    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:      # what the replaced module received
         if self._features.values is None:
             raise RuntimeError("temporal input used outside a GraphDenoiser call")
         return self._features.values[self.index]
@@ -67,38 +70,36 @@ class GraphDenoiser(nn.Module):
         self.denoiser = denoiser
         self._features = features
         self.dims = list(dims)
-        adapter = adapter_for(denoiser)
-        self.text = adapter.text_conditional(denoiser)
-        self.class_conditional = adapter.class_labels_apply(denoiser)
+        self.adapter = adapter_for(denoiser)
+        self.text_inputs = self.adapter.text_inputs(denoiser)       # [(name, width or None: a mask)]
+        self.class_conditional = self.adapter.class_labels_apply(denoiser)
 
     @property
     def input_names(self) -> list[str]:
         names = ["sample"] + [f"temb_{i}" for i in range(len(self.dims))]
-        return names + (["encoder_hidden_states"] if self.text else [])
+        return names + [name for name, _ in self.text_inputs]
 
     @property
     def dynamic_axes(self) -> dict:
         axes = {name: {0: "batch"} for name in self.input_names}
-        if self.text:
-            axes["encoder_hidden_states"] = {0: "batch", 1: "sequence"}
+        for name, _ in self.text_inputs:
+            axes[name] = {0: "batch", 1: "sequence"}
         axes[OUTPUT_NAME] = {0: "batch"}
         return axes
 
     def forward(self, sample: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         n = len(self.dims)
-        if len(inputs) != n + int(self.text):
-            raise ValueError(f"expected {n} temporal features{' and encoder_hidden_states' if self.text else ''}, "
-                             f"got {len(inputs)} inputs")
-        kwargs = {}
-        if self.text:
-            kwargs["encoder_hidden_states"] = inputs[n]
+        if len(inputs) != n + len(self.text_inputs):
+            extra = "".join(f", {name}" for name, _ in self.text_inputs)
+            raise ValueError(f"expected {n} temporal features{extra}, got {len(inputs)} inputs")
+        row = {name: x for (name, _), x in zip(self.text_inputs, inputs[n:])}
         # timestep and class are read by nothing: they reach the graph through the temporal features
         unused = torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
         if self.class_conditional:
-            kwargs["class_labels"] = unused
+            row["class_labels"] = unused
         self._features.values = list(inputs[:n])
         try:
-            return self.denoiser(sample, unused, return_dict=False, **kwargs)[0]
+            return self.denoiser(sample, timestep=unused, return_dict=False, **self.adapter.forward_kwargs(row))[0]
         finally:
             self._features.values = None
 
@@ -111,8 +112,9 @@ class GraphDenoiser(nn.Module):
         g = torch.Generator().manual_seed(0)
         out = [torch.randn((batch, cfg.in_channels, *size), generator=g)]
         out += [torch.randn((batch, d), generator=g) for d in self.dims]
-        if self.text:
-            out.append(torch.randn((batch, sequence, cfg.cross_attention_dim), generator=g))
+        for _, width in self.text_inputs:
+            out.append(torch.ones((batch, sequence)) if width is None else
+                       torch.randn((batch, sequence, width), generator=g))
         return tuple(out)
 
 

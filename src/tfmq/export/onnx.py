@@ -3,8 +3,9 @@
 Layout of an export folder::
 
     model_index.json, scheduler/, vae/, text_encoder/, ...   the pipeline's other components
-    <denoiser>/config.json                  the denoiser's config (shapes, conditioning)
-                                            (UNets only: see check_exportable)
+    <denoiser>/config.json                  the denoiser's config (shapes, conditioning): UNets,
+                                            DiT, PixArt without size conditions (see
+                                            check_exportable / check_table)
     denoiser.onnx                           the graph: QDQ activations, integer weight initializers
     temporal_features.safetensors           the temporal feature table the sampler feeds it
     export.json                             format, inputs, sampler and timesteps, quantization,
@@ -85,6 +86,17 @@ def check_exportable(info: dict | None, denoiser_config: dict, denoiser_class: s
     if denoiser_config.get("addition_embed_type") is not None or denoiser_config.get("time_cond_proj_dim") is not None:
         raise ExportError("this UNet's time embedding also reads text / image inputs (added conditioning, "
                           "e.g. SDXL): its temporal features are not a finite table, which the ONNX export needs")
+
+
+def check_table(denoiser) -> None:
+    """Refuse a denoiser whose temporal information block reads more than (timestep, class):
+    the graph needs its temporal features as a finite table."""
+    from ..models.temporal import find_temporal_block
+    if find_temporal_block(denoiser).needs_conditioning:
+        raise ExportError(f"this {type(denoiser).__name__}'s time embedding also reads other inputs "
+                          "(size conditions or text embeddings): its temporal features are not a finite "
+                          "table of (timestep, class), which the ONNX export needs; sample it with the "
+                          "PyTorch backends")
 
 
 # ---- the source: checkpoint folder, pipeline folder or pipeline object -----------------------------
@@ -289,6 +301,55 @@ def _to_int4(model, graph: GraphDenoiser) -> int:
     return len(targets) // 2
 
 
+def _fold_squeeze_ifs(model) -> int:
+    """Replace the exporter's ``If(shape[k] == 1, Squeeze(x, k), Identity(x))`` (a PyTorch
+    ``squeeze(k)``, which is a no-op when that axis is not 1) by its branch where the axis is static
+    (diffusers' PixArt squeezes its token axis): ONNX Runtime refuses the graph otherwise (the
+    never-taken Squeeze fails its shape inference). Returns how many were folded."""
+    import onnx
+    from onnx import helper, numpy_helper
+    graph = model.graph
+    ifs = [n for n in graph.node if n.op_type == "If"]
+    if not ifs:
+        return 0
+    prod = {o: n for n in graph.node for o in n.output}
+    shapes = {v.name: v.type.tensor_type.shape for v in
+              onnx.shape_inference.infer_shapes(model, strict_mode=False).graph.value_info}
+
+    def const(name):
+        n = prod.get(name)
+        return numpy_helper.to_array(n.attribute[0].t) if n is not None and n.op_type == "Constant" else None
+
+    folded = 0
+    for node in ifs:
+        branches = {a.name: a.g for a in node.attribute}
+        then, other = branches.get("then_branch"), branches.get("else_branch")
+        if then is None or other is None or [n.op_type for n in other.node] != ["Identity"] or \
+                [n.op_type for n in then.node][-1:] != ["Squeeze"]:
+            continue
+        x = other.node[0].input[0]
+        eq = prod.get(node.input[0])
+        if eq is None or eq.op_type != "Equal":
+            continue
+        gather = prod.get(eq.input[0])
+        if gather is None or gather.op_type != "Gather" or const(eq.input[1]) is None:
+            continue
+        shape_node = prod.get(gather.input[0])
+        axis = const(gather.input[1])
+        if shape_node is None or shape_node.op_type != "Shape" or shape_node.input[0] != x or axis is None:
+            continue
+        dims = shapes.get(x)
+        k = int(axis.reshape(-1)[0])
+        if dims is None or k >= len(dims.dim) or not dims.dim[k].HasField("dim_value"):
+            continue
+        size = dims.dim[k].dim_value
+        if size == int(const(eq.input[1]).reshape(-1)[0]):
+            continue            # the axis is 1: keep the graph as traced (not seen in our models)
+        node.CopyFrom(helper.make_node("Identity", [x], [node.output[0]], name=node.name + "_folded"))
+        folded += 1
+    return folded
+
+
 def _save_model(model, path: Path) -> None:
     import onnx
     try:
@@ -350,6 +411,7 @@ def export_onnx(source, out_dir, sampler: SamplerConfig | None = None, weight_st
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or allow overwriting")
     src = _resolve(source)
+    check_table(src.denoiser)
     sampler, timesteps = _timesteps(src, sampler)
     table = feature_table(src.denoiser, timesteps, sampler.to_dict())
     graph = graph_denoiser(src.denoiser, table, int4_weights=weight_storage == "int4")
@@ -362,6 +424,7 @@ def export_onnx(source, out_dir, sampler: SamplerConfig | None = None, weight_st
             traced = Path(trace_dir) / ONNX_FILE
             _trace(graph, traced, opset, sample_size)
             model = onnx.load(str(traced))
+        _fold_squeeze_ifs(model)
         n_int4 = _to_int4(model, graph) if weight_storage == "int4" else 0
         n_checked = check_codes(model, graph)
         _save_model(model, tmp / ONNX_FILE)

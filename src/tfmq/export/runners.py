@@ -105,6 +105,12 @@ class OpenVinoRunner:
         self.compiled: dict = {}
 
     def _static_copy(self, shapes: dict[str, tuple[int, ...]], folder: Path) -> Path:
+        """The graph with static input shapes, written in ``folder``; external weights (graphs over
+        2 GB) are hard-linked beside it (OpenVINO refuses data files outside the graph's folder,
+        symbolic links included), or, across file systems, the copy goes beside the export's
+        graph under a temporary name."""
+        import os
+
         import onnx
         model = onnx.load(str(self.path), load_external_data=False)
         for value in list(model.graph.input) + list(model.graph.output):
@@ -115,9 +121,12 @@ class OpenVinoRunner:
                     size = want[k] if want is not None else shapes["sample"][0]      # outputs: the batch
                     d.ClearField("dim_param")
                     d.dim_value = int(size)
-        for data in self.path.parent.glob(self.path.name + ".data"):     # external weights, linked
-            (folder / data.name).symlink_to(data.resolve())
         out = folder / self.path.name
+        for data in self.path.parent.glob(self.path.name + ".data"):     # external weights
+            try:
+                os.link(data.resolve(), folder / data.name)
+            except OSError:                                               # another file system
+                out = self.path.parent / f".{self.path.stem}.static-{os.getpid()}-{id(shapes)}.onnx"
         onnx.save(model, str(out))
         return out
 
@@ -127,7 +136,12 @@ class OpenVinoRunner:
         if key not in self.compiled:
             with tempfile.TemporaryDirectory(prefix="tfmq-ov-") as tmp:
                 static = self._static_copy(shapes, Path(tmp))
-                self.compiled[key] = self.core.compile_model(self.core.read_model(str(static)), "CPU", self.config)
+                try:
+                    self.compiled[key] = self.core.compile_model(self.core.read_model(str(static)), "CPU",
+                                                                 self.config)
+                finally:
+                    if static.parent != Path(tmp):
+                        static.unlink(missing_ok=True)
         return self.compiled[key]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -151,7 +165,8 @@ class _Output:
 
 class OnnxDenoiser(nn.Module):
     """A denoiser call served by an exported graph: ``forward(sample, timestep, class_labels=None,
-    encoder_hidden_states=None)`` returns an object with ``.sample`` (float32, CPU).
+    **conditioning)`` (the graph's text inputs by name, e.g. ``encoder_hidden_states``) returns an
+    object with ``.sample`` (float32, CPU).
 
     ``tfmq_info`` names the table's sampler and timesteps, so the sampler loop refuses another
     sampler or step count before the first step (the table holds no other timesteps)."""
@@ -163,7 +178,8 @@ class OnnxDenoiser(nn.Module):
         self.config = config
         self.export_config = export_cfg
         self.inputs = list(export_cfg["inputs"])
-        self.text = "encoder_hidden_states" in self.inputs
+        # the conditioning inputs after the sample and the temporal features (text, a text mask)
+        self.conditioning = [n for n in self.inputs if n != "sample" and not n.startswith("temb_")]
         # what the sampler reads the device and dtype from: float32 on the CPU
         self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
         self.tfmq_info = {"sampler": export_cfg["sampler"], "timesteps": export_cfg["temporal"]["timesteps"],
@@ -172,11 +188,16 @@ class OnnxDenoiser(nn.Module):
 
     @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None, return_dict: bool = True):
-        if self.text and encoder_hidden_states is None:
-            raise ValueError("this graph is text-conditional: encoder_hidden_states are needed")
-        if not self.text and encoder_hidden_states is not None:
-            raise ValueError("this graph takes no encoder_hidden_states")
+                return_dict: bool = True, added_cond_kwargs: dict | None = None, **conditioning):
+        if added_cond_kwargs and any(v is not None for v in added_cond_kwargs.values()):
+            raise ValueError("this graph takes no added conditions (size / text-time embeddings)")
+        given = {k for k, v in conditioning.items() if v is not None}
+        if given != set(self.conditioning):
+            missing, extra = set(self.conditioning) - given, given - set(self.conditioning)
+            raise ValueError("this graph's conditioning inputs are "
+                             f"{', '.join(self.conditioning) or 'none'}"
+                             + (f"; missing {', '.join(sorted(missing))}" if missing else "")
+                             + (f"; it takes no {', '.join(sorted(extra))}" if extra else ""))
         feats = self.table.features_for(timestep if torch.is_tensor(timestep) else torch.tensor(timestep),
                                         class_labels)
         batch = sample.shape[0]
@@ -184,8 +205,8 @@ class OnnxDenoiser(nn.Module):
         for i, f in enumerate(feats):
             f = f.float()
             feeds[f"temb_{i}"] = (f.expand(batch, -1) if f.shape[0] == 1 else f).contiguous().numpy()
-        if self.text:
-            feeds["encoder_hidden_states"] = encoder_hidden_states.detach().float().cpu().contiguous().numpy()
+        for name in self.conditioning:
+            feeds[name] = conditioning[name].detach().float().cpu().contiguous().numpy()
         out = torch.from_numpy(np.asarray(self.runner(feeds)))
         return _Output(out) if return_dict else (out,)
 

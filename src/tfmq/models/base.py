@@ -159,6 +159,12 @@ class DenoiserAdapter:
     def text_conditional(self, denoiser: nn.Module) -> bool:
         return False
 
+    def text_inputs(self, denoiser: nn.Module) -> list[tuple[str, int | None]]:
+        """The per-sample text conditioning the denoiser reads, in order: ``(name, width)`` of
+        ``[B, S, width]`` embeddings, width None for a ``[B, S]`` mask (the inputs of an exported
+        graph beside the sample and the temporal features)."""
+        return []
+
     def conditioning(self, pipe, denoiser: nn.Module, num_images: int, seed: int, class_labels=None,
                      prompts=None, guidance_scale: float = 1.0, device="cpu") -> Conditioning:
         """Conditioning for ``num_images`` samples (see :func:`tfmq.sampling.build_conditioning`)."""

@@ -35,9 +35,14 @@ class PixArtAdapter(DenoiserAdapter):
     component = "transformer"
     not_transferred = (NO_SPLIT_SHORTCUT,)
     model_types = (PixArtTransformer2DModel,)
+    onnx_export = True          # without size conditions (with them the block reads more than t)
 
     def text_conditional(self, denoiser):
         return True
+
+    def text_inputs(self, denoiser):
+        """T5 embeddings (``caption_channels`` wide) and their padding mask."""
+        return [("encoder_hidden_states", int(denoiser.config.caption_channels)), ("encoder_attention_mask", None)]
 
     @staticmethod
     def additional_conditions(denoiser) -> bool:

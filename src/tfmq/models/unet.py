@@ -59,6 +59,11 @@ class UNetAdapter(DenoiserAdapter):
     def text_conditional(self, denoiser):
         return isinstance(denoiser, UNet2DConditionModel)
 
+    def text_inputs(self, denoiser):
+        if not self.text_conditional(denoiser):
+            return []
+        return [("encoder_hidden_states", int(denoiser.config.cross_attention_dim))]
+
     @staticmethod
     def is_sdxl(denoiser) -> bool:
         return isinstance(denoiser, UNet2DConditionModel) and denoiser.config.addition_embed_type == "text_time"
