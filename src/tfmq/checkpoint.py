@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .finite import check_finite_checkpoint
+from .folders import refuse_nonempty, written_whole
 from .models.adapter import denoiser_component
 from .models.fingerprint import denoiser_fingerprint  # noqa: F401  (re-exported)
 from .runtime.convert import ConversionError, build_runtime, fakequant_tensors, runtime_tensors
@@ -103,13 +102,8 @@ def save(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
     if info is None:
         raise ValueError("this pipeline is not quantized (use tfmq.quantize first)")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or allow overwriting")
-    tmp = out_dir.with_name(out_dir.name + ".tfmq-partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    refuse_nonempty(out_dir, overwrite)
+    with written_whole(out_dir) as tmp:
         pipe.save_config(str(tmp))                       # model_index.json
         for comp_name, comp in pipe.components.items():
             if comp is None:
@@ -129,12 +123,6 @@ def save(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
                     "denoiser_component": component, "denoiser_class": type(denoiser).__name__,
                     "denoiser_fingerprint": denoiser_fingerprint(denoiser)})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -45,6 +44,7 @@ import torch
 
 from .. import __version__
 from ..sampling import SCHEDULERS, SamplerConfig
+from ..folders import refuse_nonempty, written_whole
 from ..models.adapter import ADAPTERS, adapter_for
 from .graph import OUTPUT_NAME, GraphDenoiser, graph_denoiser
 from .qdq import ExportError, ExportWeight, _ExportLayer
@@ -408,18 +408,13 @@ def export_onnx(source, out_dir, sampler: SamplerConfig | None = None, weight_st
     if isinstance(sample_size, int):
         sample_size = (sample_size, sample_size)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or allow overwriting")
+    refuse_nonempty(out_dir, overwrite)
     src = _resolve(source)
     check_table(src.denoiser)
     sampler, timesteps = _timesteps(src, sampler)
     table = feature_table(src.denoiser, timesteps, sampler.to_dict())
     graph = graph_denoiser(src.denoiser, table, int4_weights=weight_storage == "int4")
-    tmp = out_dir.with_name(out_dir.name + ".tfmq-partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with written_whole(out_dir) as tmp:
         with tempfile.TemporaryDirectory(dir=tmp) as trace_dir:
             traced = Path(trace_dir) / ONNX_FILE
             _trace(graph, traced, opset, sample_size)
@@ -433,12 +428,6 @@ def export_onnx(source, out_dir, sampler: SamplerConfig | None = None, weight_st
         cfg = _export_config(src, graph, table, sampler, weight_storage, model, n_checked, n_int4)
         cfg["files"] = _files_size(tmp)
         (tmp / EXPORT_CONFIG).write_text(json.dumps(cfg, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
