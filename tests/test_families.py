@@ -9,7 +9,7 @@ transformer is tests/test_bundled_model.py's fmnist-dit test.
 
 import pytest
 import torch
-from conftest import _tiny_vocab, tiny_dit_pipeline, tiny_pixart_pipeline
+from conftest import tiny_dit_pipeline, tiny_pixart_pipeline, tiny_sdxl_pipeline
 
 import tfmq
 from tfmq.models.adapter import adapter_for, call_denoiser, get_denoiser
@@ -17,32 +17,6 @@ from tfmq.models.temporal import find_temporal_block, temporal_features, tib_lay
 from tfmq.sampling import SamplerConfig, build_conditioning, denoise, generate, sampler_timesteps
 
 SAMPLER = SamplerConfig("ddim", 4)
-
-
-def tiny_sdxl_pipeline(tmp_dir, seed=0):
-    """StableDiffusionXLPipeline: two 1-layer CLIP text encoders (the second with a projection),
-    a text_time UNet, a small VAE."""
-    transformers = pytest.importorskip("transformers")
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    tok = _tiny_vocab(tmp_dir)
-    torch.manual_seed(seed)
-    clip = dict(vocab_size=len(tok.get_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip)).eval()
-    text2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**clip, projection_dim=8)).eval()
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
-        addition_embed_type="text_time", addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=6 * 4 + 8).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=8, sample_size=16).eval()
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok,
-                                     tokenizer_2=tok, unet=unet, scheduler=DDIMScheduler(clip_sample=True))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 PROMPTS = ["a red dress", "blue shoes"]

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_ddpm_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline
+from conftest import tiny_ddpm_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline, tiny_sdxl_pipeline
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -289,11 +289,68 @@ def test_tiny_pixart_export_round_trip(tmp_path, one_thread):
                                encoder_hidden_states=torch.zeros(1, 5, 16))
 
 
-def test_pixart_with_size_conditions_is_refused(tmp_path, one_thread):
-    pipe = tiny_pixart_pipeline(tmp_path, additional_conditions=True)
-    with pytest.raises(ExportError, match="not a finite table"):
-        export_onnx(pipe, tmp_path / "onnx", sampler=STEPS)
-    assert not (tmp_path / "onnx").exists()
+def ort_vs_runtime_in_graph(pipe, out, conditioning, batch=2):
+    """Relative RMS of ORT vs the runtime reference for graphs that keep the temporal block (the
+    timestep is an input), per calibrated timestep."""
+    cfg = json.loads((out / "export.json").read_text())
+    run = OrtRunner(out / cfg["onnx_file"], threads=1)
+    denoiser = get_denoiser(pipe)
+    c = denoiser.config
+    x = torch.randn((batch, c.in_channels, c.sample_size, c.sample_size), generator=torch.Generator().manual_seed(1))
+    errs = []
+    for t in cfg["temporal"]["timesteps"]:
+        row = {"sample": x, "timestep": torch.full((batch,), t), **conditioning}
+        with torch.no_grad():
+            want = call_denoiser(denoiser, row).sample.numpy()
+        feeds = {"sample": x.numpy(), "timestep": np.full((batch,), t, dtype=np.int64),
+                 **{k: v.float().numpy() for k, v in conditioning.items()}}
+        errs.append(rel_rms(run(feeds), want))
+    return errs, cfg
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart-sizes"])
+def test_temporal_block_in_the_graph(family, tmp_path, one_thread):
+    """SDXL and PixArt-alpha 1024 (random weights): the time embedding also reads the pooled text
+    and size ids / size conditions, so there is no finite feature table: the block stays in the
+    graph with the timestep and those conditions as inputs (one set of activation parameters,
+    FSC none); the sampler runs the export with any step count. A checkpoint whose block holds
+    per-step (FSC tib) parameters is refused with the reason and what to use."""
+    g = torch.Generator().manual_seed(3)
+    if family == "sdxl":
+        pipe = tiny_sdxl_pipeline(tmp_path)
+        cond = {"encoder_hidden_states": torch.randn(2, 6, 32, generator=g), "text_embeds": torch.randn(2, 8, generator=g),
+                "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16], [16, 16, 0, 0, 16, 16]])}
+        added = ["text_embeds", "time_ids"]
+    else:
+        pipe = tiny_pixart_pipeline(tmp_path, additional_conditions=True)
+        cond = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+                "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+                "resolution": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+        added = ["resolution", "aspect_ratio"]
+    tfmq.quantize(pipe, naive(prompts=["a b", "c"]), progress=False)
+    out = export_onnx(pipe, tmp_path / "onnx")
+    onnx.checker.check_model(str(out / "denoiser.onnx"), full_check=True)
+    tfmq.convert(pipe)
+    errs, cfg = ort_vs_runtime_in_graph(pipe, out, cond)
+    assert np.median(errs) < A8_TOL[0] and max(errs) < A8_TOL[1], errs
+    assert cfg["temporal"]["mode"] == "graph" and not (out / cfg["table_file"]).exists()
+    assert cfg["inputs"][:2] == ["sample", "timestep"] and cfg["inputs"][-2:] == added
+    exported = load_onnx(out)
+    images = tfmq.generate(exported, STEPS, 2, 2, seed=1, prompts=["a b", "c"], progress=False,
+                           denoiser=exported.onnx_denoiser)
+    want = tfmq.generate(pipe, STEPS, 2, 2, seed=1, prompts=["a b", "c"], progress=False)
+    diff = np.abs(images.astype(np.int32) - want.astype(np.int32))
+    assert diff.mean() < 4 and want.std() > 10, (diff.mean(), want.std())
+    other = SamplerConfig(steps=3)              # no per-step parameters: any step count runs
+    assert tfmq.generate(exported, other, 1, 1, seed=0, prompts=["c"], progress=False,
+                         denoiser=exported.onnx_denoiser).shape[0] == 1
+    per_step = tiny_sdxl_pipeline(tmp_path) if family == "sdxl" else \
+        tiny_pixart_pipeline(tmp_path, additional_conditions=True)
+    tfmq.quantize(per_step, tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, prompts=["a b"],
+                                                        temporal="tiar", **FAST_TFMQ), progress=False)
+    with pytest.raises(ExportError, match=r"inside the graph.*one per sampling step.*--fsc none"):
+        export_onnx(per_step, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_weight_only_and_fp32_graphs_are_exact(tmp_path, one_thread):

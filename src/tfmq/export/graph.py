@@ -18,6 +18,11 @@ UNet's ``encoder_hidden_states`` ``[B, S, D]``; PixArt's T5 ``encoder_hidden_sta
 with learned variance both halves, as the model returns them). The batch (and the text sequence)
 are dynamic axes.
 
+A block that reads more than (timestep, class) (SDXL's pooled text and size ids, PixArt-alpha
+1024's size conditions) has no finite table: it stays in the graph (``graph_denoiser(..., None)``),
+whose inputs are then ``sample``, ``timestep`` (int64 ``[B]``), the text inputs and the added
+conditions (:meth:`~tfmq.models.base.DenoiserAdapter.added_inputs`).
+
 A DiT's block is every transformer block's adaLN-Zero embedder (removed) and modulation linear
 plus the final ``proj_out_1`` (graph inputs), see :mod:`tfmq.models.dit`; PixArt's is
 ``adaln_single`` (its modulation and embedded timestep are graph inputs), see :mod:`tfmq.models.pixart`.
@@ -63,9 +68,10 @@ class TemporalInput(nn.Module):
 
 
 class GraphDenoiser(nn.Module):
-    """``forward(sample, temb_0, ..., temb_{n-1}[, encoder_hidden_states]) -> noise prediction``."""
+    """``forward(sample, temb_0, ..., temb_{n-1}, *text) -> noise prediction``, or with the
+    temporal block in the graph (``features`` None) ``forward(sample, timestep, *text, *added)``."""
 
-    def __init__(self, denoiser: nn.Module, features: _Features, dims: list[int]):
+    def __init__(self, denoiser: nn.Module, features: _Features | None, dims: list[int]):
         super().__init__()
         self.denoiser = denoiser
         self._features = features
@@ -73,11 +79,15 @@ class GraphDenoiser(nn.Module):
         self.adapter = adapter_for(denoiser)
         self.text_inputs = self.adapter.text_inputs(denoiser)       # [(name, width or None: a mask)]
         self.class_conditional = self.adapter.class_labels_apply(denoiser)
+        self.block_in_graph = features is None
+        self.added_inputs = self.adapter.added_inputs(denoiser) if self.block_in_graph else []
+        if self.block_in_graph and self.class_conditional:
+            raise ExportError("a class-conditional model's temporal block is exported as a table, not in the graph")
 
     @property
     def input_names(self) -> list[str]:
-        names = ["sample"] + [f"temb_{i}" for i in range(len(self.dims))]
-        return names + [name for name, _ in self.text_inputs]
+        names = ["sample"] + (["timestep"] if self.block_in_graph else [f"temb_{i}" for i in range(len(self.dims))])
+        return names + [name for name, _ in self.text_inputs] + [name for name, _ in self.added_inputs]
 
     @property
     def dynamic_axes(self) -> dict:
@@ -88,6 +98,12 @@ class GraphDenoiser(nn.Module):
         return axes
 
     def forward(self, sample: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.block_in_graph:
+            if len(inputs) != len(self.input_names) - 1:
+                raise ValueError(f"expected inputs {', '.join(self.input_names[1:])}, got {len(inputs)}")
+            names = self.input_names[2:]
+            row = dict(zip(names, inputs[1:]))
+            return self.denoiser(sample, timestep=inputs[0], return_dict=False, **self.adapter.forward_kwargs(row))[0]
         n = len(self.dims)
         if len(inputs) != n + len(self.text_inputs):
             extra = "".join(f", {name}" for name, _ in self.text_inputs)
@@ -111,10 +127,13 @@ class GraphDenoiser(nn.Module):
                                else tuple(cfg.sample_size))
         g = torch.Generator().manual_seed(0)
         out = [torch.randn((batch, cfg.in_channels, *size), generator=g)]
+        if self.block_in_graph:
+            out.append(torch.full((batch,), 500, dtype=torch.long))
         out += [torch.randn((batch, d), generator=g) for d in self.dims]
         for _, width in self.text_inputs:
             out.append(torch.ones((batch, sequence)) if width is None else
                        torch.randn((batch, sequence, width), generator=g))
+        out += [torch.rand((batch, width), generator=g) + 0.5 for _, width in self.added_inputs]
         return tuple(out)
 
 
@@ -142,12 +161,24 @@ def strip_temporal_block(denoiser: nn.Module, table: TemporalFeatureCache) -> _F
     return features
 
 
-def graph_denoiser(denoiser: nn.Module, table: TemporalFeatureCache, int4_weights: bool = False
+def keep_temporal_block(denoiser: nn.Module) -> None:
+    """Leave the temporal information block in the graph (models whose block reads more than the
+    timestep and class): only the runtime's step index is removed; every block quantizer must hold
+    one parameter set (checked by the export)."""
+    detach_step_index(denoiser)
+
+
+def graph_denoiser(denoiser: nn.Module, table: TemporalFeatureCache | None, int4_weights: bool = False
                    ) -> GraphDenoiser:
-    """The export graph of ``denoiser`` (modified in place; see the module docstring).
+    """The export graph of ``denoiser`` (modified in place; see the module docstring); ``table``
+    None keeps the temporal block in the graph (timestep and added conditions as inputs).
     ``int4_weights``: weights of 4 bits or fewer keep their native codes (to be stored as ONNX
     4-bit types) instead of the int8 compute form."""
-    features = strip_temporal_block(denoiser, table)
+    if table is None:
+        keep_temporal_block(denoiser)
+        features = None
+    else:
+        features = strip_temporal_block(denoiser, table)
     for name, layer in runtime_layers(denoiser).items():
         _set_submodule(denoiser, name, export_layer(layer, name, int4_weights))
     for name, m in list(denoiser.named_modules()):
@@ -157,4 +188,4 @@ def graph_denoiser(denoiser: nn.Module, table: TemporalFeatureCache, int4_weight
     left = [n for n, m in denoiser.named_modules() if isinstance(m, (ActQuant, GroupActQuant))]
     if left:
         raise ExportError(f"activation quantizers outside the exported layers: {left[:5]}")
-    return GraphDenoiser(denoiser, features, table.dims).eval()
+    return GraphDenoiser(denoiser, features, [] if table is None else table.dims).eval()

@@ -3,11 +3,11 @@
 Layout of an export folder::
 
     model_index.json, scheduler/, vae/, text_encoder/, ...   the pipeline's other components
-    <denoiser>/config.json                  the denoiser's config (shapes, conditioning): UNets,
-                                            DiT, PixArt without size conditions (see
-                                            check_exportable / check_table)
+    <denoiser>/config.json                  the denoiser's config (shapes, conditioning): every
+                                            family (see check_exportable / block_in_graph)
     denoiser.onnx                           the graph: QDQ activations, integer weight initializers
-    temporal_features.safetensors           the temporal feature table the sampler feeds it
+    temporal_features.safetensors           the temporal feature table the sampler feeds it (absent
+                                            when the block is in the graph: block_in_graph)
     export.json                             format, inputs, sampler and timesteps, quantization,
                                             weight forms, file sizes
 
@@ -83,20 +83,28 @@ def check_exportable(info: dict | None, denoiser_config: dict, denoiser_class: s
     if denoiser_config.get("time_embedding_type") == "fourier":
         raise ExportError("this UNet (Fourier time embedding) also divides its output by the noise "
                           "level: the timestep would have to enter the graph; not supported")
-    if denoiser_config.get("addition_embed_type") is not None or denoiser_config.get("time_cond_proj_dim") is not None:
-        raise ExportError("this UNet's time embedding also reads text / image inputs (added conditioning, "
-                          "e.g. SDXL): its temporal features are not a finite table, which the ONNX export needs")
+    if denoiser_config.get("addition_embed_type") not in (None, "text_time") or \
+            denoiser_config.get("time_cond_proj_dim") is not None:
+        raise ExportError("this UNet's time embedding also reads image inputs or a guidance embedding: "
+                          "not supported by the ONNX export")
 
 
-def check_table(denoiser) -> None:
-    """Refuse a denoiser whose temporal information block reads more than (timestep, class):
-    the graph needs its temporal features as a finite table."""
+def block_in_graph(denoiser, info: dict | None) -> bool:
+    """Whether the temporal information block stays in the graph: when it reads more than
+    (timestep, class) (SDXL's pooled text and size ids, PixArt-alpha 1024's size conditions) its
+    features are no finite table, so the graph takes the timestep and those inputs. One graph holds
+    one set of activation parameters, so such a checkpoint must have no per-step (FSC) sets."""
     from ..models.temporal import find_temporal_block
-    if find_temporal_block(denoiser).needs_conditioning:
-        raise ExportError(f"this {type(denoiser).__name__}'s time embedding also reads other inputs "
-                          "(size conditions or text embeddings): its temporal features are not a finite "
-                          "table of (timestep, class), which the ONNX export needs; sample it with the "
-                          "PyTorch backends")
+    if not find_temporal_block(denoiser).needs_conditioning:
+        return False
+    fsc = (info or {}).get("fsc") or {}
+    if fsc.get("n_sets", 1) > 1:
+        raise ExportError(
+            f"this {type(denoiser).__name__}'s time embedding also reads other inputs (text embeddings or "
+            "size conditions), so its temporal block is exported inside the graph, which holds one set of "
+            f"activation parameters; this checkpoint's block holds one per sampling step ({fsc['n_sets']} "
+            f"sets, FSC {fsc.get('mode')!r}). Quantize with --fsc none to export it")
+    return True
 
 
 # ---- the source: checkpoint folder, pipeline folder or pipeline object -----------------------------
@@ -379,7 +387,8 @@ def _weight_summary(graph: GraphDenoiser) -> dict:
 
 def _files_size(out: Path) -> dict:
     onnx_bytes = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith(ONNX_FILE))
-    return {"onnx_bytes": onnx_bytes, "table_bytes": (out / TABLE_FILE).stat().st_size}
+    table = out / TABLE_FILE
+    return {"onnx_bytes": onnx_bytes, "table_bytes": table.stat().st_size if table.exists() else 0}
 
 
 # ---- the entry point -------------------------------------------------------------------------
@@ -410,9 +419,9 @@ def export_onnx(source, out_dir, sampler: SamplerConfig | None = None, weight_st
     out_dir = Path(out_dir)
     refuse_nonempty(out_dir, overwrite)
     src = _resolve(source)
-    check_table(src.denoiser)
+    in_graph = block_in_graph(src.denoiser, src.info)
     sampler, timesteps = _timesteps(src, sampler)
-    table = feature_table(src.denoiser, timesteps, sampler.to_dict())
+    table = None if in_graph else feature_table(src.denoiser, timesteps, sampler.to_dict())
     graph = graph_denoiser(src.denoiser, table, int4_weights=weight_storage == "int4")
     with written_whole(out_dir) as tmp:
         with tempfile.TemporaryDirectory(dir=tmp) as trace_dir:
@@ -423,16 +432,30 @@ def export_onnx(source, out_dir, sampler: SamplerConfig | None = None, weight_st
         n_int4 = _to_int4(model, graph) if weight_storage == "int4" else 0
         n_checked = check_codes(model, graph)
         _save_model(model, tmp / ONNX_FILE)
-        save_table(table, tmp / TABLE_FILE)
+        if table is not None:
+            save_table(table, tmp / TABLE_FILE)
         src.write_components(tmp)
-        cfg = _export_config(src, graph, table, sampler, weight_storage, model, n_checked, n_int4)
+        cfg = _export_config(src, graph, table, timesteps, sampler, weight_storage, model, n_checked, n_int4)
         cfg["files"] = _files_size(tmp)
         (tmp / EXPORT_CONFIG).write_text(json.dumps(cfg, indent=2))
     return out_dir
 
 
-def _export_config(src: _Source, graph: GraphDenoiser, table, sampler: SamplerConfig, weight_storage: str,
-                   model, n_checked: int, n_int4: int) -> dict:
+def _temporal_entry(table, timesteps: list[int], sampler: SamplerConfig, info: dict | None) -> dict:
+    """export.json's ``temporal``: the feature table's description, or (``table`` None) that the
+    block is in the graph, which then takes the timestep."""
+    if table is None:
+        return {"mode": "graph", "timesteps": [int(t) for t in timesteps], "classes": None,
+                "sampler": asdict(sampler), "source": "the temporal block is in the graph (timestep input)"}
+    return {"mode": "table", "timesteps": table.timesteps.tolist(),
+            "classes": None if table.classes is None else table.classes.tolist(),
+            "dims": list(table.dims), "features": list(table.features), "sampler": asdict(sampler),
+            "source": "checkpoint cache" if (info or {}).get("temporal", {}).get("mode") == "cache"
+            else "computed by the exported model's temporal block"}
+
+
+def _export_config(src: _Source, graph: GraphDenoiser, table, timesteps: list[int], sampler: SamplerConfig,
+                   weight_storage: str, model, n_checked: int, n_int4: int) -> dict:
     info = src.info
     quant = None
     if info is not None:
@@ -451,11 +474,7 @@ def _export_config(src: _Source, graph: GraphDenoiser, table, sampler: SamplerCo
         "inputs": graph.input_names, "outputs": [OUTPUT_NAME],
         "sample_shape": list(graph.sample_shape),
         "sampler": asdict(sampler),
-        "temporal": {"timesteps": table.timesteps.tolist(),
-                     "classes": None if table.classes is None else table.classes.tolist(),
-                     "dims": list(table.dims), "features": list(table.features), "sampler": asdict(sampler),
-                     "source": "checkpoint cache" if (info or {}).get("temporal", {}).get("mode") == "cache"
-                     else "computed by the exported model's temporal block"},
+        "temporal": _temporal_entry(table, timesteps, sampler, info),
         "quantization": quant,
         "weights": _weight_summary(graph),
     }

@@ -178,35 +178,38 @@ class OnnxDenoiser(nn.Module):
         self.config = config
         self.export_config = export_cfg
         self.inputs = list(export_cfg["inputs"])
-        # the conditioning inputs after the sample and the temporal features (text, a text mask)
-        self.conditioning = [n for n in self.inputs if n != "sample" and not n.startswith("temb_")]
+        # the conditioning inputs after the sample and the temporal features / timestep (text, a
+        # text mask; with the temporal block in the graph its added conditions)
+        self.conditioning = [n for n in self.inputs if n not in ("sample", "timestep") and not n.startswith("temb_")]
         # what the sampler reads the device and dtype from: float32 on the CPU
         self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
         self.tfmq_info = {"sampler": export_cfg["sampler"], "timesteps": export_cfg["temporal"]["timesteps"],
-                          "temporal": {"mode": "cache"}, "export": {"runner": runner.name,
+                          "temporal": {"mode": "cache" if table is not None else "graph"},
+                          "export": {"runner": runner.name,
                                                                      "quantization": export_cfg["quantization"]}}
 
     @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True, added_cond_kwargs: dict | None = None, **conditioning):
-        if added_cond_kwargs and any(v is not None for v in added_cond_kwargs.values()):
-            raise ValueError("this graph takes no added conditions (size / text-time embeddings)")
-        given = {k for k, v in conditioning.items() if v is not None}
+        cond = {k: v for k, v in {**conditioning, **(added_cond_kwargs or {})}.items() if v is not None}
+        given = set(cond)
         if given != set(self.conditioning):
             missing, extra = set(self.conditioning) - given, given - set(self.conditioning)
             raise ValueError("this graph's conditioning inputs are "
                              f"{', '.join(self.conditioning) or 'none'}"
                              + (f"; missing {', '.join(sorted(missing))}" if missing else "")
                              + (f"; it takes no {', '.join(sorted(extra))}" if extra else ""))
-        feats = self.table.features_for(timestep if torch.is_tensor(timestep) else torch.tensor(timestep),
-                                        class_labels)
+        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         batch = sample.shape[0]
         feeds = {"sample": sample.detach().float().cpu().contiguous().numpy()}
-        for i, f in enumerate(feats):
-            f = f.float()
-            feeds[f"temb_{i}"] = (f.expand(batch, -1) if f.shape[0] == 1 else f).contiguous().numpy()
+        if self.table is None:                      # the temporal block is in the graph
+            feeds["timestep"] = t.reshape(-1).long().cpu().expand(batch).contiguous().numpy()
+        else:
+            for i, f in enumerate(self.table.features_for(t, class_labels)):
+                f = f.float()
+                feeds[f"temb_{i}"] = (f.expand(batch, -1) if f.shape[0] == 1 else f).contiguous().numpy()
         for name in self.conditioning:
-            feeds[name] = conditioning[name].detach().float().cpu().contiguous().numpy()
+            feeds[name] = cond[name].detach().float().cpu().contiguous().numpy()
         out = torch.from_numpy(np.asarray(self.runner(feeds)))
         return _Output(out) if return_dict else (out,)
 
@@ -232,7 +235,8 @@ def load_onnx(export_dir, backend: str = "onnxruntime", threads: int | None = No
     if backend not in RUNNERS:
         raise ValueError(f"unknown ONNX runtime {backend!r}; choose from {', '.join(RUNNERS)}")
     runner = make_runner(backend, export_dir / cfg["onnx_file"], threads)
-    table = load_table(export_dir / cfg["table_file"], cfg["temporal"])
+    table = None if cfg["temporal"].get("mode") == "graph" else load_table(export_dir / cfg["table_file"],
+                                                                          cfg["temporal"])
     cls = getattr(diffusers, cfg["denoiser_class"])
     component = cfg["denoiser_component"]
     with init_empty_weights():

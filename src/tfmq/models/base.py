@@ -165,6 +165,12 @@ class DenoiserAdapter:
         graph beside the sample and the temporal features)."""
         return []
 
+    def added_inputs(self, denoiser: nn.Module) -> list[tuple[str, int]]:
+        """Per-sample ``[B, width]`` inputs the time embedding reads beside the timestep (SDXL's
+        pooled text embedding and size ids, PixArt-alpha 1024's size conditions): graph inputs of
+        an export whose temporal block stays in the graph."""
+        return []
+
     def conditioning(self, pipe, denoiser: nn.Module, num_images: int, seed: int, class_labels=None,
                      prompts=None, guidance_scale: float = 1.0, device="cpu") -> Conditioning:
         """Conditioning for ``num_images`` samples (see :func:`tfmq.sampling.build_conditioning`)."""

@@ -40,6 +40,9 @@ class PixArtAdapter(DenoiserAdapter):
     def text_conditional(self, denoiser):
         return True
 
+    def added_inputs(self, denoiser):
+        return [("resolution", 2), ("aspect_ratio", 1)] if self.additional_conditions(denoiser) else []
+
     def text_inputs(self, denoiser):
         """T5 embeddings (``caption_channels`` wide) and their padding mask."""
         return [("encoder_hidden_states", int(denoiser.config.caption_channels)), ("encoder_attention_mask", None)]

@@ -64,6 +64,13 @@ class UNetAdapter(DenoiserAdapter):
             return []
         return [("encoder_hidden_states", int(denoiser.config.cross_attention_dim))]
 
+    def added_inputs(self, denoiser):
+        if not self.is_sdxl(denoiser):
+            return []
+        cfg = denoiser.config
+        return [("text_embeds", int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)),
+                ("time_ids", 6)]
+
     @staticmethod
     def is_sdxl(denoiser) -> bool:
         return isinstance(denoiser, UNet2DConditionModel) and denoiser.config.addition_embed_type == "text_time"
