@@ -40,16 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sd_random import random_sd_pipeline
 
-SD15_UNET_CONFIG = {
-    "sample_size": 32, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
-    "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 768, "attention_head_dim": 8,
-}
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
@@ -239,30 +231,8 @@ def prepare_bundled(args, work: Path) -> dict:
 
 
 def sd_pipeline(scale: float, work: Path):
-    import torch
-    import transformers
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    torch.manual_seed(0)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (work / "vocab.json").write_text(json.dumps(vocab))
-    (work / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(work / "vocab.json"), str(work / "merges.txt"), model_max_length=77)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=768, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1)).eval()
-    cfg = dict(SD15_UNET_CONFIG)
-    cfg["block_out_channels"] = [int(round(c * scale / 32)) * 32 for c in cfg["block_out_channels"]]
-    unet = UNet2DConditionModel(**cfg).eval()
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32).eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """SD v1.5's UNet (widths x ``scale``) at 32x32 latents, RANDOM weights (see sd_random.py)."""
+    return random_sd_pipeline(work, scale, sample_size=32)
 
 
 def prepare_sd(args, work: Path) -> dict:

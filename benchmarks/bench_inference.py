@@ -32,17 +32,7 @@ import torch
 import tfmq
 from tfmq.runtime import backend_summary, runtime_nbytes
 from tfmq.sampling import SamplerConfig
-
-SD15_UNET_CONFIG = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
-    "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 768, "attention_head_dim": 8,
-}
-
+from sd_random import SD15_UNET_CONFIG, random_sd_pipeline
 
 PARTIAL: tuple | None = None      # (report, path) while a run is in progress
 
@@ -260,29 +250,12 @@ def bundled_compiled(args, out: dict, work: Path) -> None:
 
 
 def sd_unet(args, out: dict, work: Path) -> None:
-    import transformers
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     dev = args.device
     rows = out["rows"]
     print("(b) SD-v1.5-config UNet (random weights), batch 2, 64x64 latents, 77 tokens")
-    torch.manual_seed(0)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (work / "vocab.json").write_text(json.dumps(vocab))
-    (work / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(work / "vocab.json"), str(work / "merges.txt"), model_max_length=77)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=768, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1)).eval()
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32).eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False).to(dev)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = random_sd_pipeline(work).to(dev)          # RANDOM weights, SD v1.5's UNet config
+    unet = pipe.unet
     ctx = torch.randn(2, 77, 768, device=dev)
     x = torch.randn(2, 4, 64, 64, device=dev)
     t = torch.full((2,), 500, device=dev, dtype=torch.long)
