@@ -15,10 +15,7 @@ set -u
 OUT=${1:?usage: gpu_calib_check.sh OUT}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-SITE=${TMPDIR:-/tmp}/site
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH="$SITE:$PWD/src"
-export OMP_NUM_THREADS=4 TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+GPU_OMP_THREADS=4 source scripts/gpu_env.sh
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, diffusers, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'python', sys.version.split()[0])"

@@ -9,9 +9,7 @@ set -u
 OUT=${1:?usage: gpu_default_quality.sh OUT [N] [LIMIT_S]}; N=${2:-1000}; LIMIT=${3:-480}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-SITE=${TMPDIR:-/tmp}/site
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH="$SITE:$PWD/src" OMP_NUM_THREADS=8 TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+GPU_OMP_THREADS=8 source scripts/gpu_env.sh
 W=${TMPDIR:-/tmp}/default_quality_$$
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/log.txt"
 start=$SECONDS

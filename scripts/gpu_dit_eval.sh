@@ -8,9 +8,7 @@ set -u
 OUT=${1:?usage: gpu_dit_eval.sh OUT [N] [EVAL_LIMIT_S]}; N=${2:-1000}; LIMIT=${3:-420}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-SITE=${TMPDIR:-/tmp}/site
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH="$SITE:$PWD/src" OMP_NUM_THREADS=8 TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+GPU_OMP_THREADS=8 source scripts/gpu_env.sh
 W=${TMPDIR:-/tmp}/dit_eval_$$
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/log.txt"
 GRAPHS=${GRAPHS:-true}

@@ -13,7 +13,7 @@ set -u
 MODE=${1:?usage: gpu_host_cpu_bench.sh pack|stage|prepare OUT|measure OUT}
 cd "$(dirname "$0")/.."
 SHA=8b5b7dc9163ad28895baab4908ac2c87883d7b5f3e265ca867498e0c61279efd
-PARTS=/tmp/tfmq_ov_parts; OVSITE=/tmp/tfmq_ov_site; WORK=/tmp/tfmq_cpu_work; SITE=/tmp/site
+PARTS=/tmp/tfmq_ov_parts; OVSITE=/tmp/tfmq_ov_site; WORK=/tmp/tfmq_cpu_work
 THREADS=${THREADS:-16}; SD_SCALE=${SD_SCALE:-1.0}
 case "$MODE" in
   pack)     # on the CPU machine: the two halves from the cp312 wheel
@@ -27,14 +27,13 @@ case "$MODE" in
     mkdir -p "$PARTS" && cp .ov/a/part_00 "$PARTS/" && ls -la "$PARTS" ;;
   prepare|measure)
     OUT=${2:?an output folder}; mkdir -p "$OUT"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl 2>&1 | tail -2
     if [ ! -d "$OVSITE/openvino" ]; then
       cp .ov/b/part_01 "$PARTS/" || exit 1
       cat "$PARTS/part_00" "$PARTS/part_01" > "$PARTS/ov.tar.xz"
       echo "$SHA  $PARTS/ov.tar.xz" | sha256sum -c - || exit 1
       mkdir -p "$OVSITE" && tar -xJf "$PARTS/ov.tar.xz" -C "$OVSITE"
     fi
-    export PYTHONPATH="$SITE:$OVSITE:$PWD/src" TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+    EXTRA_PYTHONPATH=$OVSITE source scripts/gpu_env.sh
     { lscpu | grep -i "model name\|^CPU(s)"; grep -o -w "avx2\|avx512f\|avx512_vnni\|avx_vnni\|avx512_bf16\|amx_tile\|amx_int8\|amx_bf16" /proc/cpuinfo | sort | uniq -c; } > "$OUT/cpu.txt"
     python3 -c "import openvino, onnxruntime; print('openvino', openvino.__version__, 'onnxruntime', onnxruntime.__version__)" >> "$OUT/cpu.txt" 2>&1
     extra=$([ "$MODE" = prepare ] && echo --prepare-only)
