@@ -161,21 +161,14 @@ def strip_temporal_block(denoiser: nn.Module, table: TemporalFeatureCache) -> _F
     return features
 
 
-def keep_temporal_block(denoiser: nn.Module) -> None:
-    """Leave the temporal information block in the graph (models whose block reads more than the
-    timestep and class): only the runtime's step index is removed; every block quantizer must hold
-    one parameter set (checked by the export)."""
-    detach_step_index(denoiser)
-
-
 def graph_denoiser(denoiser: nn.Module, table: TemporalFeatureCache | None, int4_weights: bool = False
                    ) -> GraphDenoiser:
     """The export graph of ``denoiser`` (modified in place; see the module docstring); ``table``
     None keeps the temporal block in the graph (timestep and added conditions as inputs).
     ``int4_weights``: weights of 4 bits or fewer keep their native codes (to be stored as ONNX
     4-bit types) instead of the int8 compute form."""
-    if table is None:
-        keep_temporal_block(denoiser)
+    if table is None:           # the block stays; every quantizer holds one set (export.block_in_graph)
+        detach_step_index(denoiser)
         features = None
     else:
         features = strip_temporal_block(denoiser, table)

@@ -169,7 +169,8 @@ class OnnxDenoiser(nn.Module):
     object with ``.sample`` (float32, CPU).
 
     ``tfmq_info`` names the table's sampler and timesteps, so the sampler loop refuses another
-    sampler or step count before the first step (the table holds no other timesteps)."""
+    sampler or step count before the first step (the table holds no other timesteps). A graph that
+    keeps the temporal block (no table) is fed the timestep and runs with any sampler."""
 
     def __init__(self, runner, table, config, export_cfg: dict):
         super().__init__()
@@ -185,8 +186,7 @@ class OnnxDenoiser(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
         self.tfmq_info = {"sampler": export_cfg["sampler"], "timesteps": export_cfg["temporal"]["timesteps"],
                           "temporal": {"mode": "cache" if table is not None else "graph"},
-                          "export": {"runner": runner.name,
-                                                                     "quantization": export_cfg["quantization"]}}
+                          "export": {"runner": runner.name, "quantization": export_cfg["quantization"]}}
 
     @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,

@@ -50,9 +50,9 @@ def feature_table(denoiser: nn.Module, timesteps: list[int], sampler: dict | Non
         return _copy(cache)
     block = find_temporal_block(denoiser)
     if block.needs_conditioning:
-        raise ExportError("this model's time embedding also reads text / image inputs (added "
-                          "conditioning, e.g. SDXL): its temporal features are not a finite table, "
-                          "which the ONNX export needs")
+        raise ExportError("this model's time embedding also reads other inputs (added conditioning, "
+                          "e.g. SDXL): its temporal features are not a finite table (export_onnx keeps "
+                          "such a block in the graph instead)")
     classes = None
     if block.class_conditional:
         classes = model_classes(denoiser)

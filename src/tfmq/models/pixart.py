@@ -35,7 +35,7 @@ class PixArtAdapter(DenoiserAdapter):
     component = "transformer"
     not_transferred = (NO_SPLIT_SHORTCUT,)
     model_types = (PixArtTransformer2DModel,)
-    onnx_export = True          # without size conditions (with them the block reads more than t)
+    onnx_export = True          # with size conditions the temporal block stays in the graph
 
     def text_conditional(self, denoiser):
         return True
