@@ -182,9 +182,11 @@ def naive(**kw):
 
 def ort_vs_runtime(pipe, out, class_labels=None, text=None, batch=3, conditioning=None):
     """Relative RMS of ORT vs the runtime reference on the same inputs, per calibrated timestep.
-    ``text``: a UNet's encoder_hidden_states; ``conditioning``: other named graph inputs."""
+    ``text``: a UNet's encoder_hidden_states; ``conditioning``: other named graph inputs. A graph
+    that keeps the temporal block is fed the timestep instead of the table's features."""
     cfg = json.loads((out / "export.json").read_text())
-    table = load_table(out / cfg["table_file"], cfg["temporal"])
+    in_graph = cfg["temporal"].get("mode") == "graph"
+    table = None if in_graph else load_table(out / cfg["table_file"], cfg["temporal"])
     run = OrtRunner(out / cfg["onnx_file"], threads=1)
     denoiser = get_denoiser(pipe)
     c = denoiser.config
@@ -201,8 +203,12 @@ def ort_vs_runtime(pipe, out, class_labels=None, text=None, batch=3, conditionin
         row.update(cond)
         with torch.no_grad():
             want = call_denoiser(denoiser, row).sample.numpy()
-        feats = table.features_for(torch.full((batch,), t), class_labels)
-        feeds = {"sample": x.numpy(), **{f"temb_{i}": f.numpy() for i, f in enumerate(feats)}}
+        feeds = {"sample": x.numpy()}
+        if in_graph:
+            feeds["timestep"] = np.full((batch,), t, dtype=np.int64)
+        else:
+            feats = table.features_for(torch.full((batch,), t), class_labels)
+            feeds.update({f"temb_{i}": f.numpy() for i, f in enumerate(feats)})
         feeds.update({k: v.float().numpy() for k, v in cond.items()})
         errs.append(rel_rms(run(feeds), want))
     return errs, cfg
@@ -307,25 +313,6 @@ def test_tiny_pixart_export_round_trip(tmp_path, one_thread):
                                encoder_hidden_states=torch.zeros(1, 5, 16))
 
 
-def ort_vs_runtime_in_graph(pipe, out, conditioning, batch=2):
-    """Relative RMS of ORT vs the runtime reference for graphs that keep the temporal block (the
-    timestep is an input), per calibrated timestep."""
-    cfg = json.loads((out / "export.json").read_text())
-    run = OrtRunner(out / cfg["onnx_file"], threads=1)
-    denoiser = get_denoiser(pipe)
-    c = denoiser.config
-    x = torch.randn((batch, c.in_channels, c.sample_size, c.sample_size), generator=torch.Generator().manual_seed(1))
-    errs = []
-    for t in cfg["temporal"]["timesteps"]:
-        row = {"sample": x, "timestep": torch.full((batch,), t), **conditioning}
-        with torch.no_grad():
-            want = call_denoiser(denoiser, row).sample.numpy()
-        feeds = {"sample": x.numpy(), "timestep": np.full((batch,), t, dtype=np.int64),
-                 **{k: v.float().numpy() for k, v in conditioning.items()}}
-        errs.append(rel_rms(run(feeds), want))
-    return errs, cfg
-
-
 @pytest.mark.parametrize("family", ["sdxl", "pixart-sizes"])
 def test_temporal_block_in_the_graph(family, tmp_path, one_thread):
     """SDXL and PixArt-alpha 1024 (random weights): the time embedding also reads the pooled text
@@ -349,7 +336,7 @@ def test_temporal_block_in_the_graph(family, tmp_path, one_thread):
     out = export_onnx(pipe, tmp_path / "onnx")
     onnx.checker.check_model(str(out / "denoiser.onnx"), full_check=True)
     tfmq.convert(pipe)
-    errs, cfg = ort_vs_runtime_in_graph(pipe, out, cond)
+    errs, cfg = ort_vs_runtime(pipe, out, conditioning=cond, batch=2)
     assert np.median(errs) < A8_TOL[0] and max(errs) < A8_TOL[1], errs
     assert cfg["temporal"]["mode"] == "graph" and not (out / cfg["table_file"]).exists()
     assert cfg["inputs"][:2] == ["sample", "timestep"] and cfg["inputs"][-2:] == added
