@@ -63,6 +63,12 @@ def parse_args(argv=None):
     p.add_argument("--recon-batch-size", type=int, default=32)
     p.add_argument("--tiar-iters", type=int, default=200)
     p.add_argument("--act-iters", type=int, default=50)
+    p.add_argument("--calib-defaults", action="store_true",
+                   help="quantize with the project's default calibration settings (DDIM 100, 256 "
+                        "trajectories, 2,000 / 500 / 2,000 iterations; only --wbits / --abits / --seed "
+                        "apply) instead of the reduced ones above")
+    p.add_argument("--recon-parallel", default="auto", choices=["auto", "replicate", "rows"],
+                   help="QuantConfig.recon_parallel of the multi-process quantize runs (default auto)")
     p.add_argument("--work", type=Path, default=None, help="folder for checkpoints / images (default: a temp folder)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--timeout", type=int, default=900, help="seconds per torchrun launch")
@@ -129,11 +135,16 @@ def worker(args) -> None:
             np.save(args.result.with_suffix(".npy"), images)
     else:
         from tfmq.config import QuantConfig
-        config = QuantConfig.for_method(
-            "tfmq", wbits=args.wbits, abits=args.abits, sampler=sampler, calib_size=args.calib_size,
-            calib_batch_size=args.calib_batch_size, seed=args.seed, recon_iters=args.recon_iters,
-            recon_batch_size=args.recon_batch_size, tiar_iters=args.tiar_iters,
-            act_learn_iters=args.act_iters, interval_length=max(1, args.steps // 5))
+        if args.calib_defaults:
+            config = QuantConfig.for_method("tfmq", wbits=args.wbits, abits=args.abits, seed=args.seed,
+                                            recon_parallel=args.recon_parallel)
+        else:
+            config = QuantConfig.for_method(
+                "tfmq", wbits=args.wbits, abits=args.abits, sampler=sampler, calib_size=args.calib_size,
+                calib_batch_size=args.calib_batch_size, seed=args.seed, recon_iters=args.recon_iters,
+                recon_batch_size=args.recon_batch_size, tiar_iters=args.tiar_iters,
+                act_learn_iters=args.act_iters, interval_length=max(1, args.steps // 5),
+                recon_parallel=args.recon_parallel)
         distributed.barrier()
         _sync(device)
         t0 = time.perf_counter()
@@ -157,8 +168,11 @@ def launch(args, task: str, model: str, nproc: int, work: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(Path(__file__).resolve()), "--worker", task, "--model", model, "--result", str(result)]
     for flag in ("device", "num_images", "batch_size", "steps", "seed", "calib_size", "calib_batch_size",
-                 "wbits", "abits", "recon_iters", "recon_batch_size", "tiar_iters", "act_iters"):
+                 "wbits", "abits", "recon_iters", "recon_batch_size", "tiar_iters", "act_iters",
+                 "recon_parallel"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.calib_defaults:
+        cmd.append("--calib-defaults")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "4" if args.device == "cuda" else "1")
     t0 = time.perf_counter()
@@ -231,6 +245,9 @@ def driver(args) -> dict:
             else:
                 check = compare_checkpoints(stem(1).with_suffix(".ckpt"), stem(args.nproc).with_suffix(".ckpt"))
             checks.append({"task": task, "model": model, **check})
+            if args.json:           # what is finished survives a later failure or time limit
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"partial": True, "rows": rows, "equality": checks}, indent=2))
     result = {"device": args.device, "device_name": rows[0]["device_name"] if rows else None,
               "nproc": args.nproc, "torch": torch.__version__, "python": platform.python_version(),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

@@ -263,6 +263,7 @@ def quantize_overrides(args) -> dict:
                       ("temporal", "temporal"), ("tiar_iters", "tiar_iters"), ("preset", "preset"),
                       ("recon_iters", "recon_iters"), ("recon_batch_size", "recon_batch_size"),
                       ("recon_lr", "recon_lr"), ("recon_units", "recon_units"), ("recon_bf16", "recon_bf16"),
+                      ("recon_parallel", "recon_parallel"),
                       ("act_learn_iters", "act_learn_iters"), ("calib_steps", "calib_steps"),
                       ("act_ema", "act_ema"), ("split_shortcut", "split_shortcut")):
         if getattr(args, flag) is not None:
@@ -327,6 +328,11 @@ def add_reconstruction_flags(p: argparse.ArgumentParser) -> None:
                    help="only reconstruct units whose names match these glob patterns")
     g.add_argument("--recon-bf16", action="store_true", default=None,
                    help="bf16 autocast during reconstruction (CUDA only)")
+    g.add_argument("--recon-parallel", choices=["auto", "replicate", "rows"], default=None,
+                   help="under several processes: replicate (each GPU caches part of a unit's rows, "
+                        "every GPU runs the whole CUDA-graph loop), rows (data-parallel eager loop, "
+                        "gradients all-reduced) or auto (replicate with CUDA graphs, rows on the "
+                        "CPU; the default)")
     g.add_argument("--act-learn-iters", type=int, default=None,
                    help="activation step-size learning iterations per unit (qdiff; tfmq: the "
                         "quantizers that hold one set for all steps)")

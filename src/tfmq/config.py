@@ -70,6 +70,11 @@ class QuantConfig:
                                          # (None: see tfmq.calib.reconstruction.capture_rows)
     recon_cuda_graphs: bool = True       # on CUDA, capture each TIAR / AdaRound / act-step iteration
                                          # in a CUDA graph (same arithmetic, no launch overhead)
+    recon_parallel: str = "auto"         # several processes: "replicate" (each rank caches its share
+                                         # of a unit's rows, the shares are gathered and every rank
+                                         # runs the whole loop), "rows" (data-parallel loop, gradients
+                                         # all-reduced each iteration, eager) or "auto" (replicate
+                                         # where the loop runs as a CUDA graph, rows elsewhere)
     act_learn_iters: int = 500           # activation step-size iterations per unit (reference: 5000)
     act_learn_lr: float = 4e-4           # their Adam learning rate (cosine decay)
     act_learn_p: float = 2.4             # exponent of their reconstruction loss
@@ -168,6 +173,8 @@ class QuantConfig:
             raise ValueError(f"recon_beta must be two positive numbers (start, end), got {self.recon_beta!r}")
         if not isinstance(self.recon_cuda_graphs, bool):
             raise ValueError(f"recon_cuda_graphs must be True or False, got {self.recon_cuda_graphs!r}")
+        if self.recon_parallel not in ("auto", "replicate", "rows"):
+            raise ValueError(f"recon_parallel must be 'auto', 'replicate' or 'rows', got {self.recon_parallel!r}")
         if self.act_ema is not None and not 0 <= self.act_ema < 1:
             raise ValueError(f"act_ema must be in [0, 1) or None, got {self.act_ema}")
         if self.recon_units is not None and (isinstance(self.recon_units, str) or not all(

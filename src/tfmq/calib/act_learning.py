@@ -123,7 +123,8 @@ def learn_activation_steps(ctx) -> dict[str, dict]:
     _check_bf16(ctx)
     units, rows = prepare_units(ctx)
     settings = UnitSettings(c.act_learn_iters, c.recon_batch_size, c.act_learn_lr, c.seed,
-                            c.recon_bf16, c.recon_cache_gb, c.act_learn_p, ctx.progress, graph_setting(c))
+                            c.recon_bf16, c.recon_cache_gb, c.act_learn_p, ctx.progress, graph_setting(c),
+                            parallel=c.recon_parallel)
     results = run_units(ctx.denoiser, units, rows, ActStepLearning(), settings, ctx.store, ctx.timer,
                         "act_learning", ctx.on_unit)
     ctx.extra.setdefault("tfmq_info", {})["act_learning"] = results

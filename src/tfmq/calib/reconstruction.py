@@ -41,11 +41,20 @@ Each unit's statistics hold ``seconds`` (all of it), ``optimize_s`` (the iterati
 error on fixed rows before / after (``error_before`` / ``error_after``).
 
 The iterations run in :mod:`tfmq.calib.loop`'s ``StepLoop`` (no host synchronisation, a CUDA
-graph on CUDA). Under several processes (:mod:`tfmq.distributed`) the same loop is data-parallel
-and eager: each rank caches its block of the rows, every rank draws the same batch table over all
-rows, computes the rows of each batch it holds (weighted by their share of the batch), and the
-gradients are summed over the ranks (the loop's ``grad_hook``) before the Adam step; AdaRound's
-regulariser is counted on rank 0 only. The result equals one process's up to float sum order.
+graph on CUDA). Under several processes (:mod:`tfmq.distributed`) each rank caches its block of
+a unit's rows (whole capture passes, so every row is computed in the same pass as in one
+process); then, by ``recon_parallel`` (:func:`parallel_mode`):
+
+* ``replicate`` (``auto`` where the loop is a CUDA graph): the blocks are gathered and every rank
+  runs the whole loop on all rows, as one process does; rank 0's result is then copied to the
+  others (so no rank drifts on a non-deterministic kernel). The result equals one process's.
+  The iterations are not faster, the caching passes are split: on a GPU the iterations of a
+  small unit are bound by kernel count, not by rows, so splitting their rows saves nothing.
+* ``rows`` (``auto`` on the CPU): a data-parallel eager loop: every rank draws the same batch
+  table over all rows, computes the rows of each batch it holds (weighted by their share of the
+  batch), and the gradients are summed over the ranks (the loop's ``grad_hook``) before the Adam
+  step; AdaRound's regulariser is counted on rank 0 only. The result equals one process's up to
+  float sum order.
 
 ``RECON_PRESETS["reference"]`` holds the reference values (20,000 iterations a unit, batch 32,
 5,000 activation-learning iterations at lr 4e-4).
@@ -375,6 +384,18 @@ class UnitTensors:
         self.parts = {}
         return self
 
+    def gathered(self) -> "UnitTensors":
+        """Every rank's rows concatenated in rank order (several processes; every rank must hold
+        rows of the same kinds, and its static values must equal rank 0's); itself in one process."""
+        if not distributed.is_distributed():
+            return self
+        kinds = distributed.gather_objects(self.kinds)
+        if any(k != kinds[0] for k in kinds):
+            raise RuntimeError(f"unit {self.name}: the ranks cached different arguments: {kinds}")
+        self.data = {k: distributed.gather_rows(v) for k, v in self.data.items()}
+        self.rows = sum(distributed.gather_objects(self.rows))
+        return self
+
     def select(self, idx: torch.Tensor, device) -> dict:
         """Values for rows ``idx`` (row values indexed, static values as they are)."""
         out = dict(self.static)
@@ -469,6 +490,18 @@ class UnitSettings:
     graphs: bool | None = None     # capture each iteration in a CUDA graph (None: on CUDA)
     note: str | None = None        # how a unit's loop ran when not as asked (set per unit)
     data_parallel: bool = False    # the loss is this rank's share of the batch (set per unit)
+    parallel: str = "auto"         # several processes: "replicate", "rows" or "auto" (see parallel_mode)
+
+
+def parallel_mode(requested: str, graphs: bool | None, device) -> str:
+    """How the per-unit loops share work over several processes: ``"replicate"`` or ``"rows"``
+    (see the module docstring); ``"auto"`` is ``"replicate"`` where the loop runs as a CUDA graph
+    (``graphs`` not False on a CUDA device) and ``"rows"`` elsewhere."""
+    if requested not in ("auto", "replicate", "rows"):
+        raise ValueError(f"parallel must be 'auto', 'replicate' or 'rows', got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "replicate" if use_graphs(graphs, device) else "rows"
 
 
 class UnitWork:
@@ -678,12 +711,16 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
     budget = cache_budget(settings.cache_gb, device) // 2     # half for inputs, half for targets
     results: dict[str, dict] = {}
     outer = tqdm(total=len(units), desc=stage, unit="unit", disable=not settings.progress)
-    # several processes: each caches and computes the rows of its share (whole capture batches)
-    # of every iteration's batch, drawn from all rows as in one process
+    # several processes: each caches its share of the rows (whole capture passes); then either
+    # every rank runs the whole loop on the gathered rows ("replicate") or each computes the rows
+    # of every iteration's batch it holds ("rows"), the batches drawn from all rows as in one process
     split = distributed.is_distributed()
-    mine = distributed.shard(len(rows), align=rows.batch_size)
+    replicate = split and parallel_mode(settings.parallel, settings.graphs, device) == "replicate"
+    mine = distributed.shard(len(rows), align=rows.capture_size if replicate else rows.batch_size)
     local_rows = rows.subset(mine) if split else rows
     n = len(rows)
+    if replicate:       # the gathered rows must fit where one process would keep them
+        budget = budget * max(1, len(mine)) // max(1, n)
     with outer, quant_state(model):        # every quantizer's flag as it was, at the end
         for index, unit in enumerate(units):
             outer.update(1)
@@ -702,6 +739,9 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             inputs = capture(model, unit, local_rows, "input", budget)
             with quant_state(model, weight=False, act=False):
                 targets = capture(model, unit, local_rows, "output", budget)
+            if replicate:
+                inputs, targets = inputs.gathered(), targets.gathered()
+            dp = split and not replicate            # the data-parallel loop
             # per-step (FSC) quantizers take each row's own step while activations are quantized
             steps = None
             if a_on and multi_set_quantizers(unit.module):
@@ -709,11 +749,12 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
                     raise ValueError(f"unit {unit.name} has per-step activation quantizers but the "
                                      "calibration rows carry no step indices")
                 steps = rows.steps      # on the CPU: the bounds check of row_steps needs no GPU sync
-            before = unit_error(unit, inputs, targets, device, settings.batch_size, steps, n, mine.start)
+            held = (n, mine.start) if dp else (None, 0)
+            before = unit_error(unit, inputs, targets, device, settings.batch_size, steps, *held)
 
             gen = torch.Generator().manual_seed(unit_seed(settings.seed, work.phase, index))
             loss_fn, unit_settings = _unit_loss(unit, inputs, targets, steps, gen, settings, device,
-                                                shard=mine if split else None, total_rows=n)
+                                                shard=mine if dp else None, total_rows=n)
 
             frozen = [(p, p.requires_grad) for p in unit.module.parameters()]
             for p, _ in frozen:                 # only what the work creates is learned
@@ -725,7 +766,10 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             finally:
                 for p, flag in frozen:
                     p.requires_grad_(flag)
-            after = unit_error(unit, inputs, targets, device, settings.batch_size, steps, n, mine.start)
+            if replicate:       # rank 0's result everywhere, bit for bit
+                distributed.broadcast_module_(unit.module)
+                stats["loop"] = f"{stats.get('loop', 'none')} (replicated on {distributed.world_size()} ranks)"
+            after = unit_error(unit, inputs, targets, device, settings.batch_size, steps, *held)
             del inputs, targets
             seconds = time.perf_counter() - t0
             stats = {**stats, "error_before": before, "error_after": after, "seconds": round(seconds, 3)}
@@ -784,7 +828,8 @@ def reconstruct_weights(ctx) -> dict[str, dict]:
     work = WeightRounding(c.recon_reg_weight, c.recon_warmup, c.recon_beta,
                           ctx.extra.get("recon_exclude", ()))
     settings = UnitSettings(c.recon_iters, c.recon_batch_size, c.recon_lr, c.seed, c.recon_bf16,
-                            c.recon_cache_gb, 2.0, ctx.progress, graph_setting(c))
+                            c.recon_cache_gb, 2.0, ctx.progress, graph_setting(c),
+                            parallel=c.recon_parallel)
     results = run_units(ctx.denoiser, units, rows, work, settings, ctx.store, ctx.timer,
                         "reconstruct", ctx.on_unit)
     info = ctx.extra.setdefault("tfmq_info", {})
