@@ -69,6 +69,9 @@ def parse_args(argv=None):
                         "apply) instead of the reduced ones above")
     p.add_argument("--recon-parallel", default="auto", choices=["auto", "replicate", "rows"],
                    help="QuantConfig.recon_parallel of the multi-process quantize runs (default auto)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="quantize with torch.use_deterministic_algorithms (and deterministic cuDNN): "
+                        "without it the GPU's atomics-based kernels make even two 1-GPU runs differ")
     p.add_argument("--work", type=Path, default=None, help="folder for checkpoints / images (default: a temp folder)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--timeout", type=int, default=900, help="seconds per torchrun launch")
@@ -108,6 +111,10 @@ def worker(args) -> None:
     from tfmq.models.adapter import get_denoiser
     from tfmq.sampling import SamplerConfig, generate
 
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True, warn_only=True)
     device = distributed.setup(args.device)
     if args.device == "cpu":
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -171,8 +178,8 @@ def launch(args, task: str, model: str, nproc: int, work: Path) -> dict:
                  "wbits", "abits", "recon_iters", "recon_batch_size", "tiar_iters", "act_iters",
                  "recon_parallel"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if args.calib_defaults:
-        cmd.append("--calib-defaults")
+    cmd += [f for f, on in (("--calib-defaults", args.calib_defaults),
+                            ("--deterministic", args.deterministic)) if on]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "4" if args.device == "cuda" else "1")
     t0 = time.perf_counter()
