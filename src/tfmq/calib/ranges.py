@@ -8,7 +8,8 @@ the subsample (with the exact extremes added).
 
 Under several processes each rank runs its share of the calibration batches and the observers'
 per-batch entries are gathered and folded in batch order (:class:`Observer`), so the ranges equal
-one process's exactly.
+one process's exactly; the range searches themselves are split over the ranks (quantizer i on
+rank i mod N) and their results exchanged.
 
 With ``per_step=True`` every multi-set quantizer gets one parameter set per sampling step
 (finite set calibration, FSC); otherwise one set for all steps.
@@ -177,7 +178,31 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
                 entries = {n: [e for part in parts for e in part[n]] for n in quantizers}
             else:                                 # one process: the entries stay on the device
                 entries = {n: o.entries for n, o in observers.items()}
-            for n, q in quantizers.items():
+            for n in quantizers:
                 observers[n].merge(entries[n])
-                set_index = group[0] if (per_step and q.n_sets > 1) else None
-                observers[n].apply(q, method, set_index)
+            # the range searches (the MSE search runs on the host) are split over the ranks
+            _apply_shared(quantizers, observers, method, group[0] if per_step else None)
+
+
+def _apply_shared(quantizers: dict[str, UniformQuantizer], observers: dict[str, Observer], method: str,
+                  step: int | None) -> None:
+    """Set every quantizer's range from its merged observer (``step``: the parameter set of
+    multi-set quantizers, None for all sets). Under several processes rank r searches the ranges
+    of quantizers r, r + N, ... and the results are exchanged, so every rank ends with the same
+    tensors, bit for bit, as if it had searched them all."""
+    world, me = distributed.world_size(), distributed.rank()
+    owned = {}
+    for i, (n, q) in enumerate(quantizers.items()):
+        if i % world == me:
+            observers[n].apply(q, method, step if q.n_sets > 1 else None)
+            owned[n] = (q.scale.detach().cpu(), q.zero_point.cpu(), q.initialized.cpu())
+    if world == 1:
+        return
+    for part in distributed.gather_objects(owned):
+        for n, (scale, zero, init) in part.items():
+            if n in owned:
+                continue
+            q = quantizers[n]
+            q.scale.data = scale.to(q.initialized.device)
+            q.zero_point = zero.to(q.initialized.device)
+            q.initialized.copy_(init.to(q.initialized.device))
