@@ -172,7 +172,7 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
         "config": config.to_dict(),
         "calibration_time": timer.to_dict(),
     }
-    denoiser.tfmq_info.update(ctx.extra.get("tfmq_info", {}))   # stage results (fsc, temporal)
+    denoiser.tfmq_info.update(ctx.info)   # stage results (fsc, temporal, reconstruction, ...)
     bind_quantized(pipe, denoiser)
     guard_save_pretrained(pipe)
     return pipe

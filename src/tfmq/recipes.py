@@ -64,7 +64,10 @@ class QuantContext:
     timer: StageTimer
     progress: bool = True
     work_dir: Path | None = None
-    extra: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)          # stage results for tfmq_info (fsc, temporal, ...)
+    recon_exclude: set = field(default_factory=set)   # layers no unit pass may touch (TIAR's)
+    units: list | None = None                         # reconstruction units, once computed
+    rows: object | None = None                        # their calibration rows (CalibRows)
     store: object | None = None        # tfmq.calib.resume.ProgressStore when progress is kept
     on_unit: Callable | None = None    # called as on_unit(phase, unit, stats) after each unit
 
@@ -97,11 +100,6 @@ def stage_act_learning(ctx: QuantContext) -> None:
     learn_activation_steps(ctx)
 
 
-def _info(ctx: QuantContext) -> dict:
-    """Entries a stage adds to the quantized denoiser's ``tfmq_info`` (and checkpoint config)."""
-    return ctx.extra.setdefault("tfmq_info", {})
-
-
 def stage_temporal(ctx: QuantContext) -> None:
     """TFMQ-DM's temporal information block. ``temporal='tiar'``: AdaRound on the TIB's layers
     under the temporal-feature loss over the finite set of timesteps, then their weights are
@@ -114,7 +112,7 @@ def stage_temporal(ctx: QuantContext) -> None:
     if (c.temporal or "tiar") == "cache":
         from .checkpoint import denoiser_fingerprint
         ctx.denoiser.tfmq_fp_fingerprint = denoiser_fingerprint(ctx.denoiser)  # before it changes
-        _info(ctx)["temporal"] = {"mode": "cache", "kept_fp": keep_tib_full_precision(ctx.denoiser)}
+        ctx.info["temporal"] = {"mode": "cache", "kept_fp": keep_tib_full_precision(ctx.denoiser)}
         return
     layers = tib_quant_layers(ctx.denoiser)
     summary = tiar(ctx.denoiser, ctx.data.timesteps, ctx.data,
@@ -123,8 +121,8 @@ def stage_temporal(ctx: QuantContext) -> None:
                    seed=c.seed, progress=ctx.progress, graphs=graph_setting(c))
     for layer in layers.values():
         layer.freeze()
-    ctx.extra["recon_exclude"] = set(ctx.extra.get("recon_exclude", ())) | set(layers)
-    _info(ctx)["temporal"] = {"mode": "tiar", **summary}
+    ctx.recon_exclude |= set(layers)
+    ctx.info["temporal"] = {"mode": "tiar", **summary}
 
 
 def stage_fsc(ctx: QuantContext) -> None:
@@ -135,9 +133,9 @@ def stage_fsc(ctx: QuantContext) -> None:
     mode = c.effective_fsc
     if mode == "none":
         stage_act_ranges(ctx)
-        _info(ctx)["fsc"] = {"mode": "none", "n_sets": 1}
+        ctx.info["fsc"] = {"mode": "none", "n_sets": 1}
         return
-    _info(ctx)["fsc"] = run_fsc(ctx.denoiser, ctx.data, mode, c.act_init, c.fsc_momentum,
+    ctx.info["fsc"] = run_fsc(ctx.denoiser, ctx.data, mode, c.act_init, c.fsc_momentum,
                                 c.act_rows_per_step, c.calib_batch_size, c.seed, ctx.progress)
 
 
@@ -150,7 +148,7 @@ def stage_temporal_cache(ctx: QuantContext) -> None:
     cache = build_cache(ctx.denoiser, ctx.data.timesteps, sampler=ctx.data.sampler.to_dict(),
                         progress=ctx.progress)
     install_cache(ctx.denoiser, cache)
-    _info(ctx).setdefault("temporal", {"mode": "cache"}).update(cache_info(cache))
+    ctx.info.setdefault("temporal", {"mode": "cache"}).update(cache_info(cache))
 
 
 StageFn = Callable[[QuantContext], None]

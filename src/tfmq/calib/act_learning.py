@@ -17,7 +17,6 @@ with ``fsc='tib'`` every quantizer but the temporal block's is learned, with ``f
 
 from __future__ import annotations
 
-import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
@@ -127,5 +126,5 @@ def learn_activation_steps(ctx) -> dict[str, dict]:
                             parallel=c.recon_parallel)
     results = run_units(ctx.denoiser, units, rows, ActStepLearning(), settings, ctx.store, ctx.timer,
                         "act_learning", ctx.on_unit)
-    ctx.extra.setdefault("tfmq_info", {})["act_learning"] = results
+    ctx.info["act_learning"] = results
     return results

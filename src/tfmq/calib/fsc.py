@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..models.temporal import (find_temporal_block, finite_set, model_classes, step_layer_names,
-                               temporal_features, tib_layer_names)
+                               temporal_features)
 from ..quant.model import act_quantizers, multi_set_quantizers, quant_state, set_quant_state
 from ..quant.quantizer import UniformQuantizer
 from ..runtime.steps import (CalibrationMismatchError, StepIndex, attach_step_index,  # noqa: F401
-                             describe_calibration, detach_step_index)
+                             detach_step_index)
 from .data import CalibrationData
 from .ranges import calibrate_activations
 

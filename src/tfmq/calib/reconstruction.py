@@ -791,8 +791,8 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
 def prepare_units(ctx) -> tuple[list[Unit], CalibRows]:
     """The units (ordered, selected by ``recon_units``) and the calibration rows of a recipe
     context; computed once and shared by the reconstruction passes."""
-    if "recon_units" in ctx.extra:
-        return ctx.extra["recon_units"], ctx.extra["recon_rows"]
+    if ctx.units is not None:
+        return ctx.units, ctx.rows
     c = ctx.config
     param = next(ctx.denoiser.parameters())
     steps = reconstruction_steps(c, len(ctx.data))
@@ -800,7 +800,7 @@ def prepare_units(ctx) -> tuple[list[Unit], CalibRows]:
                             param.device, param.dtype, c.recon_capture_rows)
     units = order_units(ctx.denoiser, find_units(ctx.denoiser), rows.example())
     units = select_units(units, c.recon_units)
-    ctx.extra["recon_units"], ctx.extra["recon_rows"] = units, rows
+    ctx.units, ctx.rows = units, rows
     return units, rows
 
 
@@ -818,7 +818,7 @@ def _check_bf16(ctx) -> None:
 def reconstruct_weights(ctx) -> dict[str, dict]:
     """Recipe stage: BRECQ weight reconstruction of every selected unit with AdaRound.
 
-    Layers named in ``ctx.extra["recon_exclude"]`` (e.g. TFMQ-DM's temporal layers, which TIAR
+    Layers named in ``ctx.recon_exclude`` (e.g. TFMQ-DM's temporal layers, which TIAR
     has already rounded) are not touched. Per-unit results go to
     ``tfmq_info["reconstruction"]``.
     """
@@ -826,13 +826,13 @@ def reconstruct_weights(ctx) -> dict[str, dict]:
     _check_bf16(ctx)
     units, rows = prepare_units(ctx)
     work = WeightRounding(c.recon_reg_weight, c.recon_warmup, c.recon_beta,
-                          ctx.extra.get("recon_exclude", ()))
+                          ctx.recon_exclude)
     settings = UnitSettings(c.recon_iters, c.recon_batch_size, c.recon_lr, c.seed, c.recon_bf16,
                             c.recon_cache_gb, 2.0, ctx.progress, graph_setting(c),
                             parallel=c.recon_parallel)
     results = run_units(ctx.denoiser, units, rows, work, settings, ctx.store, ctx.timer,
                         "reconstruct", ctx.on_unit)
-    info = ctx.extra.setdefault("tfmq_info", {})
+    info = ctx.info
     info["reconstruction"] = results
     # which layers really got split input quantizers (none where the policy keeps those inputs FP)
     info["split_shortcut_layers"] = sorted(
