@@ -77,6 +77,23 @@ def test_mse_range_beats_minmax_on_outliers_and_picks_best_candidate():
     torch.testing.assert_close(hi[0], best[1])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mse_range_search_on_the_gpu_picks_the_cpu_candidates():
+    """Activation range searches run where the quantizer lives (the GPU during GPU calibration):
+    the same candidate as on the CPU for ordinary data (only near-ties of the L_p error could
+    differ, by the order of the GPU's sums)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1 << 17, generator=g) * torch.linspace(0.1, 3, 1 << 17)
+    x[::997] *= 8                                                   # a tail, as activations have
+    for bits in (4, 8):
+        q = UniformQuantizer(bits)
+        lo_c, hi_c = mse_range(q, x)
+        lo_g, hi_g = mse_range(q.cuda(), x.cuda())
+        torch.testing.assert_close(lo_g.cpu(), lo_c, rtol=0, atol=0)
+        torch.testing.assert_close(hi_g.cpu(), hi_c, rtol=0, atol=0)
+
+
 def test_percentile_range_clips_outliers():
     x = torch.cat([torch.linspace(-1, 1, 100000), torch.tensor([1000.0])])
     q = UniformQuantizer(8)

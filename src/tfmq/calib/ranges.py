@@ -99,8 +99,9 @@ class Observer:
         like = torch.zeros(1)
         if method == "minmax":
             quantizer.set_range(self.lo.cpu().reshape(1), self.hi.cpu().reshape(1), like, set_index=set_index)
-        else:
-            init_range(quantizer, torch.cat(self.samples).cpu(), method, set_index=set_index)
+        else:       # the search runs where the quantizer lives (the GPU when calibrating on one)
+            init_range(quantizer, torch.cat(self.samples).to(quantizer.initialized.device), method,
+                       set_index=set_index)
 
 
 @torch.no_grad()
@@ -180,7 +181,7 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
                 entries = {n: o.entries for n, o in observers.items()}
             for n in quantizers:
                 observers[n].merge(entries[n])
-            # the range searches (the MSE search runs on the host) are split over the ranks
+            # the range searches are split over the ranks
             _apply_shared(quantizers, observers, method, group[0] if per_step else None)
 
 
