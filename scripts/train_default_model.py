@@ -35,7 +35,6 @@ import argparse
 import gzip
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -215,6 +214,88 @@ def save_grid(images: torch.Tensor, path, ncol: int = 8, pad: int = 2, scale: in
 # training
 # ----------------------------------------------------------------------------
 
+
+def batch_drawer(x_all: torch.Tensor, y_all: torch.Tensor | None, gen: torch.Generator, batch_size: int,
+                 flip: bool, p_uncond: float, scheduler):
+    """A function drawing one training batch ``(x_t, t, labels, noise)`` for epsilon prediction:
+    random images (horizontally flipped with probability 1/2 if ``flip``), labels replaced by the
+    null class with probability ``p_uncond`` (none without ``y_all``), a uniform timestep and
+    Gaussian noise, all from ``gen`` in that order."""
+    device = x_all.device
+    ac = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    sqrt_ac, sqrt_1m_ac = ac.sqrt(), (1.0 - ac).sqrt()
+    T = scheduler.config.num_train_timesteps
+
+    def draw():
+        idx = torch.randint(0, x_all.shape[0], (batch_size,), device=device, generator=gen)
+        x0 = x_all[idx]
+        if flip:
+            flipped = torch.rand(batch_size, device=device, generator=gen) < 0.5
+            x0 = torch.where(flipped[:, None, None, None], x0.flip(3), x0)
+        labels = None
+        if y_all is not None:
+            labels = y_all[idx]
+            drop = torch.rand(batch_size, device=device, generator=gen) < p_uncond
+            labels = torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
+        t = torch.randint(0, T, (batch_size,), device=device, generator=gen)
+        noise = torch.randn(x0.shape, device=device, generator=gen)
+        xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise
+        return xt, t, labels, noise
+    return draw
+
+
+def train_loop(forward, params: list, ema_params: list, opt, draw, args, deadline: float, t_start: float):
+    """The training loop of the shipped models: AdamW with linear warm-up of the learning rate
+    (``args.lr``, ``args.warmup_steps``), bf16 autocast on CUDA, MSE on the noise, gradient
+    clipping (``args.grad_clip`` > 0), EMA with warm-up (decay ``min(args.ema_decay, (1 + s) /
+    (10 + s))``), a loss line every ``args.log_every`` steps; stops after ``args.steps`` steps
+    or at ``deadline`` (``time.time()``). Returns ``(steps, stop_reason, train_seconds,
+    loss_curve, final_loss)``."""
+    device = params[0].device
+    use_amp = device.type == "cuda"
+    loss_curve, running, running_n, step = [], torch.zeros((), device=device), 0, 0
+    t_train = time.time()
+    stop_reason = "steps"
+    while step < args.steps:
+        if time.time() > deadline:
+            stop_reason = "time budget"
+            break
+        xt, t, labels, noise = draw()
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            pred = forward(xt, t, class_labels=labels, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        decay = min(args.ema_decay, (1.0 + step) / (10.0 + step))     # EMA warm-up
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        running += loss.detach()
+        running_n += 1
+        step += 1
+        if step % args.log_every == 0:
+            avg = (running / running_n).item()
+            running.zero_()
+            running_n = 0
+            loss_curve.append([step, round(avg, 5)])
+            print(f"step {step} loss {avg:.4f} lr {lr:.2e} {step / (time.time() - t_train):.1f} it/s "
+                  f"elapsed {time.time() - t_start:.0f}s", flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_time = time.time() - t_train
+    if running_n:
+        loss_curve.append([step, round((running / running_n).item(), 5)])
+    final_loss = float(np.mean([l for _, l in loss_curve[-3:]])) if loss_curve else float("nan")
+    print(f"stopped ({stop_reason}) after {step} steps, {train_time:.1f} s training, final loss {final_loss:.4f}",
+          flush=True)
+    return step, stop_reason, train_time, loss_curve, final_loss
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (pipeline + training.json + samples.png)")
@@ -277,10 +358,6 @@ def main(argv=None) -> int:
           flush=True)
 
     scheduler = build_scheduler()
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    sqrt_ac = alphas_cumprod.sqrt()
-    sqrt_1m_ac = (1.0 - alphas_cumprod).sqrt()
-    T = scheduler.config.num_train_timesteps
 
     opt_kwargs = dict(lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     if device.type == "cuda":
@@ -290,67 +367,10 @@ def main(argv=None) -> int:
     ema_params = list(ema.parameters())
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    use_amp = device.type == "cuda"
-    budget_s = args.minutes * 60.0
-    loss_curve = []
-    running, running_n = torch.zeros((), device=device), 0
-    recent = []
-    step = 0
-    t_train = time.time()
-    stop_reason = "steps"
-    while step < args.steps:
-        if time.time() - t_start > budget_s:
-            stop_reason = "time budget"
-            break
-        idx = torch.randint(0, n_data, (args.batch_size,), device=device, generator=gen)
-        x0 = x_all[idx]
-        if not args.no_flip:
-            flip = torch.rand(args.batch_size, device=device, generator=gen) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        labels = None
-        if args.cond:
-            labels = y_all[idx]
-            drop = torch.rand(args.batch_size, device=device, generator=gen) < args.p_uncond
-            labels = torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
-        t = torch.randint(0, T, (args.batch_size,), device=device, generator=gen)
-        noise = torch.randn(x0.shape, device=device, generator=gen)
-        xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise
-
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            pred = model(xt, t, class_labels=labels, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model_params, args.grad_clip)
-        opt.step()
-        # EMA with warm-up: decay ramps from ~0.1 towards args.ema_decay
-        decay = min(args.ema_decay, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
-        running += loss.detach()
-        running_n += 1
-        step += 1
-        if step % args.log_every == 0:
-            avg = (running / running_n).item()
-            running.zero_()
-            running_n = 0
-            loss_curve.append([step, round(avg, 5)])
-            recent.append(avg)
-            el = time.time() - t_train
-            print(f"step {step} loss {avg:.4f} lr {lr:.2e} {step / el:.1f} it/s elapsed {time.time() - t_start:.0f}s",
-                  flush=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    train_time = time.time() - t_train
-    if running_n:
-        loss_curve.append([step, round((running / running_n).item(), 5)])
-    final_loss = float(np.mean([l for _, l in loss_curve[-3:]])) if loss_curve else float("nan")
-    print(f"stopped ({stop_reason}) after {step} steps, {train_time:.1f}s training, final loss {final_loss:.4f}",
-          flush=True)
+    draw = batch_drawer(x_all, y_all if args.cond else None, gen, args.batch_size, not args.no_flip,
+                        args.p_uncond, scheduler)
+    step, stop_reason, train_time, loss_curve, final_loss = train_loop(
+        model, model_params, ema_params, opt, draw, args, deadline=t_start + args.minutes * 60.0, t_start=t_start)
 
     # ---- sample a grid with the EMA weights (fp32 on the training device) ----
     t_s = time.time()
@@ -410,7 +430,7 @@ def main(argv=None) -> int:
             "grad_clip": args.grad_clip,
             "ema_decay": args.ema_decay,
             "ema_warmup": "decay_t = min(ema_decay, (1+t)/(10+t))",
-            "precision": "bf16 autocast" if use_amp else "fp32",
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
             "time_budget_minutes": args.minutes,
             "train_wall_time_s": round(train_time, 1),
             "total_wall_time_s": round(time.time() - t_start, 1),

@@ -32,13 +32,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_default_model import (FMNIST_CLASSES, NULL_CLASS, build_scheduler,  # noqa: E402
-                                 find_data_dir, load_fashion_mnist, save_grid)
+from train_default_model import (FMNIST_CLASSES, NULL_CLASS, batch_drawer,  # noqa: E402
+                                 build_scheduler, find_data_dir, load_fashion_mnist, save_grid,
+                                 train_loop)
 
 
 def dit_config(width_heads: int = 6, head_dim: int = 32, layers: int = 6) -> dict:
@@ -131,61 +130,15 @@ def main(argv=None) -> int:
     forward = torch.compile(model) if args.compile else model
 
     scheduler = build_scheduler()
-    ac = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    sqrt_ac, sqrt_1m_ac = ac.sqrt(), (1.0 - ac).sqrt()
-    T = scheduler.config.num_train_timesteps
     opt_kwargs = dict(lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     if device.type == "cuda":
         opt_kwargs["fused"] = True
     opt = torch.optim.AdamW(model.parameters(), **opt_kwargs)
-    params, ema_params = list(model.parameters()), list(ema.parameters())
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    use_amp = device.type == "cuda"
-    loss_curve, running, running_n, step = [], torch.zeros((), device=device), 0, 0
-    t_train = time.time()
-    stop_reason = "steps"
-    while step < args.steps:
-        if time.time() - t_start > args.minutes * 60.0:
-            stop_reason = "time budget"
-            break
-        idx = torch.randint(0, n_data, (args.batch_size,), device=device, generator=gen)
-        x0 = x_all[idx]
-        flip = torch.rand(args.batch_size, device=device, generator=gen) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        drop = torch.rand(args.batch_size, device=device, generator=gen) < args.p_uncond
-        labels = torch.where(drop, torch.full_like(y_all[idx], NULL_CLASS), y_all[idx])
-        t = torch.randint(0, T, (args.batch_size,), device=device, generator=gen)
-        noise = torch.randn(x0.shape, device=device, generator=gen)
-        xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            pred = forward(xt, t, class_labels=labels, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        decay = min(args.ema_decay, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        running += loss.detach()
-        running_n += 1
-        step += 1
-        if step % args.log_every == 0:
-            avg = (running / running_n).item()
-            running.zero_()
-            running_n = 0
-            loss_curve.append([step, round(avg, 5)])
-            print(f"step {step} loss {avg:.4f} lr {lr:.2e} {step / (time.time() - t_train):.1f} it/s", flush=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    train_time = time.time() - t_train
-    if running_n:
-        loss_curve.append([step, round((running / running_n).item(), 5)])
-    final_loss = float(np.mean([l for _, l in loss_curve[-3:]])) if loss_curve else float("nan")
-    print(f"stopped ({stop_reason}) after {step} steps, {train_time:.1f} s, final loss {final_loss:.4f}", flush=True)
+    draw = batch_drawer(x_all, y_all, gen, args.batch_size, True, args.p_uncond, scheduler)
+    step, stop_reason, train_time, loss_curve, final_loss = train_loop(
+        forward, list(model.parameters()), list(ema.parameters()), opt, draw, args,
+        deadline=t_start + args.minutes * 60.0, t_start=t_start)
 
     t_s = time.time()
     labels = [r for r in range(NULL_CLASS) for _ in range(8)]
@@ -212,7 +165,7 @@ def main(argv=None) -> int:
                      "batch_size": args.batch_size, "epochs": round(step * args.batch_size / n_data, 2),
                      "optimizer": "AdamW(betas=(0.9,0.999), eps=1e-8, fused)", "lr": args.lr,
                      "warmup_steps": args.warmup_steps, "grad_clip": args.grad_clip,
-                     "ema_decay": args.ema_decay, "precision": "bf16 autocast" if use_amp else "fp32",
+                     "ema_decay": args.ema_decay, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
                      "compiled": bool(args.compile), "time_budget_minutes": args.minutes,
                      "train_wall_time_s": round(train_time, 1),
                      "steps_per_s": round(step / train_time, 2) if train_time > 0 else None,
