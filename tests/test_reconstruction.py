@@ -174,6 +174,20 @@ def test_capture_rows_must_be_positive():
         tiny_qdiff(recon_capture_rows=0)
 
 
+def test_recon_parallel_mode_is_checked_and_auto_follows_the_loop():
+    from tfmq.calib.reconstruction import parallel_mode
+    with pytest.raises(ValueError, match="recon_parallel"):
+        tiny_qdiff(recon_parallel="ranks")
+    with pytest.raises(ValueError, match="parallel"):
+        parallel_mode("both", None, "cpu")
+    assert parallel_mode("auto", None, "cpu") == "rows"          # eager on the CPU: split the rows
+    assert parallel_mode("auto", False, "cpu") == "rows"
+    assert parallel_mode("auto", None, "cuda") == "replicate"    # CUDA-graph loops: replicate them
+    assert parallel_mode("auto", False, "cuda") == "rows"        # eager loops on CUDA split rows
+    assert parallel_mode("replicate", None, "cpu") == "replicate"
+    assert parallel_mode("rows", None, "cpu") == "rows"
+
+
 def test_quant_state_restores_every_quantizer_flag_even_after_an_error():
     from tfmq.quant.model import act_quantizers, quant_state, weight_quantizers
     unet = wrap_denoiser(tiny_unet2d(), WrapSpec(4, 8, 8, layer_policy="all"))
