@@ -79,19 +79,24 @@ def test_mse_range_beats_minmax_on_outliers_and_picks_best_candidate():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_mse_range_search_on_the_gpu_picks_the_cpu_candidates():
+def test_mse_range_search_on_the_gpu_matches_the_cpu_search():
     """Activation range searches run where the quantizer lives (the GPU during GPU calibration):
-    the same candidate as on the CPU for ordinary data (only near-ties of the L_p error could
-    differ, by the order of the GPU's sums)."""
+    the range found on the GPU is as good as the CPU's (its L_p error, evaluated on the CPU,
+    within 1e-5 relative: only near-ties can differ, through the order of the GPU's sums), and
+    one of the candidates next to it at most."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1 << 17, generator=g) * torch.linspace(0.1, 3, 1 << 17)
     x[::997] *= 8                                                   # a tail, as activations have
     for bits in (4, 8):
         q = UniformQuantizer(bits)
         lo_c, hi_c = mse_range(q, x)
-        lo_g, hi_g = mse_range(q.cuda(), x.cuda())
-        torch.testing.assert_close(lo_g.cpu(), lo_c, rtol=0, atol=0)
-        torch.testing.assert_close(hi_g.cpu(), hi_c, rtol=0, atol=0)
+        lo_g, hi_g = (v.cpu() for v in mse_range(UniformQuantizer(bits).cuda(), x.cuda()))
+
+        def err(lo, hi):
+            s, z = q.params_from_range(lo, hi)
+            return ((torch.clamp(torch.round(x / s) + z, q.qmin, q.qmax) - z) * s - x).abs().pow(2.4).mean()
+        assert abs(float(err(lo_g, hi_g) - err(lo_c, hi_c))) <= 1e-5 * float(err(lo_c, hi_c))
+        assert abs(float(hi_g / x.max()) - float(hi_c / x.max())) <= 0.0100001   # same or next candidate
 
 
 def test_percentile_range_clips_outliers():
