@@ -136,6 +136,27 @@ def test_two_process_quantize_gives_the_same_checkpoint(tmp_path, one_thread, pa
 
 
 @pytest.mark.slow
+def test_two_process_replicate_with_fewer_capture_passes_than_ranks(tmp_path, one_thread):
+    """Two calibration rows, one capture pass: under "replicate" both ranks cache all rows (no
+    rank is left without rows) and the checkpoint equals one process's."""
+    model = tmp_path / "tiny"
+    tiny_ddpm_pipeline().save_pretrained(model)
+    opts = [*QUANT, "--calib-size", "2", "--interval-length", "4", "--act-learn-iters", "3",
+            "--recon-parallel", "replicate"]
+    torchrun(["-m", "tfmq", "quantize", str(model), *opts, "--out", str(tmp_path / "two")], tmp_path)
+    from tfmq.api import load_any
+    from tfmq.cli import build_parser, quantize_overrides
+    from tfmq.config import QuantConfig
+    args = build_parser().parse_args(["quantize", str(model), *opts, "--out", "x"])
+    pipe = load_any(str(model))
+    tfmq.quantize(pipe, QuantConfig.for_method("tfmq", **quantize_overrides(args)), progress=False)
+    tfmq.save(pipe, tmp_path / "one")
+    a = load_file(str(tmp_path / "one" / "tfmq_denoiser.safetensors"))
+    b = load_file(str(tmp_path / "two" / "tfmq_denoiser.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_two_process_sample_gives_the_same_images(tmp_path, one_thread):
     """5 images in batches of 2 over 2 processes (3 batches: 4 images and 1): the same images,
     in the same order, as one process."""

@@ -716,10 +716,12 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
     # of every iteration's batch it holds ("rows"), the batches drawn from all rows as in one process
     split = distributed.is_distributed()
     replicate = split and parallel_mode(settings.parallel, settings.graphs, device) == "replicate"
-    mine = distributed.shard(len(rows), align=rows.capture_size if replicate else rows.batch_size)
-    local_rows = rows.subset(mine) if split else rows
     n = len(rows)
-    if replicate:       # the gathered rows must fit where one process would keep them
+    # replicate: fewer capture passes than ranks and every rank caches all rows (none is idle-empty)
+    share = split and not (replicate and -(-n // rows.capture_size) < distributed.world_size())
+    mine = distributed.shard(n, align=rows.capture_size if replicate else rows.batch_size) if share else range(n)
+    local_rows = rows.subset(mine) if share else rows
+    if replicate and share:     # the gathered rows must fit where one process would keep them
         budget = budget * max(1, len(mine)) // max(1, n)
     with outer, quant_state(model):        # every quantizer's flag as it was, at the end
         for index, unit in enumerate(units):
@@ -739,7 +741,7 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             inputs = capture(model, unit, local_rows, "input", budget)
             with quant_state(model, weight=False, act=False):
                 targets = capture(model, unit, local_rows, "output", budget)
-            if replicate:
+            if replicate and share:
                 inputs, targets = inputs.gathered(), targets.gathered()
             dp = split and not replicate            # the data-parallel loop
             # per-step (FSC) quantizers take each row's own step while activations are quantized
