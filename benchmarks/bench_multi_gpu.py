@@ -112,9 +112,7 @@ def worker(args) -> None:
     from tfmq.sampling import SamplerConfig, generate
 
     if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        tfmq.use_deterministic_algorithms()
     device = distributed.setup(args.device)
     if args.device == "cpu":
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))

@@ -113,3 +113,22 @@ def test_cli_choices_agree_with_the_registries():
     assert tuple(SCHEDULERS) == choices.SAMPLERS and SUPPORTED_BITS == choices.SUPPORTED_BITS
     assert {n: r.description for n, r in RECIPES.items()} == choices.METHOD_DESCRIPTIONS
     assert (FSC_MODES, TEMPORAL_MODES) == (choices.FSC_MODES, choices.TEMPORAL_MODES)
+
+
+def test_deterministic_flag_turns_on_deterministic_algorithms(tiny_pipe_dir, tmp_path):
+    """--deterministic (quantize / sample / evaluate) switches PyTorch to deterministic algorithms
+    before any work (a subprocess: the switch is process-wide), and the run still works."""
+    code = ("import sys, torch; from tfmq.cli import main; rc = main(sys.argv[1:]); "
+            "print('DET', torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic); "
+            "sys.exit(rc)")
+    args = ["quantize", str(tiny_pipe_dir), "--method", "naive", "--wbits", "8", "--abits", "8", "--steps", "2",
+            "--calib-size", "2", "--out", str(tmp_path / "q")]
+    r = subprocess.run([sys.executable, "-c", code, *args, "--deterministic"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "DET True True" in r.stdout
+    r = subprocess.run([sys.executable, "-c", code, "sample", str(tmp_path / "q"), "--num-images", "1",
+                        "--out", str(tmp_path / "s")], capture_output=True, text=True)
+    assert r.returncode == 0 and "DET False False" in r.stdout        # off unless asked
+    from tfmq.cli import build_parser
+    for cmd in (["sample", "x", "--out", "o"], ["evaluate", "--out", "o"]):
+        assert build_parser().parse_args([*cmd, "--deterministic"]).deterministic

@@ -23,10 +23,11 @@ _LAZY = {
     "export_onnx": ".export", "load_onnx": ".export",
     "QuantConfig": ".config", "load_pipeline": ".models.adapter",
     "SamplerConfig": ".sampling", "generate": ".sampling",
+    "use_deterministic_algorithms": ".reproducible",
 }
 
 __all__ = ["QuantConfig", "SamplerConfig", "convert", "default_model_path", "export_onnx", "generate", "load",
-           "load_onnx", "load_pipeline", "quantize", "save", "__version__"]
+           "load_onnx", "load_pipeline", "quantize", "save", "use_deterministic_algorithms", "__version__"]
 
 
 def __getattr__(name: str):

@@ -197,6 +197,9 @@ def add_sampler_flags(p: argparse.ArgumentParser, steps_default: int | None) -> 
     p.add_argument("--prompt", action="append", default=None,
                    help="text prompt for a text-to-image model (repeat for several)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU algorithms: the same checkpoint / images from every run and "
+                        "any number of GPUs, somewhat slower (see tfmq.reproducible)")
 
 
 def sampler_from_flags(args):
@@ -714,6 +717,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)       # flag errors: argparse exits with 2
     ok = False
     try:
+        if getattr(args, "deterministic", False):
+            from .reproducible import use_deterministic_algorithms
+            use_deterministic_algorithms()
         code = args.func(args)
         ok = True
         return code
