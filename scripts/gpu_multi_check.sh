@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU machine, one host with >= 2 GPUs (issue 13): the multi-GPU CLI under accelerate launch and
 # torchrun, then benchmarks/bench_multi_gpu.py (sampling and calibration, 1 vs NPROC GPUs, and the
-# equality of their results). Expects diffusers importable (PYTHONPATH=/tmp/site:$PWD/src).
+# equality of their results). The carried diffusers wheel is installed by scripts/gpu_env.sh.
 # Usage (repo root): bash scripts/gpu_multi_check.sh OUT_DIR [NPROC]
 # Writes OUT_DIR/gpu.txt, cli_check.txt, bench_multi_gpu.{txt,json,md}.
 set -uo pipefail
 OUT=${1:?output folder}; NPROC=${2:-2}
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-python3 -c "import diffusers" || { echo "diffusers is not importable: install the wheel first" >&2; exit 1; }
+GPU_OMP_THREADS=${OMP_NUM_THREADS:-4} source scripts/gpu_env.sh
+python3 -c "import diffusers" || { echo "diffusers is not importable: carry .whl" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 W=$(mktemp -d /tmp/tfmq-multi-XXXX)
 # the benchmark first (the targets; BENCH_LIMIT seconds at most), then the CLI under the launchers

@@ -3,8 +3,7 @@
 # Usage (repo root, diffusers wheel in .whl/): bash scripts/gpu_runtime_check.sh OUT_DIR PARTS
 set -uo pipefail
 OUT=${1:?output folder}; PARTS=${2:-bundled}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+GPU_OMP_THREADS=${GPU_OMP_THREADS:-8} source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # the kernels' own tests: tests/test_int8_kernels.py (run with TFMQ_INT8_AUTOTUNE=0, see NOTES_int8.md)
