@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import tfmq
 from tfmq import distributed
 
+import conftest
 from conftest import tiny_ddpm_pipeline
 
 HERE = Path(__file__).parent
@@ -154,6 +155,32 @@ def test_two_process_replicate_with_fewer_capture_passes_than_ranks(tmp_path, on
     a = load_file(str(tmp_path / "one" / "tfmq_denoiser.safetensors"))
     b = load_file(str(tmp_path / "two" / "tfmq_denoiser.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["rows", "replicate"])
+def test_two_process_run_interrupted_and_resumed_gives_the_one_process_checkpoint(tmp_path, one_thread,
+                                                                                  parallel):
+    """A 2-process calibration stopped after 5 units and continued with resume (a second launch:
+    rank 0 kept the progress, rank 1 reads it) ends with one uninterrupted process's checkpoint;
+    exact for "replicate", for "rows" the weight codes are (activation steps: float sum order)."""
+    import dist_resume_worker as worker
+    work = tmp_path / "run"
+    torchrun([str(HERE / "dist_resume_worker.py"), str(work), "interrupt", parallel], tmp_path)
+    assert (work / ".tfmq-progress").is_dir() and not (work / "ckpt").exists()
+    torchrun([str(HERE / "dist_resume_worker.py"), str(work), "resume", parallel], tmp_path)
+    pipe = tiny_ddpm_pipeline()
+    tfmq.quantize(pipe, conftest.tiny_qdiff(**worker.RESUME_SETTINGS), progress=False)
+    tfmq.save(pipe, tmp_path / "one")
+    a = load_file(str(tmp_path / "one" / "tfmq_denoiser.safetensors"))
+    b = load_file(str(work / "ckpt" / "tfmq_denoiser.safetensors"))
+    assert a.keys() == b.keys()
+    learned_act = lambda k: k.endswith(".scale") and ("act_quantizer" in k or "tfmq_attn" in k)  # noqa: E731
+    compared = [k for k in a if parallel == "replicate" or not learned_act(k)]
+    differ = [k for k in compared if not torch.equal(a[k], b[k])]
+    assert len(compared) > 50 and not differ, differ[:5]
+    info = (work / "ckpt" / "quantization_config.json").read_text()
+    assert info.count('"restored": true') == 5                  # the first run's units were kept
 
 
 @pytest.mark.slow
