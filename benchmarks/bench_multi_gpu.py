@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tfmq.choices import RECON_PARALLEL_MODES   # names only: no torch import
+
 HERE = Path(__file__).resolve().parent
 MODELS = ("fmnist-ddpm", "cifar10-random")
 
@@ -67,7 +69,7 @@ def parse_args(argv=None):
                    help="quantize with the project's default calibration settings (DDIM 100, 256 "
                         "trajectories, 2,000 / 500 / 2,000 iterations; only --wbits / --abits / --seed "
                         "apply) instead of the reduced ones above")
-    p.add_argument("--recon-parallel", default="auto", choices=["auto", "replicate", "rows"],
+    p.add_argument("--recon-parallel", default="auto", choices=RECON_PARALLEL_MODES,
                    help="QuantConfig.recon_parallel of the multi-process quantize runs (default auto)")
     p.add_argument("--deterministic", action="store_true",
                    help="quantize with torch.use_deterministic_algorithms (and deterministic cuDNN): "

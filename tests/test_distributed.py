@@ -105,6 +105,23 @@ QUANT = ["--method", "tfmq", "--wbits", "4", "--abits", "8", "--calib-size", "6"
          "--tiar-iters", "4", "--act-learn-iters", "0", "--seed", "3"]
 
 
+def quantize_one_and_two(tmp_path, opts: list[str]) -> tuple[dict, dict]:
+    """``tfmq quantize`` of the tiny UNet with ``opts`` (tfmq method) under torchrun on 2 processes
+    (into tmp_path/two) and through the API in this process (tmp_path/one): both checkpoints'
+    tensors."""
+    model = tmp_path / "tiny"
+    tiny_ddpm_pipeline().save_pretrained(model)
+    torchrun(["-m", "tfmq", "quantize", str(model), *opts, "--out", str(tmp_path / "two")], tmp_path)
+    from tfmq.api import load_any
+    from tfmq.cli import build_parser, quantize_overrides
+    from tfmq.config import QuantConfig
+    args = build_parser().parse_args(["quantize", str(model), *opts, "--out", "x"])
+    pipe = load_any(str(model))
+    tfmq.quantize(pipe, QuantConfig.for_method("tfmq", **quantize_overrides(args)), progress=False)
+    tfmq.save(pipe, tmp_path / "one")
+    return tuple(load_file(str(tmp_path / d / "tfmq_denoiser.safetensors")) for d in ("one", "two"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["rows", "replicate"])
 def test_two_process_quantize_gives_the_same_checkpoint(tmp_path, one_thread, parallel):
@@ -113,21 +130,10 @@ def test_two_process_quantize_gives_the_same_checkpoint(tmp_path, one_thread, pa
     activation step learning is off (its gradient sums change order: see the note of issue 13);
     with "replicate" (the CUDA-graph default) it is on: each rank caches half the rows, every rank
     runs the whole loop, and the result is exact."""
-    model = tmp_path / "tiny"
-    tiny_ddpm_pipeline().save_pretrained(model)
     opts = [*QUANT, "--recon-parallel", parallel]
     if parallel == "replicate":
         opts = [*opts, "--act-learn-iters", "6"]
-    torchrun(["-m", "tfmq", "quantize", str(model), *opts, "--out", str(tmp_path / "two")], tmp_path)
-    from tfmq.cli import build_parser, quantize_overrides
-    from tfmq.config import QuantConfig
-    args = build_parser().parse_args(["quantize", str(model), *opts, "--out", "x"])
-    from tfmq.api import load_any
-    pipe = load_any(str(model))
-    tfmq.quantize(pipe, QuantConfig.for_method("tfmq", **quantize_overrides(args)), progress=False)
-    tfmq.save(pipe, tmp_path / "one")
-    a = load_file(str(tmp_path / "one" / "tfmq_denoiser.safetensors"))
-    b = load_file(str(tmp_path / "two" / "tfmq_denoiser.safetensors"))
+    a, b = quantize_one_and_two(tmp_path, opts)
     assert a.keys() == b.keys() and len(a) > 100
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:5]}"
@@ -140,20 +146,9 @@ def test_two_process_quantize_gives_the_same_checkpoint(tmp_path, one_thread, pa
 def test_two_process_replicate_with_fewer_capture_passes_than_ranks(tmp_path, one_thread):
     """Two calibration rows, one capture pass: under "replicate" both ranks cache all rows (no
     rank is left without rows) and the checkpoint equals one process's."""
-    model = tmp_path / "tiny"
-    tiny_ddpm_pipeline().save_pretrained(model)
     opts = [*QUANT, "--calib-size", "2", "--interval-length", "4", "--act-learn-iters", "3",
             "--recon-parallel", "replicate"]
-    torchrun(["-m", "tfmq", "quantize", str(model), *opts, "--out", str(tmp_path / "two")], tmp_path)
-    from tfmq.api import load_any
-    from tfmq.cli import build_parser, quantize_overrides
-    from tfmq.config import QuantConfig
-    args = build_parser().parse_args(["quantize", str(model), *opts, "--out", "x"])
-    pipe = load_any(str(model))
-    tfmq.quantize(pipe, QuantConfig.for_method("tfmq", **quantize_overrides(args)), progress=False)
-    tfmq.save(pipe, tmp_path / "one")
-    a = load_file(str(tmp_path / "one" / "tfmq_denoiser.safetensors"))
-    b = load_file(str(tmp_path / "two" / "tfmq_denoiser.safetensors"))
+    a, b = quantize_one_and_two(tmp_path, opts)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -15,6 +15,10 @@ SAMPLERS = ("ddim", "ddpm", "plms", "dpm-solver", "euler")
 FSC_MODES = ("none", "tib", "all")
 TEMPORAL_MODES = ("tiar", "cache")
 
+#: How the per-unit loops share work over several processes (``QuantConfig.recon_parallel``,
+#: ``tfmq.calib.reconstruction.parallel_mode``).
+RECON_PARALLEL_MODES = ("auto", "replicate", "rows")
+
 #: Method name -> one-line description (the recipes themselves are in ``tfmq.recipes``).
 METHOD_DESCRIPTIONS = {
     "naive": "plain PTQ: MSE-initialised per-channel weights, activation ranges from the calibration "

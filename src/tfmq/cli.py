@@ -32,8 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .choices import (FSC_MODES, METHOD_DESCRIPTIONS, RUNTIME_BACKENDS, SAMPLERS, SUPPORTED_BITS,
-                      TEMPORAL_MODES)
+from .choices import (FSC_MODES, METHOD_DESCRIPTIONS, RECON_PARALLEL_MODES, RUNTIME_BACKENDS, SAMPLERS,
+                      SUPPORTED_BITS, TEMPORAL_MODES)
 from .policy import POLICIES
 
 BITS_HELP = f"{SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}, or 32 for full precision"
@@ -331,7 +331,7 @@ def add_reconstruction_flags(p: argparse.ArgumentParser) -> None:
                    help="only reconstruct units whose names match these glob patterns")
     g.add_argument("--recon-bf16", action="store_true", default=None,
                    help="bf16 autocast during reconstruction (CUDA only)")
-    g.add_argument("--recon-parallel", choices=["auto", "replicate", "rows"], default=None,
+    g.add_argument("--recon-parallel", choices=RECON_PARALLEL_MODES, default=None,
                    help="under several processes: replicate (each GPU caches part of a unit's rows, "
                         "every GPU runs the whole CUDA-graph loop), rows (data-parallel eager loop, "
                         "gradients all-reduced) or auto (replicate with CUDA graphs, rows on the "

@@ -16,7 +16,7 @@ from .quant.quantizer import check_bits
 from .sampling import SamplerConfig
 
 RANGE_METHODS = ("minmax", "mse", "percentile")
-from .choices import FSC_MODES, TEMPORAL_MODES  # noqa: E402,F401  (re-exported)
+from .choices import FSC_MODES, RECON_PARALLEL_MODES, TEMPORAL_MODES  # noqa: E402,F401  (re-exported)
 
 
 @dataclass
@@ -173,8 +173,9 @@ class QuantConfig:
             raise ValueError(f"recon_beta must be two positive numbers (start, end), got {self.recon_beta!r}")
         if not isinstance(self.recon_cuda_graphs, bool):
             raise ValueError(f"recon_cuda_graphs must be True or False, got {self.recon_cuda_graphs!r}")
-        if self.recon_parallel not in ("auto", "replicate", "rows"):
-            raise ValueError(f"recon_parallel must be 'auto', 'replicate' or 'rows', got {self.recon_parallel!r}")
+        if self.recon_parallel not in RECON_PARALLEL_MODES:
+            raise ValueError(f"recon_parallel must be one of {', '.join(RECON_PARALLEL_MODES)}, "
+                             f"got {self.recon_parallel!r}")
         if self.act_ema is not None and not 0 <= self.act_ema < 1:
             raise ValueError(f"act_ema must be in [0, 1) or None, got {self.act_ema}")
         if self.recon_units is not None and (isinstance(self.recon_units, str) or not all(

@@ -19,7 +19,7 @@ import torch
 def use_deterministic_algorithms() -> None:
     """Make this process use deterministic GPU algorithms (cuDNN and PyTorch's own): call it
     before any CUDA work. Operations without a deterministic implementation warn (PyTorch's
-    ``warn_only``) instead of failing; none of tfmq's calibration did on an H200."""
+    ``warn_only``) instead of failing: such a warning names what may still vary."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read when cuBLAS starts
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False

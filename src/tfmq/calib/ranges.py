@@ -192,13 +192,14 @@ def _apply_shared(quantizers: dict[str, UniformQuantizer], observers: dict[str, 
     of quantizers r, r + N, ... and the results are exchanged, so every rank ends with the same
     tensors, bit for bit, as if it had searched them all."""
     world, me = distributed.world_size(), distributed.rank()
-    owned = {}
-    for i, (n, q) in enumerate(quantizers.items()):
-        if i % world == me:
-            observers[n].apply(q, method, step if q.n_sets > 1 else None)
-            owned[n] = (q.scale.detach().cpu(), q.zero_point.cpu(), q.initialized.cpu())
+    mine = [n for i, n in enumerate(quantizers) if i % world == me]
+    for n in mine:
+        q = quantizers[n]
+        observers[n].apply(q, method, step if q.n_sets > 1 else None)
     if world == 1:
         return
+    owned = {n: (quantizers[n].scale.detach().cpu(), quantizers[n].zero_point.cpu(),
+                 quantizers[n].initialized.cpu()) for n in mine}
     for part in distributed.gather_objects(owned):
         for n, (scale, zero, init) in part.items():
             if n in owned:

@@ -74,6 +74,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..choices import RECON_PARALLEL_MODES
 from ..models.adapter import call_denoiser
 from ..models.units import Unit, find_units, order_units, select_units
 from ..quant.adaround import AdaRound, pack_mask, unpack_mask
@@ -497,8 +498,8 @@ def parallel_mode(requested: str, graphs: bool | None, device) -> str:
     """How the per-unit loops share work over several processes: ``"replicate"`` or ``"rows"``
     (see the module docstring); ``"auto"`` is ``"replicate"`` where the loop runs as a CUDA graph
     (``graphs`` not False on a CUDA device) and ``"rows"`` elsewhere."""
-    if requested not in ("auto", "replicate", "rows"):
-        raise ValueError(f"parallel must be 'auto', 'replicate' or 'rows', got {requested!r}")
+    if requested not in RECON_PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {', '.join(RECON_PARALLEL_MODES)}, got {requested!r}")
     if requested != "auto":
         return requested
     return "replicate" if use_graphs(graphs, device) else "rows"
