@@ -36,20 +36,24 @@ class Observer:
 
     Each observed batch leaves one entry: its exact min / max and a random subsample of its values
     drawn with a generator seeded by (``seed``, batch index), so the entries do not depend on which
-    process observed which batch. :meth:`merge` folds entries (all ranks', see
-    :func:`tfmq.distributed.gather_objects`) in batch order: min / max (or their EMA, Q-Diffusion's
-    running statistics) and the subsample, kept up to ``SAMPLE_CAP`` values.
+    process observed which batch. :meth:`merge` folds entries (all ranks', see :meth:`packed`) in
+    batch order: min / max (or their EMA, Q-Diffusion's running statistics) and the subsample, kept
+    up to ``SAMPLE_CAP`` values.
 
     Everything stays on the input's device until :meth:`apply` (one host synchronisation per
     quantizer, not one per observed call): the sample positions come from the CPU generator (sent
-    without waiting), the min / max and the kept values are device tensors. Only under several
-    processes do the entries travel to the host, once per group (:meth:`host_entries`).
+    without waiting), the min / max and the kept values are device tensors. Under several processes
+    a rank's entries travel as four tensors (:meth:`packed`), not one small tensor per batch:
+    pickling tens of thousands of 0-d tensors cost more than the observation itself.
     """
 
     def __init__(self, seed: int, ema: float | None = None):
         self.seed = seed
         self.ema = ema
-        self.entries: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._batches: list[int] = []
+        self._extremes: list[torch.Tensor] = []     # [2] (min, max) per observed batch
+        self._samples: list[torch.Tensor] = []      # kept subsamples, in observation order
+        self._lengths: list[int] = []               # values kept from each batch (0: none)
         self.kept = 0
         self.lo = None
         self.hi = None
@@ -58,40 +62,78 @@ class Observer:
     @torch.no_grad()
     def update(self, x: torch.Tensor, batch_index: int) -> None:
         x = x.detach().float()
-        lo, hi = x.min(), x.max()
-        sample = None
+        self._batches.append(batch_index)
+        self._extremes.append(torch.stack([x.min(), x.max()]))
         if self.kept < SAMPLE_CAP:       # a batch beyond the cap on this rank is beyond it globally
             flat = x.reshape(-1)
             gen = torch.Generator().manual_seed((self.seed * 1_000_003 + batch_index) % (2 ** 63))
             idx = torch.randint(0, flat.numel(), (min(SAMPLE_PER_CALL, flat.numel()),),
                                 generator=gen).to(flat.device, non_blocking=True)
-            sample = torch.cat([flat[idx], lo.reshape(1), hi.reshape(1)])
+            sample = torch.cat([flat[idx], self._extremes[-1]])
+            self._samples.append(sample)
+            self._lengths.append(sample.numel())
             self.kept += sample.numel()
-        self.entries.append((batch_index, lo, hi, sample))
+        else:
+            self._lengths.append(0)
 
-    def host_entries(self) -> list:
-        """The entries with their tensors on the host (to send to the other ranks)."""
-        return [(b, lo.cpu(), hi.cpu(), None if s is None else s.cpu()) for b, lo, hi, s in self.entries]
+    def packed(self, host: bool = False) -> dict[str, torch.Tensor]:
+        """This observer's entries as four tensors: ``batches`` [n] (batch indices), ``extremes``
+        [n, 2] (each batch's min, max), ``lengths`` [n] (values kept from each batch) and
+        ``samples`` (the kept values, batch after batch); ``host`` moves them to the CPU (to send
+        to the other ranks: two device-to-host copies)."""
+        if self._extremes:
+            extremes = torch.stack(self._extremes)
+            device = extremes.device
+        else:
+            extremes, device = torch.empty(0, 2), torch.device("cpu")
+        samples = torch.cat(self._samples) if self._samples else torch.empty(0, device=device)
+        out = {"batches": torch.tensor(self._batches, dtype=torch.long),
+               "extremes": extremes, "lengths": torch.tensor(self._lengths, dtype=torch.long),
+               "samples": samples}
+        if host:
+            out["extremes"], out["samples"] = out["extremes"].cpu(), out["samples"].cpu()
+        return out
 
     @torch.no_grad()
-    def merge(self, entries: list) -> None:
-        """Fold batch entries (any order, from every rank) in batch order into the statistics
-        (on the entries' device: no host synchronisation)."""
+    def merge(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        """Fold packed entries (:meth:`packed`, from every rank, any order) in batch order into the
+        statistics (on the entries' device: no host synchronisation)."""
+        parts = [p for p in parts if p["batches"].numel()]
+        self._batches, self._extremes, self._samples, self._lengths = [], [], [], []
+        if not parts:
+            return
+        batches = torch.cat([p["batches"] for p in parts])
+        extremes = torch.cat([p["extremes"] for p in parts])
+        lengths = torch.cat([p["lengths"] for p in parts])
+        starts = []         # where each entry's values start in its part's samples
+        for p in parts:
+            ends = p["lengths"].cumsum(0)
+            starts.append(ends - p["lengths"])
+        starts = torch.cat(starts)
+        owner = torch.cat([torch.full((p["batches"].numel(),), i, dtype=torch.long)
+                           for i, p in enumerate(parts)])
+        order = torch.argsort(batches, stable=True).tolist()
+        if self.ema is None:        # min / max are exact whatever the order
+            first = extremes.amin(dim=0)[0], extremes.amax(dim=0)[1]
+            self.lo = first[0] if self.lo is None else torch.minimum(self.lo, first[0])
+            self.hi = first[1] if self.hi is None else torch.maximum(self.hi, first[1])
+        else:
+            for i in order:
+                lo, hi = extremes[i, 0], extremes[i, 1]
+                if self.lo is None:
+                    self.lo, self.hi = lo, hi
+                else:
+                    self.lo = self.ema * self.lo + (1 - self.ema) * lo
+                    self.hi = self.ema * self.hi + (1 - self.ema) * hi
         kept = 0
-        for _, lo, hi, sample in sorted(entries, key=lambda e: e[0]):
-            if self.lo is None:
-                self.lo, self.hi = lo, hi
-            elif self.ema is not None:
-                self.lo = self.ema * self.lo + (1 - self.ema) * lo
-                self.hi = self.ema * self.hi + (1 - self.ema) * hi
-            else:
-                self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
-            if kept < SAMPLE_CAP:
-                if sample is None:
-                    raise RuntimeError("an observer dropped a batch sample that the global cap keeps")
-                self.samples.append(sample)
-                kept += sample.numel()
-        self.entries = []
+        lengths, starts, owner = lengths.tolist(), starts.tolist(), owner.tolist()
+        for i in order:
+            if kept >= SAMPLE_CAP:
+                break
+            if lengths[i] == 0:
+                raise RuntimeError("an observer dropped a batch sample that the global cap keeps")
+            self.samples.append(parts[owner[i]]["samples"][starts[i]:starts[i] + lengths[i]])
+            kept += lengths[i]
 
     def apply(self, quantizer: UniformQuantizer, method: str, set_index: int | None) -> None:
         if self.lo is None:
@@ -175,10 +217,10 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
                 for h in hooks:
                     h.remove()
             if distributed.is_distributed():     # every rank's entries, on the host
-                parts = distributed.gather_objects({n: o.host_entries() for n, o in observers.items()})
-                entries = {n: [e for part in parts for e in part[n]] for n in quantizers}
+                parts = distributed.gather_objects({n: o.packed(host=True) for n, o in observers.items()})
+                entries = {n: [part[n] for part in parts] for n in quantizers}
             else:                                 # one process: the entries stay on the device
-                entries = {n: o.entries for n, o in observers.items()}
+                entries = {n: [o.packed()] for n, o in observers.items()}
             for n in quantizers:
                 observers[n].merge(entries[n])
             # the range searches are split over the ranks
