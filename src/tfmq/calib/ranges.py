@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..models.adapter import call_denoiser
-from ..quant.model import act_quantizers, quant_state, weight_quantizers
+from ..quant.model import act_quantizers, fixed_weights, quant_state, weight_quantizers
 from ..quant.quantizer import UniformQuantizer, init_range
 from .data import CalibrationData
 
@@ -183,7 +183,7 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
     steps = list(range(len(data))) if steps is None else steps
     gen = torch.Generator().manual_seed(seed)
     groups = [[s] for s in steps] if per_step else [steps]
-    with quant_state(model, act=False):
+    with quant_state(model, act=False), fixed_weights(model):
         for g_index, group in enumerate(tqdm(groups, desc="activation ranges", disable=not progress,
                                              leave=False)):
             # the group's batches, numbered globally; this process observes its share of them

@@ -79,7 +79,7 @@ from ..models.adapter import call_denoiser
 from ..models.units import Unit, find_units, order_units, select_units
 from ..quant.adaround import AdaRound, pack_mask, unpack_mask
 from ..quant.layers import GroupActQuantizer, QuantLayer
-from ..quant.model import multi_set_quantizers, quant_state, row_steps, set_quant_state
+from ..quant.model import fixed_weights, multi_set_quantizers, quant_state, row_steps, set_quant_state
 from .loop import at, batch_indices, beta_table, run_steps, StepLoop, use_graphs
 
 #: Named sets of reconstruction settings (QuantConfig fields).
@@ -463,14 +463,15 @@ def capture(model: nn.Module, unit: Unit, rows: CalibRows, what: str, budget_byt
         raise ValueError(f"what must be 'input' or 'output', not {what!r}")
     current = [0]
     try:
-        for batch, steps in rows.batches(rows.capture_size):
-            current[0] = batch["sample"].shape[0]
-            try:
-                with row_steps(model, steps):
-                    _model_forward(model, batch)
-            except _Stop:
-                continue
-            raise RuntimeError(f"unit {unit.name} did not run in the forward pass")
+        with fixed_weights(model):      # no weight changes while the rows run
+            for batch, steps in rows.batches(rows.capture_size):
+                current[0] = batch["sample"].shape[0]
+                try:
+                    with row_steps(model, steps):
+                        _model_forward(model, batch)
+                except _Stop:
+                    continue
+                raise RuntimeError(f"unit {unit.name} did not run in the forward pass")
     finally:
         handle.remove()
     return store.finish()

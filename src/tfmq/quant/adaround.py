@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import fused
+
 ZETA = 1.1
 GAMMA = -0.1
-
 
 def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
     """``h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)``."""
@@ -94,6 +95,10 @@ class AdaRound(nn.Module):
 
     def forward(self, weight: torch.Tensor, quantizer) -> torch.Tensor:
         """The fake-quantized weight (differentiable in ``alpha`` while soft)."""
+        if self._fixed is not None and not self.hard and fused.applies(self.alpha):
+            w_floor, scale, zero = self._fixed
+            w = fused.soft_weight(self.alpha, w_floor, scale, zero, quantizer.qmin, quantizer.qmax, ZETA, GAMMA)
+            return w.to(weight.dtype)
         q, scale, zero = self._grid(weight, quantizer, self.offsets())
         return ((q - zero) * scale).to(weight.dtype)
 
@@ -107,6 +112,8 @@ class AdaRound(nn.Module):
     def regularizer(self, beta: float | torch.Tensor) -> torch.Tensor:
         """``sum(1 - |2 h(alpha) - 1|^beta)``: zero only when every offset is exactly 0 or 1.
         ``beta`` may be a 0-d tensor (the loops' schedule on the device)."""
+        if fused.applies(self.alpha) and isinstance(beta, torch.Tensor):
+            return fused.regularizer(self.alpha, beta, ZETA, GAMMA)
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
     @torch.no_grad()

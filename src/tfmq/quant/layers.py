@@ -11,6 +11,8 @@ The weight path has three states:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +64,7 @@ class QuantLayer(nn.Module):
         self.rounding: nn.Module | None = None      # AdaRound, attached during reconstruction
         self.frozen = False
         self.register_buffer("weight_codes", None, persistent=False)
+        self._fixed_weight: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -71,11 +74,34 @@ class QuantLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.layer.bias
 
+    @contextmanager
+    def fixed_weight(self):
+        """Within the block the fake-quantized weight is computed once (without gradient) and
+        reused by every call that quantizes the weight (with the weight quantizer off the layer
+        still computes with its FP weight): for passes where the weight, its quantizer and its
+        rounding stay fixed (range observation, caching unit inputs, activation step learning).
+        A frozen or full-precision weight is left as it is."""
+        wq = self.weight_quantizer
+        if not self.frozen and wq is not None and wq.scale.numel() > 0:
+            with torch.no_grad():
+                w = self.layer.weight
+                if self.rounding is not None:
+                    self._fixed_weight = self.rounding(w, self.weight_quantizer)
+                else:
+                    scale, zero = self.weight_quantizer.current()
+                    self._fixed_weight = self.weight_quantizer.fake_quant(w, scale.to(w.dtype), zero.to(w.dtype))
+        try:
+            yield self
+        finally:
+            self._fixed_weight = None
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with (fake-quantized unless frozen or kept FP)."""
         w = self.layer.weight
         if self.frozen or self.weight_quantizer is None or not self.weight_quantizer.enabled:
             return w
+        if self._fixed_weight is not None:
+            return self._fixed_weight
         if self.rounding is not None:
             return self.rounding(w, self.weight_quantizer)
         return self.weight_quantizer(w)

@@ -7,6 +7,7 @@ same arguments, rebuilds the structure when a checkpoint is loaded.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -108,6 +109,18 @@ def set_quant_state(model: nn.Module, weight: bool | None = None, act: bool | No
         for q in act_quantizers(model).values():
             q.enabled = act
 
+
+
+@contextmanager
+def fixed_weights(model: nn.Module):
+    """Within the block every quantized layer of ``model`` computes its fake-quantized weight once
+    (:meth:`~tfmq.quant.layers.QuantLayer.fixed_weight`): for passes that change no weight,
+    rounding or weight quantizer (range observation, caching unit inputs)."""
+    with contextlib.ExitStack() as stack:
+        for m in model.modules():
+            if isinstance(m, QuantLayer):
+                stack.enter_context(m.fixed_weight())
+        yield
 
 @contextmanager
 def quant_state(model: nn.Module, weight: bool | None = None, act: bool | None = None):
