@@ -1,10 +1,10 @@
 """The fused CUDA paths of the calibration loops compute what the torch reference computes.
 
-* AdaRound's soft weight and regulariser (tfmq.quant.adaround_fused, Triton): forward values and
+* AdaRound's soft weight and regulariser (tfmq.quant.fused, Triton): forward values and
   gradients against the torch code (``fused_kernels(False)``) on the same device;
 * the loops' Adam on CUDA (torch's fused, capturable Adam) against the CPU update written out in
   tfmq.calib.loop;
-* the activation fake-quant (tfmq.quant.fake_quant_fused) forward and gradients (input and scale).
+* the activation fake-quant (tfmq.quant.fused.fake_quant) forward and gradients (input and scale).
 
 All need a GPU (marked ``cuda``; run on the GPU machine by hand). Random tensors: numerics only.
 """
