@@ -23,15 +23,22 @@ def _h(a, ZETA: tl.constexpr, GAMMA: tl.constexpr):
 
 
 @triton.jit
-def _soft_weight_fwd(alpha_ptr, floor_ptr, scale_ptr, zero_ptr, out_ptr, n, inner, qmin, qmax,
-                     ZETA: tl.constexpr, GAMMA: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
+def _weight_block(alpha_ptr, floor_ptr, scale_ptr, zero_ptr, offs, m, inner):
+    """One block of alpha and floor(W / s) with each value's channel scale and zero-point."""
     ch = offs // inner
     a = tl.load(alpha_ptr + offs, mask=m, other=0.0)
     f = tl.load(floor_ptr + offs, mask=m, other=0.0)
     sc = tl.load(scale_ptr + ch, mask=m, other=1.0)
     z = tl.load(zero_ptr + ch, mask=m, other=0.0)
+    return a, f, sc, z
+
+
+@triton.jit
+def _soft_weight_fwd(alpha_ptr, floor_ptr, scale_ptr, zero_ptr, out_ptr, n, inner, qmin, qmax,
+                     ZETA: tl.constexpr, GAMMA: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    a, f, sc, z = _weight_block(alpha_ptr, floor_ptr, scale_ptr, zero_ptr, offs, m, inner)
     _, h, _ = _h(a, ZETA, GAMMA)
     q = tl.minimum(tl.maximum(f + h + z, qmin), qmax)
     tl.store(out_ptr + offs, (q - z) * sc, mask=m)
@@ -42,12 +49,8 @@ def _soft_weight_bwd(grad_ptr, alpha_ptr, floor_ptr, scale_ptr, zero_ptr, out_pt
                      ZETA: tl.constexpr, GAMMA: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    ch = offs // inner
     g = tl.load(grad_ptr + offs, mask=m, other=0.0)
-    a = tl.load(alpha_ptr + offs, mask=m, other=0.0)
-    f = tl.load(floor_ptr + offs, mask=m, other=0.0)
-    sc = tl.load(scale_ptr + ch, mask=m, other=1.0)
-    z = tl.load(zero_ptr + ch, mask=m, other=0.0)
+    a, f, sc, z = _weight_block(alpha_ptr, floor_ptr, scale_ptr, zero_ptr, offs, m, inner)
     s, h, inside = _h(a, ZETA, GAMMA)
     v = f + h + z
     gq = tl.where((v >= qmin) & (v <= qmax), g * sc, 0.0)
