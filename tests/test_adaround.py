@@ -147,3 +147,24 @@ def test_pack_mask_roundtrip_and_restore():
 def test_adaround_needs_an_initialised_quantizer():
     with pytest.raises(RuntimeError, match="initialised"):
         AdaRound(torch.randn(2, 2), UniformQuantizer(4, channel_axis=0))
+
+
+def test_fixed_weight_computes_what_the_layer_computes_without_it():
+    """QuantLayer.fixed_weight (used by passes that change no weight) caches the fake-quantized
+    weight: same outputs as without it, nearest or learned rounding; with the weight quantizer
+    off inside the block the layer still computes with its FP weight; after the block nothing is
+    cached."""
+    from tfmq.quant.model import fixed_weights
+    layer, x = worked_example(4, k=12, out=5)
+    nearest = layer(x)
+    with fixed_weights(layer):
+        assert torch.equal(layer(x), nearest)
+        layer.weight_quantizer.enabled = False
+        assert torch.equal(layer(x), x @ layer.weight.T)
+        layer.weight_quantizer.enabled = True
+    optimize_rounding([layer], lambda it: output_error(layer, x), 30, lr=5e-2, progress=False)
+    learned = layer(x)
+    assert not torch.equal(learned, nearest)          # the rounding changed something
+    with layer.fixed_weight():
+        assert torch.equal(layer(x), learned)
+    assert layer._fixed_weight is None
