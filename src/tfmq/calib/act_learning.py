@@ -17,13 +17,11 @@ with ``fsc='tib'`` every quantizer but the temporal block's is learned, with ``f
 
 from __future__ import annotations
 
-import contextlib
-
 from tqdm.auto import tqdm
 
 from .. import distributed
 from ..models.units import Unit
-from ..quant.layers import QuantLayer
+from ..quant.model import fixed_weights
 from ..quant.quantizer import UniformQuantizer
 from .loop import StepLoop, cosine_lr_table, run_steps, use_graphs
 from .reconstruction import (UnitSettings, UnitWork, _check_bf16, graph_setting, loop_losses,
@@ -100,10 +98,7 @@ class ActStepLearning(UnitWork):
         return bool(self.quantizers(unit))
 
     def run(self, unit, loss_fn, settings):
-        with contextlib.ExitStack() as stack:       # the weights stay as reconstruction left them
-            for layer in unit.module.modules():
-                if isinstance(layer, QuantLayer):
-                    stack.enter_context(layer.fixed_weight())
+        with fixed_weights(unit.module):        # the weights stay as reconstruction left them
             return learn_act_steps(list(self.quantizers(unit).values()), loss_fn, settings.iters,
                                    settings.lr, desc=unit.name, progress=settings.progress,
                                    graphs=settings.graphs, data_parallel=settings.data_parallel)
