@@ -183,7 +183,24 @@ def launch(args, task: str, model: str, nproc: int, work: Path) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "4" if args.device == "cuda" else "1")
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+        res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)          # torchrun and its workers
+        proc.communicate()
+        if not result.exists():
+            raise
+        # the work finished and rank 0 wrote its result, but the launch did not end in time (e.g.
+        # a process group shutdown that waits): keep the timed result and say so
+        data = json.loads(result.read_text())
+        data["launch_s"] = None
+        data["exit"] = f"result written; the launch did not exit within {args.timeout} s"
+        print(f"  {task:8s} {model:15s} {nproc} proc: {data['seconds']:.2f} s ({data['exit']})",
+              file=sys.stderr, flush=True)
+        return data
     if res.returncode != 0 or not result.exists():
         raise RuntimeError(f"{task} {model} on {nproc} process(es) failed (exit {res.returncode}):\n"
                            f"{res.stdout[-2000:]}\n{res.stderr[-6000:]}")

@@ -123,11 +123,11 @@ def quantize_one_and_two(tmp_path, opts: list[str]) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["rows", "replicate"])
+@pytest.mark.parametrize("parallel", ["rows", "replicate", "batch"])
 def test_two_process_quantize_gives_the_same_checkpoint(tmp_path, one_thread, parallel):
     """tfmq (TIAR, reconstruction, FSC, activation ranges) on 2 processes: the same checkpoint
-    tensors, bit for bit, as one process. With the data-parallel loop ("rows", the CPU default)
-    activation step learning is off (its gradient sums change order: see the note of issue 13);
+    tensors, bit for bit, as one process. With the data-parallel loops ("rows", the CPU default,
+    and "batch", each rank a fixed half of every batch over all rows) activation step learning is off (its gradient sums change order: see the note of issue 13);
     with "replicate" (the CUDA-graph default) it is on: each rank caches half the rows, every rank
     runs the whole loop, and the result is exact."""
     opts = [*QUANT, "--recon-parallel", parallel]

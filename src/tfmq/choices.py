@@ -17,7 +17,7 @@ TEMPORAL_MODES = ("tiar", "cache")
 
 #: How the per-unit loops share work over several processes (``QuantConfig.recon_parallel``,
 #: ``tfmq.calib.reconstruction.parallel_mode``).
-RECON_PARALLEL_MODES = ("auto", "replicate", "rows")
+RECON_PARALLEL_MODES = ("auto", "replicate", "rows", "batch")
 
 #: Method name -> one-line description (the recipes themselves are in ``tfmq.recipes``).
 METHOD_DESCRIPTIONS = {

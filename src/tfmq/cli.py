@@ -334,8 +334,9 @@ def add_reconstruction_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recon-parallel", choices=RECON_PARALLEL_MODES, default=None,
                    help="under several processes: replicate (each GPU caches part of a unit's rows, "
                         "every GPU runs the whole CUDA-graph loop), rows (data-parallel eager loop, "
-                        "gradients all-reduced) or auto (replicate with CUDA graphs, rows on the "
-                        "CPU; the default)")
+                        "gradients all-reduced), batch (every GPU computes its slice of each batch, "
+                        "gradients all-reduced inside the CUDA graph; pays on large units) or auto "
+                        "(replicate with CUDA graphs, rows on the CPU; the default)")
     g.add_argument("--act-learn-iters", type=int, default=None,
                    help="activation step-size learning iterations per unit (qdiff; tfmq: the "
                         "quantizers that hold one set for all steps)")

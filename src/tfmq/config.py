@@ -73,8 +73,10 @@ class QuantConfig:
     recon_parallel: str = "auto"         # several processes: "replicate" (each rank caches its share
                                          # of a unit's rows, the shares are gathered and every rank
                                          # runs the whole loop), "rows" (data-parallel loop, gradients
-                                         # all-reduced each iteration, eager) or "auto" (replicate
-                                         # where the loop runs as a CUDA graph, rows elsewhere)
+                                         # all-reduced each iteration, eager), "batch" (all rows on
+                                         # every rank, each computes its slice of every batch, the
+                                         # gradient all-reduce inside the CUDA graph) or "auto"
+                                         # (replicate where the loop runs as a CUDA graph, rows elsewhere)
     act_learn_iters: int = 500           # activation step-size iterations per unit (reference: 5000)
     act_learn_lr: float = 4e-4           # their Adam learning rate (cosine decay)
     act_learn_p: float = 2.4             # exponent of their reconstruction loss

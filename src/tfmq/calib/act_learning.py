@@ -43,8 +43,7 @@ def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr:
 
     ``data_parallel`` (under several processes, :mod:`tfmq.distributed`): ``loss_fn`` gives this
     rank's share of the batch loss and the scales' gradients are summed over the ranks before each
-    step; the loop runs eagerly (``loop``: ``eager (data-parallel)``) and the losses reported
-    are the ranks' sums."""
+    step (``loop``: ``... (data-parallel)``) and the losses reported are the ranks' sums."""
     for q in quantizers:
         if q.n_sets > 1:
             raise ValueError("activation step learning handles one parameter set per quantizer; "
@@ -56,7 +55,7 @@ def learn_act_steps(quantizers: list[UniformQuantizer], loss_fn, iters: int, lr:
         return stats
     params = [q.scale for q in quantizers]
     split = data_parallel and distributed.is_distributed()
-    captured = use_graphs(graphs, params[0].device) and not split     # collectives: no CUDA graph
+    captured = use_graphs(graphs, params[0].device)  # "rows" sets graphs=False; "batch" captures NCCL
     for p in params:
         p.requires_grad_(True)
 

@@ -143,8 +143,8 @@ class StepLoop:
     ``after_step()`` (optional) runs after the update, without gradient (e.g. clamping).
     ``grad_hook(grads)`` (optional) runs between the backward pass and the update, without
     gradient: it gets the gradients (in parameter order, tensors it may change in place) and
-    returns those to apply (e.g. summed over the processes of a data-parallel loop; such a hook
-    talks to other processes, so a loop with one runs eagerly).
+    returns those to apply (e.g. summed over the processes of a data-parallel loop: NCCL
+    collectives on the device's stream are captured in a CUDA graph with the rest of the step).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], loss_fn: Callable, lr: torch.Tensor,

@@ -55,6 +55,12 @@ process); then, by ``recon_parallel`` (:func:`parallel_mode`):
   batch), and the gradients are summed over the ranks (the loop's ``grad_hook``) before the Adam
   step; AdaRound's regulariser is counted on rank 0 only. The result equals one process's up to
   float sum order.
+* ``batch``: the rows are gathered as under ``replicate``; every rank draws the same batch table
+  and computes a fixed slice of the columns of every batch (rank r of W: the r-th block of
+  ``batch_size / W`` columns, weighted by its share), so every iteration has the same shapes and
+  the loop, with its gradient all-reduce (NCCL), is captured in a CUDA graph. It pays where an
+  iteration is bound by arithmetic (large units), not by kernel count. The result equals one
+  process's up to float sum order.
 
 ``RECON_PRESETS["reference"]`` holds the reference values (20,000 iterations a unit, batch 32,
 5,000 activation-learning iterations at lr 4e-4).
@@ -162,8 +168,8 @@ def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[torch.Tensor]
     rank's share of the batch loss (see :func:`run_units`; a rank without rows of the batch a
     zero tensor without a graph); the regulariser is counted once (rank 0) and the gradients are
     summed over the ranks before each Adam step (the loop's ``grad_hook``), so every rank takes
-    the same step, equal to one process's up to the order of the float sums. Such a loop runs
-    eagerly (``loop``: ``eager (data-parallel)``); the losses reported are the ranks' sums.
+    the same step, equal to one process's up to the order of the float sums (``loop``: ``...
+    (data-parallel)``); the losses reported are the ranks' sums.
     """
     if iters < 0:
         raise ValueError(f"iterations must be >= 0, got {iters}")
@@ -172,7 +178,7 @@ def optimize_rounding(layers: list[QuantLayer], loss_fn: Callable[[torch.Tensor]
     if iters > 0 and roundings:
         device = roundings[0].alpha.device
         split = data_parallel and distributed.is_distributed()
-        captured = use_graphs(graphs, device) and not split      # collectives: no CUDA graph
+        captured = use_graphs(graphs, device)   # "rows" sets graphs=False; "batch" captures NCCL
         on, betas = beta_table(iters, warmup, beta)
         coef = (on * reg_weight).to(device)          # 0 during the warm-up: no rounding loss
         betas = betas.to(device)
@@ -492,12 +498,12 @@ class UnitSettings:
     graphs: bool | None = None     # capture each iteration in a CUDA graph (None: on CUDA)
     note: str | None = None        # how a unit's loop ran when not as asked (set per unit)
     data_parallel: bool = False    # the loss is this rank's share of the batch (set per unit)
-    parallel: str = "auto"         # several processes: "replicate", "rows" or "auto" (see parallel_mode)
+    parallel: str = "auto"         # several processes: "replicate", "rows", "batch" or "auto" (parallel_mode)
 
 
 def parallel_mode(requested: str, graphs: bool | None, device) -> str:
-    """How the per-unit loops share work over several processes: ``"replicate"`` or ``"rows"``
-    (see the module docstring); ``"auto"`` is ``"replicate"`` where the loop runs as a CUDA graph
+    """How the per-unit loops share work over several processes: ``"replicate"``, ``"rows"`` or
+    ``"batch"`` (see the module docstring); ``"auto"`` is ``"replicate"`` where the loop runs as a CUDA graph
     (``graphs`` not False on a CUDA device) and ``"rows"`` elsewhere."""
     if requested not in RECON_PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {', '.join(RECON_PARALLEL_MODES)}, got {requested!r}")
@@ -593,7 +599,8 @@ def unit_error(unit: Unit, inputs: UnitTensors, targets: UnitTensors, device, ba
 
 def _unit_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: torch.Tensor | None,
                gen: torch.Generator, settings: UnitSettings, device,
-               shard: range | None = None, total_rows: int | None = None) -> tuple[Callable, UnitSettings]:
+               shard: range | None = None, total_rows: int | None = None,
+               columns: range | None = None) -> tuple[Callable, UnitSettings]:
     """The unit's loss as a function of the loop's iteration tensor, and the settings to run it
     with. Every iteration's batch rows are drawn here, up front, by the same calls of
     ``torch.randperm(rows, generator=gen)`` a one-by-one loop would make. When the cached rows
@@ -608,6 +615,10 @@ def _unit_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: tor
     loss; a rank holding none of a batch's rows returns a zero without a graph. The loop then
     runs eagerly (the settings say ``data_parallel``; its gradients are summed over the ranks).
 
+    ``columns`` (``recon_parallel="batch"``; every rank holds all rows): this rank's block of
+    every batch's columns, a static slice of the table, weighted by its share of the batch; the
+    loop keeps its CUDA graph (the gradient sum over the ranks is captured with it).
+
     ``it`` may also be a Python int (the iteration itself)."""
     device = torch.device(device)
     n = inputs.rows if shard is None else total_rows
@@ -619,6 +630,12 @@ def _unit_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: tor
                 dataclasses.replace(settings, graphs=False, data_parallel=True,
                                     note=None if torch.device(inputs.device) == device and torch.device(targets.device) == device
                                     else "rows kept on the CPU"))
+    weight = 1.0
+    if columns is not None:
+        drawn = table.shape[1]
+        table = table[:, columns.start:columns.stop].contiguous()
+        weight = len(columns) / drawn
+        settings = dataclasses.replace(settings, data_parallel=True)
     resident = torch.device(inputs.device) == device and torch.device(targets.device) == device
     if resident:
         table = table.to(device)
@@ -643,7 +660,8 @@ def _unit_loss(unit: Unit, inputs: UnitTensors, targets: UnitTensors, steps: tor
         row = None if steps is None else steps.index_select(0, idx.to(steps.device))
         with _autocast(settings, device, graphs), row_steps(unit.module, row, check=False):
             out = unit_output(unit.module(*args, **kw))
-        return recon_loss(out, targets.select(idx, device)["out"], settings.p)
+        loss = recon_loss(out, targets.select(idx, device)["out"], settings.p)
+        return loss if weight == 1.0 else loss * weight
 
     note = None if resident else "rows kept on the CPU: eager loop"
     return loss_fn, dataclasses.replace(settings, graphs=graphs, note=note)
@@ -717,13 +735,17 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
     # every rank runs the whole loop on the gathered rows ("replicate") or each computes the rows
     # of every iteration's batch it holds ("rows"), the batches drawn from all rows as in one process
     split = distributed.is_distributed()
-    replicate = split and parallel_mode(settings.parallel, settings.graphs, device) == "replicate"
+    mode = parallel_mode(settings.parallel, settings.graphs, device) if split else None
+    gather = mode in ("replicate", "batch")         # every rank runs the loop on all rows
     n = len(rows)
-    # replicate: fewer capture passes than ranks and every rank caches all rows (none is idle-empty)
-    share = split and not (replicate and -(-n // rows.capture_size) < distributed.world_size())
-    mine = distributed.shard(n, align=rows.capture_size if replicate else rows.batch_size) if share else range(n)
+    if mode == "batch" and min(settings.batch_size, n) < distributed.world_size():
+        raise ValueError(f"recon_parallel='batch' splits every batch over the {distributed.world_size()} "
+                         f"processes; a batch of {min(settings.batch_size, n)} rows is too small")
+    # gather: fewer capture passes than ranks and every rank caches all rows (none is idle-empty)
+    share = split and not (gather and -(-n // rows.capture_size) < distributed.world_size())
+    mine = distributed.shard(n, align=rows.capture_size if gather else rows.batch_size) if share else range(n)
     local_rows = rows.subset(mine) if share else rows
-    if replicate and share:     # the gathered rows must fit where one process would keep them
+    if gather and share:        # the gathered rows must fit where one process would keep them
         budget = budget * max(1, len(mine)) // max(1, n)
     with outer, quant_state(model):        # every quantizer's flag as it was, at the end
         for index, unit in enumerate(units):
@@ -743,9 +765,9 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             inputs = capture(model, unit, local_rows, "input", budget)
             with quant_state(model, weight=False, act=False):
                 targets = capture(model, unit, local_rows, "output", budget)
-            if replicate and share:
+            if gather and share:
                 inputs, targets = inputs.gathered(), targets.gathered()
-            dp = split and not replicate            # the data-parallel loop
+            dp = mode == "rows"                     # the eager data-parallel loop
             # per-step (FSC) quantizers take each row's own step while activations are quantized
             steps = None
             if a_on and multi_set_quantizers(unit.module):
@@ -757,8 +779,10 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             before = unit_error(unit, inputs, targets, device, settings.batch_size, steps, *held)
 
             gen = torch.Generator().manual_seed(unit_seed(settings.seed, work.phase, index))
+            columns = distributed.shard(min(settings.batch_size, n)) if mode == "batch" else None
             loss_fn, unit_settings = _unit_loss(unit, inputs, targets, steps, gen, settings, device,
-                                                shard=mine if dp else None, total_rows=n)
+                                                shard=mine if dp else None, total_rows=n,
+                                                columns=columns)
 
             frozen = [(p, p.requires_grad) for p in unit.module.parameters()]
             for p, _ in frozen:                 # only what the work creates is learned
@@ -770,9 +794,10 @@ def run_units(model: nn.Module, units: list[Unit], rows: CalibRows, work: UnitWo
             finally:
                 for p, flag in frozen:
                     p.requires_grad_(flag)
-            if replicate:       # rank 0's result everywhere, bit for bit
+            if gather:          # rank 0's result everywhere, bit for bit
                 distributed.broadcast_module_(unit.module)
-                stats["loop"] = f"{stats.get('loop', 'none')} (replicated on {distributed.world_size()} ranks)"
+                if mode == "replicate":
+                    stats["loop"] = f"{stats.get('loop', 'none')} (replicated on {distributed.world_size()} ranks)"
             after = unit_error(unit, inputs, targets, device, settings.batch_size, steps, *held)
             del inputs, targets
             seconds = time.perf_counter() - t0
