@@ -193,3 +193,16 @@ def test_two_process_sample_gives_the_same_images(tmp_path, one_thread):
     assert two.shape == one.shape == (5, 16, 16, 3)
     assert np.array_equal(one, two)
     assert len(set(map(bytes, one))) == 5                  # five different images
+
+
+def test_batch_mode_refuses_a_batch_smaller_than_the_processes_before_any_work(tiny_pipe, monkeypatch):
+    """recon_parallel='batch' gives every rank a slice of each batch: with 3 processes and
+    batches of 2 rows the call fails at once (the denoiser is left unwrapped, untouched)."""
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match="recon_batch_size=2 rows over the 3 processes"):
+        tfmq.quantize(tiny_pipe, method="tfmq", wbits=4, abits=8, calib_size=2, recon_batch_size=2,
+                      recon_parallel="batch", progress=False)
+    after = tiny_pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert getattr(tiny_pipe.unet, "tfmq_info", None) is None

@@ -129,6 +129,11 @@ def quantize(pipe, config: QuantConfig | None = None, progress: bool = True, wor
         raise RuntimeError("this pipeline's denoiser is already quantized")
     if resume and work_dir is None:
         raise ValueError("resume needs the work_dir that holds the earlier run's progress")
+    if (config.recon_parallel == "batch" and distributed.is_distributed()
+            and config.recon_batch_size < distributed.world_size()):
+        raise ValueError(f"recon_parallel='batch' splits every batch of recon_batch_size="
+                         f"{config.recon_batch_size} rows over the {distributed.world_size()} "
+                         f"processes: use a batch of at least {distributed.world_size()} rows")
     check_finite_weights(denoiser)
     store = None
     created_work_dir = work_dir is not None and not Path(work_dir).exists()
