@@ -8,6 +8,8 @@ per graph, so launch overhead is amortised as in a graph-captured / compiled UNe
 * ``int_mm``: cuBLAS ``torch._int_mm`` (int8 x int8 -> int32, no epilogue; linear only);
 * ``int8``: our kernel on pre-quantized int8 activations (row / pixel sums given);
 * ``q+int8``: ``quantize_act`` (codes + sums) followed by the kernel: the full W8A8 op;
+* convs, ``padded``: the kernel over an input already padded by the quantizer (no bounds checks);
+  ``qpad+padded``: ``quantize_act(..., pad=padding)`` + that kernel (the runtime's conv op);
 * ``fused`` (with ``--fused``): the kernel reading the bf16 activation and quantizing tiles in
   registers (slow so far: results/int8_kernels_h100_v1.json has it).
 
@@ -157,6 +159,11 @@ def _q_int8_conv(x, sx, zx, ca, b, stride, pad, sw, cb, bsum, bias):
     return K.int8_conv2d(a, b, stride, pad, sx, ca, sw, cb, bsum, bias, torch.bfloat16, asum=ps)
 
 
+def _qpad_int8_conv(x, sx, zx, ca, b, stride, pad, sw, cb, bsum, bias):
+    a, ps = K.quantize_act(x, sx, zx, 0, 255, nhwc=True, return_sums=True, pad=pad)
+    return K.int8_conv2d(a, b, stride, pad, sx, ca, sw, cb, bsum, bias, torch.bfloat16, asum=ps, padded=True)
+
+
 def _tm():
     return K._kernels()
 
@@ -171,6 +178,7 @@ def bench_conv(name, bsz, cin, h, w, cout, ks, stride, pad, gen, dev):
     x32 = x.float().contiguous(memory_format=torch.channels_last)
     w32 = w_deq.contiguous(memory_format=torch.channels_last)
     a, ps = K.quantize_act(x, sx, zx, 0, 255, nhwc=True, return_sums=True)
+    ap, pps = K.quantize_act(x, sx, zx, 0, 255, nhwc=True, return_sums=True, pad=pad)
     times, errs, cfgs = {}, {}, {}
     times["fp32"] = time_graph(lambda: F.conv2d(x32, w32, bias, stride, pad))
     times["bf16"] = time_graph(lambda: F.conv2d(x, w16, b16, stride, pad))
@@ -178,6 +186,9 @@ def bench_conv(name, bsz, cin, h, w, cout, ks, stride, pad, gen, dev):
     variants = {
         "int8": lambda: K.int8_conv2d(a, b, stride, pad, sx, ca, sw, cb, bsum, b16, torch.bfloat16, asum=ps),
         "q+int8": lambda: _q_int8_conv(x, sx, zx, ca, b, stride, pad, sw, cb, bsum, b16),
+        "padded": lambda: K.int8_conv2d(ap, b, stride, pad, sx, ca, sw, cb, bsum, b16, torch.bfloat16, asum=pps,
+                                        padded=True),
+        "qpad+padded": lambda: _qpad_int8_conv(x, sx, zx, ca, b, stride, pad, sw, cb, bsum, b16),
         "fused": lambda: K.int8_conv2d(x, b, stride, pad, sx, None, sw, cb, bsum, b16, torch.bfloat16,
                                        zx=zx, qmin=0, qmax=255),
     }
@@ -187,8 +198,10 @@ def bench_conv(name, bsz, cin, h, w, cout, ks, stride, pad, gen, dev):
         out = fn()
         errs[key] = _errs(out, ref)
         times[key] = time_graph(fn)
-        if key != "q+int8":
+        if key in ("int8", "fused"):
             cfgs[key] = _best(_tm().int8_conv_tuned)
+        elif key == "padded":
+            cfgs[key] = _best(_tm().int8_conv_padded_tuned)
     out32 = K.int8_conv2d(a, b, stride, pad, sx, ca, sw, cb, bsum, bias, torch.float32, asum=ps)
     errs["int8 fp32-out"] = _errs(out32, K.ref_conv2d(a, b, stride, pad, sx, ca, sw, cb, bias))
     m = bsz * ((h + 2 * pad - ks) // stride + 1) * ((w + 2 * pad - ks) // stride + 1)
@@ -215,6 +228,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/int8_kernels_h100.json")
     p.add_argument("--only", choices=["linear", "conv"], default=None)
     p.add_argument("--fused", action="store_true", help="also time the fused-quantize kernels")
+    p.add_argument("--names", default=None, help="comma-separated shape names to run (default: all)")
     args = p.parse_args(argv)
     global FUSED
     FUSED = args.fused
@@ -230,27 +244,36 @@ def main(argv=None):
     t0 = time.time()
     if args.only in (None, "linear"):
         for spec in LINEARS:
+            if args.names and spec[0] not in args.names.split(","):
+                continue
             rows.append(bench_linear(*spec, gen, dev))
-            print(f"[{time.time() - t0:6.1f}s] {rows[-1]['name']}", flush=True)
+            print(f"[{time.time() - t0:6.1f}s] {rows[-1]['name']} us: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1]["times_us"].items()), flush=True)
     if args.only in (None, "conv"):
         for spec in CONVS:
+            if args.names and spec[0] not in args.names.split(","):
+                continue
             rows.append(bench_conv(*spec, gen, dev))
-            print(f"[{time.time() - t0:6.1f}s] {rows[-1]['name']}", flush=True)
-    cols = ["fp32", "bf16", "int_mm", "int8", "q+int8", "fused"]
-    head = f"{'shape':28s}" + "".join(f"{c:>9s}" for c in cols) + "  | x bf16: int8  q+int8  fused | rel err"
+            print(f"[{time.time() - t0:6.1f}s] {rows[-1]['name']} us: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in rows[-1]["times_us"].items()), flush=True)
+    cols = ["fp32", "bf16", "int_mm", "int8", "q+int8", "padded", "qpad+padded", "fused"]
+    speed = ("int8", "q+int8", "padded", "qpad+padded", "fused")
+    head = (f"{'shape':28s}" + "".join(f"{c[:11]:>12s}" for c in cols)
+            + "  | x bf16: " + " ".join(f"{c[:11]:>11s}" for c in speed) + " | rel err")
     print(f"\n{torch.cuda.get_device_name()}  (us per call, CUDA graphs, median of 100)")
     print(head)
     for r in rows:
         t = r["times_us"]
-        sp = {c: t["bf16"] / t[c] for c in ("int8", "q+int8", "fused") if c in t}
+        sp = {c: t["bf16"] / t[c] for c in speed if c in t}
         r["speedup_vs_bf16"] = sp
-        line = f"{r['name'][:28]:28s}" + "".join(f"{t[c]:9.1f}" if c in t else f"{'-':>9s}" for c in cols)
-        line += "  |  " + "".join(f"{sp[c]:6.2f}" if c in sp else f"{'-':>6s}" for c in ("int8", "q+int8", "fused"))
+        line = f"{r['name'][:28]:28s}" + "".join(f"{t[c]:12.1f}" if c in t else f"{'-':>12s}" for c in cols)
+        line += "  |         " + " ".join(f"{sp[c]:11.2f}" if c in sp else f"{'-':>11s}" for c in speed)
         line += f" s{r['split_k']}"
         line += f" | {max(e[1] for e in r['errors'].values()):.1e}"
         print(line)
     tm = _tm()
-    mma = {"linear": mma_summary(tm._int8_linear_kernel), "conv": mma_summary(tm._int8_conv_kernel)}
+    mma = {"linear": mma_summary(tm._int8_linear_kernel), "conv": mma_summary(tm._int8_conv_kernel),
+           "conv padded": mma_summary(tm._int8_conv_padded_kernel)}
     print("matrix instructions in compiled kernels:", mma)
     result = dict(device=torch.cuda.get_device_name(), mma_instructions=mma, torch=torch.__version__, triton=triton.__version__,
                   cuda=torch.version.cuda, autotune=os.environ.get("TFMQ_INT8_AUTOTUNE", "1") != "0",

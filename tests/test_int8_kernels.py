@@ -159,6 +159,53 @@ def test_quantize_act_matches_reference(grid, dtype):
         assert torch.equal(s4, ref4.int().sum(-1))
 
 
+@needs_kernels
+@pytest.mark.parametrize("grid", ["unsigned", "signed"])
+def test_quantize_act_into_a_padded_buffer(grid):
+    """pad=(ph, pw): the codes of the input padded with real zeros (border = the zero-point's
+    code), and the per-pixel sums over the padded pixels."""
+    gen = torch.Generator().manual_seed(4)
+    qmin, qmax = GRIDS[grid]
+    x = (torch.randn(2, 24, 5, 3, generator=gen) * 3).contiguous(memory_format=torch.channels_last)
+    sx = torch.tensor([0.03])
+    zx = torch.tensor([17.0]) if grid == "unsigned" else torch.zeros(1)
+    x, sx, zx = _dev(x, sx, zx)
+    for pad in (1, (2, 1), 0):
+        ph, pw = (pad, pad) if isinstance(pad, int) else pad
+        q, sums = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True, pad=pad)
+        ref = K.ref_quantize_act(torch.nn.functional.pad(x, (pw, pw, ph, ph)), sx, zx, qmin, qmax)
+        ref = ref.permute(0, 2, 3, 1)
+        assert q.shape == (2, 5 + 2 * ph, 3 + 2 * pw, 24) and torch.equal(q, ref)
+        assert torch.equal(sums, ref.int().sum(-1))
+    with pytest.raises(ValueError, match="only used with nhwc"):
+        K.quantize_act(x, sx, zx, qmin, qmax, pad=1)
+    with pytest.raises(ValueError, match="pad must be"):
+        K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, pad=-1)
+
+
+@pytest.mark.parametrize("grid", ["unsigned", "signed"])
+def test_quantize_act_ops_equals_the_reference_codes_and_sums(grid):
+    """The torch-operations quantizer (fused into the graph under torch.compile) gives the
+    reference codes and sums bit for bit: rows of a linear input, and a padded NHWC conv input
+    (ties to even, clamps, the zero-point's code at the border). Runs on the CPU (no Triton)."""
+    gen = torch.Generator().manual_seed(6)
+    qmin, qmax = GRIDS[grid]
+    sx = torch.tensor([0.03])
+    zx = torch.tensor([17.0]) if grid == "unsigned" else torch.zeros(1)
+    x = torch.randn(3, 7, 40, generator=gen) * 3
+    x.view(-1)[:6] = torch.tensor([0.015, 0.045, -0.015, 1e6, -1e6, 0.0])
+    a, sums = K.quantize_act_ops(x, sx, zx, qmin, qmax)
+    ref = K.ref_quantize_act(x, sx, zx, qmin, qmax)
+    assert torch.equal(a, ref) and torch.equal(sums, ref.int().sum(-1)) and sums.dtype == torch.int32
+    x4 = (torch.randn(2, 24, 5, 3, generator=gen) * 3).to(torch.bfloat16)
+    a4, s4 = K.quantize_act_ops(x4, sx, zx, qmin, qmax, nhwc=True, pad=(1, 2))
+    ref4 = K.ref_quantize_act(torch.nn.functional.pad(x4, (2, 2, 1, 1)), sx, zx, qmin, qmax).permute(0, 2, 3, 1)
+    assert a4.shape == (2, 7, 7, 24) and a4.is_contiguous() and torch.equal(a4, ref4)
+    assert torch.equal(s4, ref4.int().sum(-1)) and s4.is_contiguous()
+    with pytest.raises(ValueError, match="only used with nhwc"):
+        K.quantize_act_ops(x, sx, zx, qmin, qmax, pad=1)
+
+
 LIN_SHAPES = [(1, 1, 1), (37, 45, 70), (130, 200, 333), (154, 64, 128)]
 
 
@@ -197,13 +244,14 @@ CONV_CASES = [  # B, H, W, Cin, Cout, k, stride, pad
     (1, 10, 11, 64, 70, 3, 2, 1),
     (2, 8, 8, 48, 33, 1, 1, 0),
     (1, 5, 6, 130, 17, 3, 1, 1),
+    (1, 6, 5, 128, 40, 3, 1, 1),       # channels a multiple of the K tile: no channel masks
 ]
 
 
 @needs_kernels
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("grid", ["unsigned", "signed"])
-@pytest.mark.parametrize("mode", ["int8", "int8+asum", "fused"])
+@pytest.mark.parametrize("mode", ["int8", "int8+asum", "fused", "padded"])
 def test_int8_conv2d_matches_reference(case, grid, mode):
     bsz, h, w, cin, cout, ks, stride, pad = case
     gen = torch.Generator().manual_seed(h * 100 + cin + cout)
@@ -223,6 +271,10 @@ def test_int8_conv2d_matches_reference(case, grid, mode):
         if mode == "fused":
             out = K.int8_conv2d(x, b, stride, pad, sx, None, sw, cb, bsum, bias, out_dtype,
                                 zx=zx, qmin=qmin, qmax=qmax, split_k=split)
+        elif mode == "padded":      # the runtime's path: codes written into the padded buffer
+            ap, pp = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True, pad=pad)
+            out = K.int8_conv2d(ap, b, stride, pad, sx, ca, sw, cb, bsum, bias, out_dtype, asum=pp,
+                                split_k=split, padded=True)
         else:
             out = K.int8_conv2d(a, b, stride, pad, sx, ca, sw, cb, bsum, bias, out_dtype,
                                 asum=psum if mode == "int8+asum" else None, split_k=split)
@@ -250,6 +302,11 @@ def test_int8_kernels_reject_bad_input():
         K.int8_linear(a.float(), w, one, one, sw, i8, i8)
     with pytest.raises(ValueError, match="split_k"):
         K.int8_linear(a, w, one, one, sw, i8, i8, split_k=0)
+    with pytest.raises(ValueError, match="padded=True takes"):      # padded mode needs the sums
+        K.int8_conv2d(a.view(1, 2, 2, 16), w.view(8, 1, 1, 16), 1, 0, one, one, sw, i8, i8, padded=True)
+    with pytest.raises(ValueError, match="smaller than its padding"):
+        K.int8_conv2d(a.view(1, 2, 2, 16), w.view(8, 1, 1, 16), 1, 1, one, one, sw, i8, i8,
+                      asum=torch.zeros(1, 2, 2, dtype=torch.int32, device=DEV), padded=True)
     with pytest.raises(ValueError, match="NHWC"):
         K.int8_conv2d(a.view(1, 2, 2, 16).permute(0, 3, 1, 2), w.view(8, 1, 1, 16), 1, 0, one, one, sw, i8, i8)
 

@@ -22,6 +22,8 @@ Every backend is tested against ``reference`` on the same inputs (tests/test_run
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,11 @@ class WeightOnlyBackend(Backend):
 
 
 class W8A8Backend(Backend):
+    #: inside ``torch.compile``, quantize activations with torch operations (``quantize_act_ops``, the
+    #: same codes bit for bit) that the compiler fuses into the producing kernel, instead of the
+    #: separate Triton quantize pass; eager calls always use the Triton pass
+    fuse_quantize: bool = True
+
     def available(self, device: torch.device) -> str | None:
         if device.type != "cuda":
             return ("the w8a8 backend runs INT8 tensor-core kernels on a CUDA GPU; this model is on "
@@ -104,12 +111,14 @@ class W8A8Backend(Backend):
             sx, zx = aq.params()
             ca = int8.offset_for(aq.qmin, aq.qmax) - zx           # (code - zero) = a + ca
             bias = layer.bias if i == 0 else None
+            in_graph = self.fuse_quantize and torch.compiler.is_compiling()
+            quantize = int8.quantize_act_ops if in_graph else functools.partial(int8.quantize_act, return_sums=True)
             if layer.kind == "conv":
-                a, asum = int8.quantize_act(xi, sx, zx, aq.qmin, aq.qmax, nhwc=True, return_sums=True)
+                a, asum = quantize(xi, sx, zx, aq.qmin, aq.qmax, nhwc=True, pad=layer.padding)
                 y = int8.int8_conv2d(a, w8, layer.stride, layer.padding, sx, ca, layer.qweight.scale, cb, bsum,
-                                     bias, x.dtype, asum=asum)
+                                     bias, x.dtype, asum=asum, padded=True)
             else:
-                a, asum = int8.quantize_act(xi, sx, zx, aq.qmin, aq.qmax, return_sums=True)
+                a, asum = quantize(xi, sx, zx, aq.qmin, aq.qmax)
                 y = int8.int8_linear(a, w8, sx, ca, layer.qweight.scale, cb, bsum, bias, x.dtype, asum=asum)
             out = y if out is None else out + y
         return out

@@ -1,17 +1,23 @@
 """Triton kernels behind :mod:`tfmq.runtime.kernels.int8` (imported lazily: needs Triton).
 
-Three kernels:
+Kernels:
 
 * ``_quant_rows_kernel``: per-tensor static activation quantizer over a row-major ``[R, C]`` view
   (``C`` = features of a linear input, or channels of an NHWC conv input). Writes the int8 codes
   ``a = clamp(rint(x / sx) + zx, QMIN, QMAX) - OX`` and, optionally, the int32 row sums of ``a``.
+* ``_quant_pad_kernel``: the same quantizer writing an NHWC activation into a zero-padded NHWC
+  buffer (and its per-pixel sums), the input of ``_int8_conv_padded_kernel``.
 * ``_int8_linear_kernel``: ``out[M, N] = sx * sw[n] * acc + bias[n]`` with
   ``acc = sum_k a*b + ca*bsum[n] + cb[n]*asum[m] + K*ca*cb[n]`` (int8 x int8 -> int32 dot).
-* ``_int8_conv_kernel``: the same epilogue over an implicit GEMM of an NHWC activation and a
-  ``[Cout, KH, KW, Cin]`` weight (``M = B*Ho*Wo``, ``K = KH*KW*Cin``); padded input positions hold
-  the code of a real zero, ``a = zx - OX = -ca``.
+* ``_int8_conv_padded_kernel``: the same epilogue over an implicit GEMM of a pre-padded NHWC
+  activation and a ``[Cout, KH, KW, Cin]`` weight (``M = B*Ho*Wo``, ``K = KH*KW*Cin``): one
+  scalar offset per K step, no bounds checks (the runtime's conv path; 1.17-1.27x cuDNN bf16 on an
+  H200 at the SD UNet's 3x3 shapes, NOTES_int8.md).
+* ``_int8_conv_kernel``: the same over an unpadded NHWC activation (bounds-checked gathers; padded
+  positions read the code of a real zero, ``a = zx - OX = -ca``): the API's default input and the
+  fused-quantize mode.
 
-Both GEMM kernels take either int8 activations (``A_FLOAT=False``) or the float activation itself
+The linear and the unpadded conv kernel take either int8 activations (``A_FLOAT=False``) or the float activation itself
 (``A_FLOAT=True``), quantizing each loaded tile in registers, which saves the separate quantize pass.
 ``asum`` comes either precomputed (``HAS_ASUM``: row sums for linear, per-pixel channel sums for
 conv, both from the quantize kernel) or is summed from the loaded tiles.
@@ -53,6 +59,41 @@ def _quant_rows_kernel(x_ptr, q_ptr, sum_ptr, sx_ptr, zx_ptr, R, C,
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         a = _quant_codes(x, sx, zx, QMIN, QMAX)
         tl.store(q_ptr + offs, a.to(tl.int8), mask=m)
+        if WRITE_SUM:
+            total += tl.sum(tl.where(m, a, 0), axis=1)
+    if WRITE_SUM:
+        tl.store(sum_ptr + rows, total, mask=rmask)
+
+
+@triton.jit
+def _quant_pad_kernel(x_ptr, q_ptr, sum_ptr, sx_ptr, zx_ptr, H, W, HP, WP, RP, C, PH, PW,
+                      QMIN: tl.constexpr, QMAX: tl.constexpr, WRITE_SUM: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Codes of an NHWC ``[B, H, W, C]`` activation written into a zero-padded NHWC
+    ``[B, HP, WP, C]`` buffer (``HP = H + 2*PH``): every padded pixel holds the code of a real zero
+    (a masked load of 0.0, quantized like any value: ``zx - OX``), so a convolution over the buffer
+    needs no bounds checks. Optionally the int32 per-pixel channel sums ``[B, HP, WP]``."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < RP
+    wp = rows % WP
+    t = rows // WP
+    hp = t % HP
+    b = t // HP
+    h = hp - PH
+    w = wp - PW
+    inside = rmask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    src = (b * H + h) * W + w
+    sx = tl.load(sx_ptr).to(tl.float32)
+    zx = tl.load(zx_ptr).to(tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols[None, :] < C
+        x = tl.load(x_ptr + src[:, None] * C + cols[None, :], mask=inside[:, None] & cmask, other=0.0)
+        a = _quant_codes(x.to(tl.float32), sx, zx, QMIN, QMAX)
+        m = rmask[:, None] & cmask
+        tl.store(q_ptr + rows[:, None] * C + cols[None, :], a.to(tl.int8), mask=m)
         if WRITE_SUM:
             total += tl.sum(tl.where(m, a, 0), axis=1)
     if WRITE_SUM:
@@ -258,6 +299,66 @@ def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_
             bias_ptr, HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def _int8_conv_padded_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, ca_ptr, sw_ptr, cb_ptr, bsum_ptr,
+                             bias_ptr, psum_ptr, Bsz, HP, WP, CIN, HO, WO, N,
+                             KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr,
+                             STRIDE_W: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                             EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Implicit-GEMM conv over an already padded NHWC int8 input ``[B, HP, WP, CIN]`` (padding in
+    the buffer: see ``_quant_pad_kernel``) and its padded per-pixel sums ``psum``. Output pixel
+    ``m`` reads, at tap ``(r, s)``, pixel ``base[m] + r*WP + s``: one scalar offset per K step for
+    the whole tile, so the A loads need no index arithmetic or bounds masks (rows past ``M`` are
+    clamped and never stored); with ``EVEN_K`` (``CIN % BLOCK_K == 0``) no channel mask either."""
+    M = Bsz * HO * WO
+    K = KH * KW * CIN
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rmc = tl.minimum(rm, M - 1)
+    wo = rmc % WO
+    t = rmc // WO
+    ho = t % HO
+    bb = t // HO
+    base = ((bb * HP + ho * STRIDE_H) * WP + wo * STRIDE_W).to(tl.int64)
+    a_rows = a_ptr + base[:, None] * CIN + rk[None, :]
+    rbn = tl.minimum(rn, N - 1).to(tl.int64)
+    b_rows = b_ptr + rbn[:, None] * K + rk[None, :]
+    sx = tl.load(sx_ptr).to(tl.float32)
+    ca = tl.load(ca_ptr).to(tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    nck = tl.cdiv(CIN, BLOCK_K)
+    pid_k = tl.program_id(1)
+    nk = KH * KW * nck
+    per = tl.cdiv(nk, SPLIT_K)
+    k_lo = pid_k * per
+    k_hi = tl.minimum(nk, k_lo + per)
+    for kk in range(k_lo, k_hi):
+        tap = kk // nck
+        c0 = (kk - tap * nck) * BLOCK_K
+        r = tap // KW
+        s = tap - r * KW
+        a_off = (r * WP + s).to(tl.int64) * CIN + c0
+        b_off = tap * CIN + c0
+        if EVEN_K:
+            a = tl.load(a_rows + a_off)
+            b = tl.load(b_rows + b_off)
+        else:
+            cmask = (c0 + rk) < CIN
+            a = tl.load(a_rows + a_off, mask=cmask[None, :], other=0)
+            b = tl.load(b_rows + b_off, mask=cmask[None, :], other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    # window sums of the padded per-pixel sums (padded pixels hold CIN codes of a real zero)
+    asum = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for tap in tl.static_range(KH * KW):
+        asum += tl.load(psum_ptr + base + (tap // KW) * WP + tap % KW)
+    asum = asum * (pid_k == 0).to(tl.int32)
+    _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, N, sw_ptr, cb_ptr, bsum_ptr,
+            bias_ptr, HAS_BIAS, SPLIT_K)
+
+
 def _configs():
     cfgs = []
     for bm, bn, bk, stages, warps in [
@@ -280,3 +381,6 @@ int8_linear_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "A_F
 int8_conv_tuned = triton.autotune(
     configs=_configs(),
     key=["Bsz", "H", "W", "CIN", "N", "KH", "KW", "STRIDE_H", "A_FLOAT", "HAS_ASUM", "SPLIT_K"])(_int8_conv_kernel)
+int8_conv_padded = triton.heuristics({"EVEN_K": lambda a: a["CIN"] % a["BLOCK_K"] == 0})(_int8_conv_padded_kernel)
+int8_conv_padded_tuned = triton.autotune(
+    configs=_configs(), key=["Bsz", "HP", "WP", "CIN", "N", "KH", "KW", "STRIDE_H", "SPLIT_K"])(int8_conv_padded)

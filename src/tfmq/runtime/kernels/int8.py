@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["available", "quantize_act", "int8_linear", "int8_conv2d", "prepare_weight",
+__all__ = ["available", "quantize_act", "quantize_act_ops", "int8_linear", "int8_conv2d", "prepare_weight",
            "ref_quantize_act", "ref_linear", "ref_conv2d", "offset_for", "MAX_K"]
 
 MAX_K = 32768  # |acc| <= 4 * K * 128 * 128 < 2**31
@@ -121,7 +121,7 @@ def triton_next_pow2(n: int) -> int:
 
 
 def quantize_act(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int, qmax: int, *,
-                 nhwc: bool = False, return_sums: bool = False):
+                 nhwc: bool = False, return_sums: bool = False, pad=0):
     """int8 activation codes ``a = clamp(round(x / sx) + zx, qmin, qmax) - ox`` (one fused pass).
 
     Default layout: ``x`` of any shape ``[..., C]`` -> int8 of the same shape (row-major), and with
@@ -131,6 +131,9 @@ def quantize_act(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int,
     any other layout is first copied to channels_last); returns NHWC int8 ``[B, H, W, C]`` and, with
     ``return_sums``, the per-pixel channel sums ``[B, H, W]`` int32 (the ``asum`` of
     :func:`int8_conv2d`).
+    ``pad`` (int or pair, with ``nhwc=True``): write the codes into a zero-padded buffer
+    ``[B, H + 2*ph, W + 2*pw, C]`` whose border holds the code of a real zero (and sums over the
+    padded pixels): the input of ``int8_conv2d(..., padded=True)``, which then needs no bounds checks.
     """
     tm = _kernels()
     offset_for(qmin, qmax)
@@ -139,10 +142,17 @@ def quantize_act(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int,
     _check_device(x, sx, zx)
     if not x.is_floating_point():
         raise ValueError(f"x must be a float tensor, got {x.dtype}")
+    ph, pw = _pair(pad, "pad")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"pad must be >= 0, got {pad!r}")
     if nhwc:
         if x.dim() != 4:
             raise ValueError(f"nhwc=True needs a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
         xr = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # contiguous NHWC
+        if ph or pw:
+            return _quantize_padded(tm, xr, sx, zx, qmin, qmax, ph, pw, return_sums)
+    elif ph or pw:
+        raise ValueError("pad is only used with nhwc=True (a convolution's input)")
     else:
         if x.dim() < 1:
             raise ValueError("x must have at least one dimension")
@@ -158,6 +168,41 @@ def quantize_act(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int,
         tm._quant_rows_kernel[grid](xr, q, sums, sx, zx, r, c, QMIN=qmin, QMAX=qmax,
                                     WRITE_SUM=return_sums, BLOCK_R=block_r, BLOCK_C=block_c,
                                     num_warps=4)
+    return (q, sums) if return_sums else q
+
+
+def quantize_act_ops(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int, qmax: int, *,
+                     nhwc: bool = False, pad=0):
+    """``quantize_act(..., return_sums=True)`` written in torch operations: the same codes and sums,
+    bit for bit, on any device. Inside ``torch.compile`` the compiler fuses them into the kernel that
+    produces ``x`` (a GroupNorm / SiLU / LayerNorm epilogue) instead of a separate quantize pass."""
+    ox = offset_for(qmin, qmax)
+    ph, pw = _pair(pad, "pad")
+    xf = x.float()
+    if nhwc:
+        if x.dim() != 4:
+            raise ValueError(f"nhwc=True needs a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
+        if ph or pw:
+            xf = F.pad(xf, (pw, pw, ph, ph))
+        xf = xf.permute(0, 2, 3, 1)
+    elif ph or pw:
+        raise ValueError("pad is only used with nhwc=True (a convolution's input)")
+    q = torch.clamp(torch.round(xf / sx.reshape(())) + zx.reshape(()), qmin, qmax) - ox
+    return q.to(torch.int8).contiguous(), q.sum(-1).to(torch.int32).contiguous()
+
+
+def _quantize_padded(tm, xr, sx, zx, qmin, qmax, ph, pw, return_sums):
+    bsz, h, w, c = xr.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    q = torch.empty((bsz, hp, wp, c), dtype=torch.int8, device=xr.device)
+    sums = torch.empty((bsz, hp, wp), dtype=torch.int32, device=xr.device) if return_sums else q
+    rp = bsz * hp * wp
+    if q.numel():
+        block_c = _pow2_block(c)
+        block_r = max(1, 4096 // block_c)
+        tm._quant_pad_kernel[(triton_next_cdiv(rp, block_r),)](
+            xr, q, sums, sx, zx, h, w, hp, wp, rp, c, ph, pw, QMIN=qmin, QMAX=qmax, WRITE_SUM=return_sums,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return (q, sums) if return_sums else q
 
 
@@ -347,7 +392,7 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
                 bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16, *,
                 asum: Optional[torch.Tensor] = None, zx: Optional[torch.Tensor] = None,
                 qmin: Optional[int] = None, qmax: Optional[int] = None,
-                split_k: Optional[int] = None) -> torch.Tensor:
+                split_k: Optional[int] = None, padded: bool = False) -> torch.Tensor:
     """W8A8 conv2d (groups=1, dilation 1) as an implicit GEMM on int8 tensor cores.
 
     ``a_int8``: NHWC int8 ``[B, H, W, Cin]`` (contiguous) from ``quantize_act(..., nhwc=True)``;
@@ -361,6 +406,11 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
     Fused-quantize mode: pass the float activation ``[B, Cin, H, W]`` (channels_last memory) as
     ``a_int8`` with ``zx``, ``qmin``, ``qmax`` and ``ca=None``; tiles are quantized in registers
     (a padded real zero quantizes to ``zx``, the same pad code). ``split_k`` as in :func:`int8_linear`.
+
+    ``padded=True`` (the runtime's path, fastest): ``a_int8`` is already padded by ``padding``,
+    ``[B, H + 2*ph, W + 2*pw, Cin]``, and ``asum`` (required) its padded per-pixel sums, both from
+    ``quantize_act(x, ..., nhwc=True, return_sums=True, pad=padding)``; the kernel then reads the
+    input with one offset per K step and no bounds checks.
     """
     tm = _kernels()
     fused = zx is not None
@@ -368,6 +418,9 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
     ph, pw = _pair(padding, "padding")
     if sh < 1 or sw_ < 1 or ph < 0 or pw < 0:
         raise ValueError(f"need stride >= 1 and padding >= 0, got stride={stride}, padding={padding}")
+    if padded and (fused or asum is None):
+        raise ValueError("padded=True takes int8 codes padded by quantize_act(..., pad=padding) and their "
+                         "sums as asum (no fused-quantize mode)")
     if fused:
         if ca is not None or asum is not None or qmin is None or qmax is None:
             raise ValueError("fused-quantize mode takes zx, qmin, qmax and no ca / asum")
@@ -389,6 +442,11 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
         raise ValueError(f"shape mismatch: a NHWC {tuple(a.shape)}, w {tuple(w_int8.shape)} "
                          "(need [B, H, W, Cin], [Cout, kh, kw, Cin])")
     bsz, h, w, cin = a.shape
+    hp, wp = h, w
+    if padded:
+        h, w = hp - 2 * ph, wp - 2 * pw
+        if h < 1 or w < 1:
+            raise ValueError(f"padded input {hp}x{wp} is smaller than its padding {ph}, {pw}")
     cout, kh, kw, _ = w_int8.shape
     if kh * kw * cin > MAX_K:
         raise ValueError(f"K={kh * kw * cin} > {MAX_K}: the int32 accumulator could overflow")
@@ -399,12 +457,18 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
     _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, cout)
     _check_device(a, w_int8, sx, zx if fused else ca, sw, cb, bsum, *(t for t in (bias, asum) if t is not None))
     if asum is not None:
-        if asum.dtype != torch.int32 or tuple(asum.shape) != (bsz, h, w) or not asum.is_contiguous():
-            raise ValueError(f"asum must be contiguous int32 [B, H, W] = {(bsz, h, w)}, got {asum.dtype} "
+        if asum.dtype != torch.int32 or tuple(asum.shape) != (bsz, hp, wp) or not asum.is_contiguous():
+            raise ValueError(f"asum must be contiguous int32 [B, H, W] = {(bsz, hp, wp)}, got {asum.dtype} "
                              f"{tuple(asum.shape)}")
     out = torch.empty((bsz, ho, wo, cout), dtype=out_dtype, device=a.device)
     m = bsz * ho * wo
-    if m:
+    if m and padded:
+        args = (a, w_int8, out, sx, ca, sw, cb, bsum, bias if bias is not None else sw, asum,
+                bsz, hp, wp, cin, ho, wo, cout)
+        flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, HAS_BIAS=bias is not None)
+        _launch(tm, tm.int8_conv_padded_tuned, tm.int8_conv_padded, args, flags, m, cout,
+                _split_k(m, cout, kh * kw * cin, split_k), out, sx, sw, bias)
+    elif m:
         args = (a, w_int8, out, sx, zx if fused else sx, ca if not fused else sx, sw, cb, bsum,
                 bias if bias is not None else sw, asum if asum is not None else cb,
                 bsz, h, w, cin, ho, wo, cout)

@@ -1,0 +1,155 @@
+"""Where the time of one denoiser call goes: CUDA kernel time by kind, compiled bf16 vs compiled w8a8.
+
+The SD-v1.5-config UNet (RANDOM weights, see ``sd_random.py``), batch 2, 64x64 latents, 77 tokens,
+channels-last, bf16: ``torch.compile`` of the FP UNet, and the naive W8A8 checkpoint (16-bit
+softmax, as ``bench_inference.py`` makes it) loaded with ``--backend w8a8`` and compiled, once with
+the activation quantizers fused into the compiled graph (``W8A8Backend.fuse_quantize``, default)
+and once as separate Triton quantize passes. Per configuration: the call's wall time (CUDA events,
+median), then ``torch.profiler`` over ``--calls`` calls: the kernel time per call summed by kind
+(int8 conv / linear GEMMs, quantize passes, split-K reductions, attention, cuDNN / cuBLAS, Inductor's
+fused kernels) and the top kernels. The gap between wall time and kernel time is idle GPU
+(launch / host overhead). Prints tables, writes JSON::
+
+    python benchmarks/profile_inference.py --json benchmarks/results/inference/profile_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import tfmq
+from bench_inference import time_call
+from sd_random import SD15_UNET_CONFIG, random_sd_pipeline
+from tfmq.runtime import compile_denoiser
+from tfmq.runtime.backends import BACKENDS
+from tfmq.sampling import SamplerConfig
+
+KINDS = [  # (kind, substrings of the kernel name), first match wins
+    ("int8 conv GEMM", ("_int8_conv",)),
+    ("int8 linear GEMM", ("_int8_linear",)),
+    ("int8 quantize pass", ("_quant_rows", "_quant_pad")),
+    ("split-K reduce", ("_splitk_reduce",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("cuDNN conv", ("conv", "implicit", "cudnn", "nchw", "nhwc")),
+    ("cuBLAS GEMM", ("gemm", "sm90", "sm80", "cutlass", "xmma", "nvjet", "cublas")),
+    ("Inductor fused", ("triton_",)),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def kernel_times(fn, calls: int) -> dict[str, dict]:
+    """Per kernel name: total device microseconds and count over ``calls`` profiled calls."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, dict] = defaultdict(lambda: {"us": 0.0, "count": 0})
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = getattr(evt, "self_cuda_time_total", 0.0)
+        if us and evt.count:
+            out[evt.key]["us"] += float(us)
+            out[evt.key]["count"] += int(evt.count)
+    return dict(out)
+
+
+def summarise(label: str, wall_ms: float, kernels: dict, calls: int) -> dict:
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, v in kernels.items():
+        by_kind[kind_of(name)] += v["us"] / calls / 1000
+    total = sum(by_kind.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:25]
+    print(f"\n== {label}: wall {wall_ms:.3f} ms per call, kernels {total:.3f} ms "
+          f"(idle {wall_ms - total:.3f} ms)")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"   {kind:22s} {ms:8.3f} ms  {100 * ms / max(total, 1e-9):5.1f}%")
+    print("   top kernels (ms per call, launches per call):")
+    for name, v in top:
+        print(f"     {v['us'] / calls / 1000:7.3f}  {v['count'] / calls:5.1f}  {name[:110]}")
+    return {"config": label, "wall_ms": wall_ms, "kernel_ms": total, "by_kind_ms": dict(by_kind),
+            "top": [{"name": n, "ms_per_call": v["us"] / calls / 1000, "launches_per_call": v["count"] / calls}
+                    for n, v in top]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--calls", type=int, default=5, help="profiled calls per configuration")
+    p.add_argument("--iters", type=int, default=30, help="timed calls per configuration")
+    p.add_argument("--configs", default="bf16,w8a8-fused,w8a8-pass")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: this profile times CUDA kernels; no CUDA GPU here", file=sys.stderr)
+        return 2
+    from diffusers import UNet2DConditionModel
+    dev = "cuda"
+    wanted = args.configs.split(",")
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "settings": vars(args) | {
+        "json": str(args.json)}, "model": "UNet2DConditionModel, SD v1.5 config, RANDOM weights, batch 2, "
+                                          "64x64 latents, 77 tokens, bf16, channels_last", "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pipe = random_sd_pipeline(work).to(dev)
+        ctx = torch.randn(2, 77, 768, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        t = torch.full((2,), 500, device=dev, dtype=torch.long)
+        if "bf16" in wanted:
+            ub = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().to(dev, torch.bfloat16)
+            ub.load_state_dict(pipe.unet.state_dict())
+            ub = ub.to(memory_format=torch.channels_last)
+            comp = torch.compile(ub)
+            with torch.no_grad():
+                fn = lambda: comp(x, t, ctx).sample          # noqa: E731
+                wall = time_call(fn, args.iters, 3)["median_ms"]
+                out["rows"].append(summarise("bf16 torch.compile", wall, kernel_times(fn, args.calls), args.calls))
+            del comp, ub
+            torch.cuda.empty_cache()
+        cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=2,
+                                          sampler=SamplerConfig("ddim", 4), prompts=["a photo"])
+        tfmq.quantize(pipe, cfg, progress=False)
+        ckpt = tfmq.save(pipe, work / "sd-w8a8", overwrite=True)
+        del pipe
+        torch.cuda.empty_cache()
+        backend = BACKENDS["w8a8"]
+        for label, fuse in (("w8a8-fused", True), ("w8a8-pass", False)):
+            if label not in wanted:
+                continue
+            backend.fuse_quantize = fuse
+            q = tfmq.load(ckpt, dev, torch.bfloat16, backend="w8a8").unet.to(memory_format=torch.channels_last)
+            compile_denoiser(q)
+            with torch.no_grad():
+                fn = lambda: q(x, t, ctx).sample              # noqa: E731
+                wall = time_call(fn, args.iters, 3)["median_ms"]
+                name = f"w8a8 compiled, quantize {'fused in the graph' if fuse else 'as Triton passes'}"
+                out["rows"].append(summarise(name, wall, kernel_times(fn, args.calls), args.calls))
+            del q
+            torch.cuda.empty_cache()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2))
+    print(f"\n{'config':55s} {'wall ms':>9s} {'kernel ms':>10s}")
+    for r in out["rows"]:
+        print(f"{r['config']:55s} {r['wall_ms']:9.3f} {r['kernel_ms']:10.3f}")
+    print("written", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
