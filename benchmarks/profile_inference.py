@@ -11,6 +11,9 @@ fused kernels) and the top kernels. The gap between wall time and kernel time is
 (launch / host overhead). Prints tables, writes JSON::
 
     python benchmarks/profile_inference.py --json benchmarks/results/inference/profile_h200.json
+
+On an H200 the bf16 configuration alone (pipeline, compile, timing, profile) took most of 290 s and
+the two w8a8 ones did not fit in the rest of a 10-minute call: run one configuration a call.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -89,12 +93,27 @@ def summarise(label: str, wall_ms: float, kernels: dict, calls: int) -> dict:
                     for n, v in top]}
 
 
+T0 = time.perf_counter()
+
+
+def stage(msg: str) -> None:
+    """Progress with elapsed seconds (a run stopped by a time limit shows where its time went)."""
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
+
+
+def save(out: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--calls", type=int, default=5, help="profiled calls per configuration")
     p.add_argument("--iters", type=int, default=30, help="timed calls per configuration")
     p.add_argument("--configs", default="bf16,w8a8-fused,w8a8-pass")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for every configuration, e.g. "
+                                                         "reduce-overhead (CUDA graphs); default: torch's default")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: this profile times CUDA kernels; no CUDA GPU here", file=sys.stderr)
@@ -108,6 +127,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pipe = random_sd_pipeline(work).to(dev)
+        stage("random SD-v1.5-config pipeline built")
         ctx = torch.randn(2, 77, 768, device=dev, dtype=torch.bfloat16)
         x = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
         t = torch.full((2,), 500, device=dev, dtype=torch.long)
@@ -115,17 +135,20 @@ def main(argv=None) -> int:
             ub = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().to(dev, torch.bfloat16)
             ub.load_state_dict(pipe.unet.state_dict())
             ub = ub.to(memory_format=torch.channels_last)
-            comp = torch.compile(ub)
+            comp = torch.compile(ub, mode=args.compile_mode)
             with torch.no_grad():
                 fn = lambda: comp(x, t, ctx).sample          # noqa: E731
                 wall = time_call(fn, args.iters, 3)["median_ms"]
+                stage("bf16 compiled and timed")
                 out["rows"].append(summarise("bf16 torch.compile", wall, kernel_times(fn, args.calls), args.calls))
+                save(out, args.json)
             del comp, ub
             torch.cuda.empty_cache()
         cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=2,
                                           sampler=SamplerConfig("ddim", 4), prompts=["a photo"])
         tfmq.quantize(pipe, cfg, progress=False)
         ckpt = tfmq.save(pipe, work / "sd-w8a8", overwrite=True)
+        stage("naive W8A8 calibrated and saved")
         del pipe
         torch.cuda.empty_cache()
         backend = BACKENDS["w8a8"]
@@ -134,16 +157,19 @@ def main(argv=None) -> int:
                 continue
             backend.fuse_quantize = fuse
             q = tfmq.load(ckpt, dev, torch.bfloat16, backend="w8a8").unet.to(memory_format=torch.channels_last)
-            compile_denoiser(q)
+            compile_denoiser(q, mode=args.compile_mode)
+            stage(f"{label} loaded")
             with torch.no_grad():
                 fn = lambda: q(x, t, ctx).sample              # noqa: E731
+                fn()
+                stage(f"{label} compiled (first call done)")
                 wall = time_call(fn, args.iters, 3)["median_ms"]
                 name = f"w8a8 compiled, quantize {'fused in the graph' if fuse else 'as Triton passes'}"
                 out["rows"].append(summarise(name, wall, kernel_times(fn, args.calls), args.calls))
+                save(out, args.json)
             del q
             torch.cuda.empty_cache()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
+    save(out, args.json)
     print(f"\n{'config':55s} {'wall ms':>9s} {'kernel ms':>10s}")
     for r in out["rows"]:
         print(f"{r['config']:55s} {r['wall_ms']:9.3f} {r['kernel_ms']:10.3f}")
