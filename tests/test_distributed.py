@@ -153,12 +153,13 @@ def test_two_process_replicate_with_fewer_capture_passes_than_ranks(tmp_path, on
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["rows", "replicate"])
+@pytest.mark.parametrize("parallel", ["rows", "replicate", "batch"])
 def test_two_process_run_interrupted_and_resumed_gives_the_one_process_checkpoint(tmp_path, one_thread,
                                                                                   parallel):
     """A 2-process calibration stopped after 5 units and continued with resume (a second launch:
     rank 0 kept the progress, rank 1 reads it) ends with one uninterrupted process's checkpoint;
-    exact for "replicate", for "rows" the weight codes are (activation steps: float sum order)."""
+    exact for "replicate", for the data-parallel "rows" and "batch" the weight codes are
+    (activation steps: float sum order)."""
     import dist_resume_worker as worker
     work = tmp_path / "run"
     torchrun([str(HERE / "dist_resume_worker.py"), str(work), "interrupt", parallel], tmp_path)
