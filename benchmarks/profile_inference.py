@@ -32,13 +32,14 @@ import tfmq
 from bench_inference import time_call
 from sd_random import SD15_UNET_CONFIG, random_sd_pipeline
 from tfmq.runtime import compile_denoiser
-from tfmq.runtime.backends import BACKENDS
+from tfmq.runtime.backends import BACKENDS, backend_summary
+from tfmq.runtime.layers import runtime_layers
 from tfmq.sampling import SamplerConfig
 
 KINDS = [  # (kind, substrings of the kernel name), first match wins
     ("int8 conv GEMM", ("_int8_conv",)),
     ("int8 linear GEMM", ("_int8_linear",)),
-    ("int8 quantize pass", ("_quant_rows", "_quant_pad")),
+    ("int8 quantize pass", ("_quant_kernel", "_quant_rows", "_quant_pad")),
     ("split-K reduce", ("_splitk_reduce",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("cuDNN conv", ("conv", "implicit", "cudnn", "nchw", "nhwc")),
@@ -157,6 +158,9 @@ def main(argv=None) -> int:
                 continue
             backend.fuse_quantize = fuse
             q = tfmq.load(ckpt, dev, torch.bfloat16, backend="w8a8").unet.to(memory_format=torch.channels_last)
+            summary = backend_summary(q)
+            fallback = [f"{n}: {l}" for n, l in runtime_layers(q).items() if not backend.handles(l)]
+            print(f"   {summary}; layers on the reference math:\n     " + "\n     ".join(fallback), flush=True)
             compile_denoiser(q, mode=args.compile_mode)
             stage(f"{label} loaded")
             with torch.no_grad():
@@ -165,7 +169,8 @@ def main(argv=None) -> int:
                 stage(f"{label} compiled (first call done)")
                 wall = time_call(fn, args.iters, 3)["median_ms"]
                 name = f"w8a8 compiled, quantize {'fused in the graph' if fuse else 'as Triton passes'}"
-                out["rows"].append(summarise(name, wall, kernel_times(fn, args.calls), args.calls))
+                out["rows"].append(summarise(name, wall, kernel_times(fn, args.calls), args.calls)
+                                   | {"backend_summary": summary, "reference_math_layers": fallback})
                 save(out, args.json)
             del q
             torch.cuda.empty_cache()

@@ -153,12 +153,14 @@ def test_two_process_replicate_with_fewer_capture_passes_than_ranks(tmp_path, on
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["rows", "replicate", "batch"])
+# "rows" is left out (a minute on 2 CPU cores): its resume path is the one "batch" takes, and its
+# 2-process checkpoint is checked against one process in test_two_process_quantize_gives_the_same_checkpoint
+@pytest.mark.parametrize("parallel", ["replicate", "batch"])
 def test_two_process_run_interrupted_and_resumed_gives_the_one_process_checkpoint(tmp_path, one_thread,
                                                                                   parallel):
     """A 2-process calibration stopped after 5 units and continued with resume (a second launch:
     rank 0 kept the progress, rank 1 reads it) ends with one uninterrupted process's checkpoint;
-    exact for "replicate", for the data-parallel "rows" and "batch" the weight codes are
+    exact for "replicate", for the data-parallel "batch" the weight codes are
     (activation steps: float sum order)."""
     import dist_resume_worker as worker
     work = tmp_path / "run"

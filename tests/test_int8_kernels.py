@@ -150,6 +150,12 @@ def test_quantize_act_matches_reference(grid, dtype):
     ref = K.ref_quantize_act(x, sx, zx, qmin, qmax)
     assert q.dtype == torch.int8 and torch.equal(q, ref)
     assert torch.equal(sums, ref.int().sum(-1))
+    # rows wider than one channel block (sums by atomic adds), and codes without sums
+    wide = _dev((torch.randn(4, 150, generator=gen) * 3).to(dtype))[0]
+    q, sums = K.quantize_act(wide, sx, zx, qmin, qmax, return_sums=True)
+    ref = K.ref_quantize_act(wide, sx, zx, qmin, qmax)
+    assert torch.equal(q, ref) and torch.equal(sums, ref.int().sum(-1))
+    assert torch.equal(K.quantize_act(wide, sx, zx, qmin, qmax), ref)
     # NHWC from an NCHW tensor, contiguous or channels_last
     x4 = (torch.randn(2, 24, 5, 3, generator=gen) * 3).to(dtype).to(DEV)
     for xin in (x4, x4.contiguous(memory_format=torch.channels_last)):
@@ -166,21 +172,31 @@ def test_quantize_act_into_a_padded_buffer(grid):
     code), and the per-pixel sums over the padded pixels."""
     gen = torch.Generator().manual_seed(4)
     qmin, qmax = GRIDS[grid]
-    x = (torch.randn(2, 24, 5, 3, generator=gen) * 3).contiguous(memory_format=torch.channels_last)
     sx = torch.tensor([0.03])
     zx = torch.tensor([17.0]) if grid == "unsigned" else torch.zeros(1)
-    x, sx, zx = _dev(x, sx, zx)
+    # 24 channels: one channel block; 150: three blocks (the last partial), sums by atomic adds
+    cases = [(torch.randn(2, c, 5, 3, generator=gen) * 3).contiguous(memory_format=torch.channels_last)
+             for c in (24, 150)]
+    for x in cases:
+        _check_padded_quantize(x, *_dev(sx, zx), qmin, qmax)
+    x = _dev(cases[0])[0]
+    sx, zx = _dev(sx, zx)
+    with pytest.raises(ValueError, match="only used with nhwc"):
+        K.quantize_act(x, sx, zx, qmin, qmax, pad=1)
+    with pytest.raises(ValueError, match="pad must be"):
+        K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, pad=-1)
+
+
+def _check_padded_quantize(x, sx, zx, qmin, qmax):
+    x = _dev(x)[0]
+    c = x.shape[1]
     for pad in (1, (2, 1), 0):
         ph, pw = (pad, pad) if isinstance(pad, int) else pad
         q, sums = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True, pad=pad)
         ref = K.ref_quantize_act(torch.nn.functional.pad(x, (pw, pw, ph, ph)), sx, zx, qmin, qmax)
         ref = ref.permute(0, 2, 3, 1)
-        assert q.shape == (2, 5 + 2 * ph, 3 + 2 * pw, 24) and torch.equal(q, ref)
+        assert q.shape == (2, 5 + 2 * ph, 3 + 2 * pw, c) and torch.equal(q, ref)
         assert torch.equal(sums, ref.int().sum(-1))
-    with pytest.raises(ValueError, match="only used with nhwc"):
-        K.quantize_act(x, sx, zx, qmin, qmax, pad=1)
-    with pytest.raises(ValueError, match="pad must be"):
-        K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, pad=-1)
 
 
 @pytest.mark.parametrize("grid", ["unsigned", "signed"])

@@ -2,11 +2,11 @@
 
 Kernels:
 
-* ``_quant_rows_kernel``: per-tensor static activation quantizer over a row-major ``[R, C]`` view
-  (``C`` = features of a linear input, or channels of an NHWC conv input). Writes the int8 codes
-  ``a = clamp(rint(x / sx) + zx, QMIN, QMAX) - OX`` and, optionally, the int32 row sums of ``a``.
-* ``_quant_pad_kernel``: the same quantizer writing an NHWC activation into a zero-padded NHWC
-  buffer (and its per-pixel sums), the input of ``_int8_conv_padded_kernel``.
+* ``_quant_kernel``: per-tensor static activation quantizer over a row-major ``[R, C]`` view
+  (``C`` = features of a linear input, or channels of an NHWC conv input), optionally writing
+  into a zero-padded NHWC buffer (the input of ``_int8_conv_padded_kernel``). Writes the int8
+  codes ``a = clamp(rint(x / sx) + zx, QMIN, QMAX) - OX`` and, optionally, the int32 row (pixel)
+  sums of ``a``.
 * ``_int8_linear_kernel``: ``out[M, N] = sx * sw[n] * acc + bias[n]`` with
   ``acc = sum_k a*b + ca*bsum[n] + cb[n]*asum[m] + K*ca*cb[n]`` (int8 x int8 -> int32 dot).
 * ``_int8_conv_padded_kernel``: the same epilogue over an implicit GEMM of a pre-padded NHWC
@@ -43,38 +43,21 @@ def _quant_codes(x, sx, zx, QMIN: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _quant_rows_kernel(x_ptr, q_ptr, sum_ptr, sx_ptr, zx_ptr, R, C,
-                       QMIN: tl.constexpr, QMAX: tl.constexpr, WRITE_SUM: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    sx = tl.load(sx_ptr).to(tl.float32)
-    zx = tl.load(zx_ptr).to(tl.float32)
-    total = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        m = rmask[:, None] & (cols[None, :] < C)
-        offs = rows[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        a = _quant_codes(x, sx, zx, QMIN, QMAX)
-        tl.store(q_ptr + offs, a.to(tl.int8), mask=m)
-        if WRITE_SUM:
-            total += tl.sum(tl.where(m, a, 0), axis=1)
-    if WRITE_SUM:
-        tl.store(sum_ptr + rows, total, mask=rmask)
-
-
-@triton.jit
-def _quant_pad_kernel(x_ptr, q_ptr, sum_ptr, sx_ptr, zx_ptr, H, W, HP, WP, RP, C, PH, PW,
-                      QMIN: tl.constexpr, QMAX: tl.constexpr, WRITE_SUM: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _quant_kernel(x_ptr, q_ptr, sum_ptr, sx_ptr, zx_ptr, H, W, HP, WP, RP, C, PH, PW,
+                  QMIN: tl.constexpr, QMAX: tl.constexpr, WRITE_SUM: tl.constexpr, ATOMIC_SUM: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Codes of an NHWC ``[B, H, W, C]`` activation written into a zero-padded NHWC
-    ``[B, HP, WP, C]`` buffer (``HP = H + 2*PH``): every padded pixel holds the code of a real zero
-    (a masked load of 0.0, quantized like any value: ``zx - OX``), so a convolution over the buffer
-    needs no bounds checks. Optionally the int32 per-pixel channel sums ``[B, HP, WP]``."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ``[B, HP, WP, C]`` buffer (``HP = H + 2*PH``; a plain ``[R, C]`` matrix is ``[1, R, 1, C]``
+    with no padding). Every padded pixel holds the code of a real zero (a masked load of 0.0,
+    quantized like any value: ``zx - OX``), so a convolution over the buffer needs no bounds
+    checks. Optionally the int32 per-pixel (per-row) channel sums ``[B, HP, WP]``.
+
+    2-D grid (row blocks x channel blocks): enough CTAs to keep the memory system busy at batch
+    2 (one CTA per row block looping over the channels ran ~28 us at every SD UNet shape on an
+    H200; this grid 4-9 us). With several channel blocks the sums are int32 atomic adds into a
+    zeroed buffer: integer, so the result does not depend on their order."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rmask = rows < RP
     wp = rows % WP
     t = rows // WP
@@ -83,21 +66,20 @@ def _quant_pad_kernel(x_ptr, q_ptr, sum_ptr, sx_ptr, zx_ptr, H, W, HP, WP, RP, C
     h = hp - PH
     w = wp - PW
     inside = rmask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-    src = (b * H + h) * W + w
+    src = ((b * H + h) * W + w).to(tl.int64)
+    cmask = cols[None, :] < C
     sx = tl.load(sx_ptr).to(tl.float32)
     zx = tl.load(zx_ptr).to(tl.float32)
-    total = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols[None, :] < C
-        x = tl.load(x_ptr + src[:, None] * C + cols[None, :], mask=inside[:, None] & cmask, other=0.0)
-        a = _quant_codes(x.to(tl.float32), sx, zx, QMIN, QMAX)
-        m = rmask[:, None] & cmask
-        tl.store(q_ptr + rows[:, None] * C + cols[None, :], a.to(tl.int8), mask=m)
-        if WRITE_SUM:
-            total += tl.sum(tl.where(m, a, 0), axis=1)
+    x = tl.load(x_ptr + src[:, None] * C + cols[None, :], mask=inside[:, None] & cmask, other=0.0)
+    a = _quant_codes(x.to(tl.float32), sx, zx, QMIN, QMAX)
+    m = rmask[:, None] & cmask
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], a.to(tl.int8), mask=m)
     if WRITE_SUM:
-        tl.store(sum_ptr + rows, total, mask=rmask)
+        part = tl.sum(tl.where(m, a, 0), axis=1)
+        if ATOMIC_SUM:
+            tl.atomic_add(sum_ptr + rows, part, mask=rmask, sem="relaxed")
+        else:
+            tl.store(sum_ptr + rows, part, mask=rmask)
 
 
 @triton.jit
@@ -307,7 +289,7 @@ def _int8_conv_padded_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, ca_ptr, sw_p
                              EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Implicit-GEMM conv over an already padded NHWC int8 input ``[B, HP, WP, CIN]`` (padding in
-    the buffer: see ``_quant_pad_kernel``) and its padded per-pixel sums ``psum``. Output pixel
+    the buffer: see ``_quant_kernel``) and its padded per-pixel sums ``psum``. Output pixel
     ``m`` reads, at tap ``(r, s)``, pixel ``base[m] + r*WP + s``: one scalar offset per K step for
     the whole tile, so the A loads need no index arithmetic or bounds masks (rows past ``M`` are
     clamped and never stored); with ``EVEN_K`` (``CIN % BLOCK_K == 0``) no channel mask either."""

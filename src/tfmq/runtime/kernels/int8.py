@@ -109,13 +109,6 @@ def _check_channel(t: torch.Tensor, n: int, name: str, dtypes: Sequence[torch.dt
 # activation quantizer
 # ---------------------------------------------------------------------------------------------
 
-def _pow2_block(c: int) -> int:
-    for b in (256, 128, 64, 32):
-        if c % b == 0:
-            return b
-    return min(256, triton_next_pow2(c))
-
-
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -157,18 +150,9 @@ def quantize_act(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int,
         if x.dim() < 1:
             raise ValueError("x must have at least one dimension")
         xr = x.contiguous()
-    c = xr.shape[-1]
-    r = xr.numel() // max(c, 1)
-    q = torch.empty(xr.shape, dtype=torch.int8, device=x.device)
-    sums = torch.empty(xr.shape[:-1], dtype=torch.int32, device=x.device) if return_sums else q
-    if xr.numel():
-        block_c = _pow2_block(c)
-        block_r = max(1, 4096 // block_c)
-        grid = (triton_next_cdiv(r, block_r),)
-        tm._quant_rows_kernel[grid](xr, q, sums, sx, zx, r, c, QMIN=qmin, QMAX=qmax,
-                                    WRITE_SUM=return_sums, BLOCK_R=block_r, BLOCK_C=block_c,
-                                    num_warps=4)
-    return (q, sums) if return_sums else q
+    r = xr.numel() // max(xr.shape[-1], 1)
+    return _launch_quantize(tm, xr.reshape(1, r, 1, xr.shape[-1]), xr.shape, sx, zx, qmin, qmax, 0, 0,
+                            return_sums)
 
 
 def quantize_act_ops(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int, qmax: int, *,
@@ -193,16 +177,26 @@ def quantize_act_ops(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: 
 
 def _quantize_padded(tm, xr, sx, zx, qmin, qmax, ph, pw, return_sums):
     bsz, h, w, c = xr.shape
+    return _launch_quantize(tm, xr, (bsz, h + 2 * ph, w + 2 * pw, c), sx, zx, qmin, qmax, ph, pw, return_sums)
+
+
+def _launch_quantize(tm, xr, out_shape, sx, zx, qmin, qmax, ph, pw, return_sums):
+    """Codes (and sums) of a contiguous NHWC ``xr`` into a new int8 tensor of ``out_shape`` (the
+    padded NHWC shape, or any shape with ``xr``'s elements when ``ph = pw = 0``)."""
+    bsz, h, w, c = xr.shape
     hp, wp = h + 2 * ph, w + 2 * pw
-    q = torch.empty((bsz, hp, wp, c), dtype=torch.int8, device=xr.device)
-    sums = torch.empty((bsz, hp, wp), dtype=torch.int32, device=xr.device) if return_sums else q
+    q = torch.empty(out_shape, dtype=torch.int8, device=xr.device)
     rp = bsz * hp * wp
+    block_c = min(64, triton_next_pow2(max(c, 1)))
+    block_r = max(16, 1024 // block_c)
+    grid = (triton_next_cdiv(rp, block_r), triton_next_cdiv(c, block_c))
+    atomic = return_sums and grid[1] > 1
+    alloc = torch.zeros if atomic or c == 0 else torch.empty     # c == 0: the sums of nothing
+    sums = alloc(out_shape[:-1], dtype=torch.int32, device=xr.device) if return_sums else q
     if q.numel():
-        block_c = _pow2_block(c)
-        block_r = max(1, 4096 // block_c)
-        tm._quant_pad_kernel[(triton_next_cdiv(rp, block_r),)](
-            xr, q, sums, sx, zx, h, w, hp, wp, rp, c, ph, pw, QMIN=qmin, QMAX=qmax, WRITE_SUM=return_sums,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        tm._quant_kernel[grid](xr, q, sums, sx, zx, h, w, hp, wp, rp, c, ph, pw, QMIN=qmin, QMAX=qmax,
+                               WRITE_SUM=return_sums, ATOMIC_SUM=atomic, BLOCK_R=block_r, BLOCK_C=block_c,
+                               num_warps=4)
     return (q, sums) if return_sums else q
 
 
