@@ -31,6 +31,7 @@ import torch
 import tfmq
 from bench_inference import time_call
 from sd_random import SD15_UNET_CONFIG, random_sd_pipeline
+from tfmq.policy import POLICIES
 from tfmq.runtime import compile_denoiser
 from tfmq.runtime.backends import BACKENDS, backend_summary
 from tfmq.runtime.layers import runtime_layers
@@ -113,6 +114,10 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=5, help="profiled calls per configuration")
     p.add_argument("--iters", type=int, default=30, help="timed calls per configuration")
     p.add_argument("--configs", default="bf16,w8a8-fused,w8a8-pass")
+    p.add_argument("--policy", default="tfmq-official", choices=sorted(POLICIES), help="layer policy of the W8A8 checkpoint: tfmq-official "
+                                                             "keeps resnet conv1 inputs in full precision (those "
+                                                             "convs then run the reference path); 'all' makes "
+                                                             "every conv and linear int8")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for every configuration, e.g. "
                                                          "reduce-overhead (CUDA graphs); default: torch's default")
     args = p.parse_args(argv)
@@ -146,7 +151,8 @@ def main(argv=None) -> int:
             del comp, ub
             torch.cuda.empty_cache()
         cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=2,
-                                          sampler=SamplerConfig("ddim", 4), prompts=["a photo"])
+                                          sampler=SamplerConfig("ddim", 4), prompts=["a photo"],
+                                          layer_policy=args.policy)
         tfmq.quantize(pipe, cfg, progress=False)
         ckpt = tfmq.save(pipe, work / "sd-w8a8", overwrite=True)
         stage("naive W8A8 calibrated and saved")
