@@ -172,15 +172,13 @@ def test_quantize_act_into_a_padded_buffer(grid):
     code), and the per-pixel sums over the padded pixels."""
     gen = torch.Generator().manual_seed(4)
     qmin, qmax = GRIDS[grid]
-    sx = torch.tensor([0.03])
-    zx = torch.tensor([17.0]) if grid == "unsigned" else torch.zeros(1)
+    sx, zx = _dev(torch.tensor([0.03]), torch.tensor([17.0]) if grid == "unsigned" else torch.zeros(1))
     # 24 channels: one channel block; 150: three blocks (the last partial), sums by atomic adds
-    cases = [(torch.randn(2, c, 5, 3, generator=gen) * 3).contiguous(memory_format=torch.channels_last)
-             for c in (24, 150)]
+    cases = _dev(*[(torch.randn(2, c, 5, 3, generator=gen) * 3).contiguous(memory_format=torch.channels_last)
+                   for c in (24, 150)])
     for x in cases:
-        _check_padded_quantize(x, *_dev(sx, zx), qmin, qmax)
-    x = _dev(cases[0])[0]
-    sx, zx = _dev(sx, zx)
+        _check_padded_quantize(x, sx, zx, qmin, qmax)
+    x = cases[0]
     with pytest.raises(ValueError, match="only used with nhwc"):
         K.quantize_act(x, sx, zx, qmin, qmax, pad=1)
     with pytest.raises(ValueError, match="pad must be"):
@@ -188,7 +186,6 @@ def test_quantize_act_into_a_padded_buffer(grid):
 
 
 def _check_padded_quantize(x, sx, zx, qmin, qmax):
-    x = _dev(x)[0]
     c = x.shape[1]
     for pad in (1, (2, 1), 0):
         ph, pw = (pad, pad) if isinstance(pad, int) else pad

@@ -30,6 +30,7 @@ interpreter (a debugging aid, explicitly opted into; never used as a fallback).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence, Union
 
@@ -142,17 +143,17 @@ def quantize_act(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int,
         if x.dim() != 4:
             raise ValueError(f"nhwc=True needs a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
         xr = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # contiguous NHWC
-        if ph or pw:
-            return _quantize_padded(tm, xr, sx, zx, qmin, qmax, ph, pw, return_sums)
-    elif ph or pw:
+        return _launch_quantize(tm, xr, sx, zx, qmin, qmax, ph, pw, return_sums)
+    if ph or pw:
         raise ValueError("pad is only used with nhwc=True (a convolution's input)")
-    else:
-        if x.dim() < 1:
-            raise ValueError("x must have at least one dimension")
-        xr = x.contiguous()
-    r = xr.numel() // max(xr.shape[-1], 1)
-    return _launch_quantize(tm, xr.reshape(1, r, 1, xr.shape[-1]), xr.shape, sx, zx, qmin, qmax, 0, 0,
-                            return_sums)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    xr = x.contiguous()
+    c = xr.shape[-1]
+    out = _launch_quantize(tm, xr.reshape(1, math.prod(xr.shape[:-1]), 1, c), sx, zx, qmin, qmax, 0, 0, return_sums)
+    if return_sums:                                       # [1, R, 1, C] -> x's shape
+        return out[0].view(xr.shape), out[1].view(xr.shape[:-1])
+    return out.view(xr.shape)
 
 
 def quantize_act_ops(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int, qmax: int, *,
@@ -175,24 +176,19 @@ def quantize_act_ops(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: 
     return q.to(torch.int8).contiguous(), q.sum(-1).to(torch.int32).contiguous()
 
 
-def _quantize_padded(tm, xr, sx, zx, qmin, qmax, ph, pw, return_sums):
-    bsz, h, w, c = xr.shape
-    return _launch_quantize(tm, xr, (bsz, h + 2 * ph, w + 2 * pw, c), sx, zx, qmin, qmax, ph, pw, return_sums)
-
-
-def _launch_quantize(tm, xr, out_shape, sx, zx, qmin, qmax, ph, pw, return_sums):
-    """Codes (and sums) of a contiguous NHWC ``xr`` into a new int8 tensor of ``out_shape`` (the
-    padded NHWC shape, or any shape with ``xr``'s elements when ``ph = pw = 0``)."""
+def _launch_quantize(tm, xr, sx, zx, qmin, qmax, ph, pw, return_sums):
+    """Codes of a contiguous NHWC ``xr`` ``[B, H, W, C]`` into a new zero-padded int8 NHWC tensor
+    ``[B, H + 2*ph, W + 2*pw, C]`` (and its int32 per-pixel sums)."""
     bsz, h, w, c = xr.shape
     hp, wp = h + 2 * ph, w + 2 * pw
-    q = torch.empty(out_shape, dtype=torch.int8, device=xr.device)
+    q = torch.empty((bsz, hp, wp, c), dtype=torch.int8, device=xr.device)
     rp = bsz * hp * wp
     block_c = min(64, triton_next_pow2(max(c, 1)))
     block_r = max(16, 1024 // block_c)
     grid = (triton_next_cdiv(rp, block_r), triton_next_cdiv(c, block_c))
     atomic = return_sums and grid[1] > 1
     alloc = torch.zeros if atomic or c == 0 else torch.empty     # c == 0: the sums of nothing
-    sums = alloc(out_shape[:-1], dtype=torch.int32, device=xr.device) if return_sums else q
+    sums = alloc((bsz, hp, wp), dtype=torch.int32, device=xr.device) if return_sums else q
     if q.numel():
         tm._quant_kernel[grid](xr, q, sums, sx, zx, h, w, hp, wp, rp, c, ph, pw, QMIN=qmin, QMAX=qmax,
                                WRITE_SUM=return_sums, ATOMIC_SUM=atomic, BLOCK_R=block_r, BLOCK_C=block_c,
