@@ -15,7 +15,10 @@ mode and times:
 
 Then it compares the results of 1 and N processes: the images (``np.array_equal``, else the
 number of differing pixels and the largest difference) and every tensor of the two checkpoints
-(equal, else how many elements differ and by how much). It prints a table and writes it with
+(equal, else how many elements differ and by how much); with ``--repeat-one`` also two 1-process
+runs (the run-to-run spread), and with ``--compare-outputs N`` the samples of the FP model and of
+every checkpoint (same noise): the N-process result is "equal" when it is as close to the 1-process
+one as a second 1-process run is, both far inside the quantization error. It prints a table and writes it with
 everything else as JSON (``--json``).
 
 GPU (one host, NCCL; the lead runs scripts/gpu_multi_check.sh)::
@@ -74,6 +77,13 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", action="store_true",
                    help="quantize with torch.use_deterministic_algorithms (and deterministic cuDNN): "
                         "without it the GPU's atomics-based kernels make even two 1-GPU runs differ")
+    p.add_argument("--repeat-one", action="store_true",
+                   help="quantize: launch the 1-process job a second time; the two 1-process checkpoints' "
+                        "difference is the run-to-run spread the N-process result is judged against")
+    p.add_argument("--compare-outputs", type=int, default=0, metavar="N",
+                   help="quantize: sample N images (the calibrated sampler, seeds 0..N-1) with the FP "
+                        "model and with every checkpoint on the first GPU, and report the outputs' "
+                        "pairwise PSNR and relative L2 (0: only compare tensors)")
     p.add_argument("--work", type=Path, default=None, help="folder for checkpoints / images (default: a temp folder)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--timeout", type=int, default=900, help="seconds per torchrun launch")
@@ -170,8 +180,8 @@ def worker(args) -> None:
 
 
 # ---- driver -----------------------------------------------------------------------------------
-def launch(args, task: str, model: str, nproc: int, work: Path) -> dict:
-    result = work / f"{task}-{model}-p{nproc}.json"
+def launch(args, task: str, model: str, nproc: int, work: Path, tag: str = "") -> dict:
+    result = work / f"{task}-{model}-p{nproc}{tag}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(Path(__file__).resolve()), "--worker", task, "--model", model, "--result", str(result)]
     for flag in ("device", "num_images", "batch_size", "steps", "seed", "calib_size", "calib_batch_size",
@@ -240,6 +250,35 @@ def compare_checkpoints(a_dir: Path, b_dir: Path) -> dict:
             "max_rel_diff": worst, "differing": dict(list(differing.items())[:20])}
 
 
+def _psnr_rel(a, b) -> dict:
+    """PSNR (peak-to-peak 2 on the [-1, 1] clamped outputs) and relative L2 of two output batches."""
+    import math
+    a, b = a.clamp(-1, 1).double(), b.clamp(-1, 1).double()
+    mse = float(((a - b) ** 2).mean())
+    return {"psnr_db": math.inf if mse == 0 else 10 * math.log10(4.0 / mse),
+            "rel_l2": float((a - b).norm() / a.norm().clamp_min(1e-30)),
+            "max_abs": float((a - b).abs().max())}
+
+
+def compare_outputs(args, model: str, config: dict, ckpts: dict[str, Path]) -> dict:
+    """Sample ``args.compare_outputs`` images from the FP model and from each checkpoint (same
+    noise, the calibrated sampler) and compare them pairwise: the quantization error (each
+    checkpoint vs FP) is the scale against which 1-vs-N and 1-vs-1 differences are read."""
+    import torch
+
+    import tfmq
+    from tfmq.sampling import SamplerConfig, denoise
+    device = "cuda:0" if args.device == "cuda" else "cpu"
+    sampler = SamplerConfig(**config["sampler"])
+    n, bs = args.compare_outputs, min(args.compare_outputs, 256)
+    outs = {"fp": denoise(build_pipeline(model, device), sampler, n, bs, args.seed, progress=False).float().cpu()}
+    for name, path in ckpts.items():
+        outs[name] = denoise(tfmq.load(path, device), sampler, n, bs, args.seed, progress=False).float().cpu()
+    names = list(outs)
+    pairs = {f"{x} vs {y}": _psnr_rel(outs[x], outs[y]) for i, x in enumerate(names) for y in names[i + 1:]}
+    return {"images": n, "sampler": config["sampler"], "pairs": pairs}
+
+
 def driver(args) -> dict:
     import torch
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -268,6 +307,14 @@ def driver(args) -> dict:
                 check = compare_images(stem(1).with_suffix(".npy"), stem(args.nproc).with_suffix(".npy"))
             else:
                 check = compare_checkpoints(stem(1).with_suffix(".ckpt"), stem(args.nproc).with_suffix(".ckpt"))
+                ckpts = {"1 proc": stem(1).with_suffix(".ckpt"), f"{args.nproc} proc": stem(args.nproc).with_suffix(".ckpt")}
+                if args.repeat_one:
+                    again = launch(args, task, model, 1, work, tag="-again")
+                    rows[-1]["seconds_1_again"] = again["seconds"]
+                    ckpts["1 proc again"] = work / f"{task}-{model}-p1-again.ckpt"
+                    check["one_vs_one"] = compare_checkpoints(ckpts["1 proc"], ckpts["1 proc again"])
+                if args.compare_outputs:
+                    check["outputs"] = compare_outputs(args, model, one["config"], ckpts)
             checks.append({"task": task, "model": model, **check})
             if args.json:           # what is finished survives a later failure or time limit
                 args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +335,8 @@ def table(result: dict) -> str:
              "|---|---|---:|---:|---:|---|"]
     for r in result["rows"]:
         ips = (f"{r['images_per_s_1']:.1f} -> {r[f'images_per_s_{n}']:.1f}" if r["images_per_s_1"] else "")
-        lines.append(f"| {r['task']} | {r['model']} | {r['seconds_1']:.2f} | {r[f'seconds_{n}']:.2f} | "
+        again = f" (again {r['seconds_1_again']:.2f})" if r.get("seconds_1_again") else ""
+        lines.append(f"| {r['task']} | {r['model']} | {r['seconds_1']:.2f}{again} | {r[f'seconds_{n}']:.2f} | "
                      f"{r['speedup']:.2f}x | {ips} |")
     lines += ["", f"| equality 1 vs {n} | model | equal | detail |", "|---|---|---|---|"]
     for c in result["equality"]:
@@ -298,6 +346,18 @@ def table(result: dict) -> str:
             detail = (f"{c.get('differing_tensors')} of {c.get('tensors')} tensors differ "
                       f"(max relative {c.get('max_rel_diff', 0):.3g})")
         lines.append(f"| {c['task']} | {c['model']} | {c['equal']} | {c.get('note', detail)} |")
+        if "one_vs_one" in c:
+            o = c["one_vs_one"]
+            lines.append(f"| {c['task']} | {c['model']} (1 vs 1 again) | {o['equal']} | "
+                         f"{o.get('differing_tensors')} of {o.get('tensors')} tensors differ "
+                         f"(max relative {o.get('max_rel_diff', 0):.3g}) |")
+    for c in result["equality"]:
+        if "outputs" in c:
+            o = c["outputs"]
+            lines += ["", f"outputs of {c['model']}: {o['images']} samples, sampler {o['sampler']}, same noise",
+                      "| pair | PSNR (dB) | relative L2 | max abs |", "|---|---:|---:|---:|"]
+            lines += [f"| {k} | {v['psnr_db']:.2f} | {v['rel_l2']:.4g} | {v['max_abs']:.3g} |"
+                      for k, v in o["pairs"].items()]
     for r in result["rows"]:
         if r.get("stages_s_1"):
             lines.append(f"\nstages {r['model']} (s), 1 proc: {r['stages_s_1']}\n"

@@ -4,6 +4,7 @@ Tiny models here have RANDOM weights: they check numerics (runtime == fake-quant
 bit for bit), memory accounting, round trips and errors, not quality.
 """
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_ddpm_pipeline, tiny_qdiff
@@ -240,10 +241,17 @@ def _compare_w8a8_with_reference(tmp_path):
     # accumulation lands on a rounding boundary, and the flip propagates. Measured on an H200 (both
     # conv paths alike, session 9): per step 0.85%, 1.37%, 1.8e-7, 0.71% (mean |diff| / mean |ref|).
     assert max(rel) <= 0.03, rel
-    a = tfmq.generate(ref, config.sampler, 16, 16, seed=0, progress=False).astype("float64")
-    b = tfmq.generate(fast, config.sampler, 16, 16, seed=0, progress=False).astype("float64")
-    mse = ((a - b) ** 2).mean()
-    assert mse == 0 or 10 * torch.log10(torch.tensor(255.0 ** 2 / mse)) >= 40
+    # Final images: a quantized model is discontinuous, so any change of float rounding moves some
+    # codes and the sampler carries the moves on. The yardstick is the reference's own sensitivity
+    # to float rounding: the same checkpoint computed in float64. Measured on this random-weight tiny
+    # model (4 DDIM steps, 16 images): w8a8 vs fp32 reference 35.6 dB on an H200 (34.9 dB through the
+    # Triton interpreter on CPU), float64 vs fp32 reference 34.6 dB (CPU), the quantization error
+    # itself (reference vs the FP model) 29.9 dB. A wrong scale or code costs far more than 3 dB.
+    ref64 = tfmq.load(ckpt, "cuda", dtype=torch.float64, backend="reference")
+    a, b, c = (tfmq.generate(p, config.sampler, 16, 16, seed=0, progress=False).astype("float64")
+               for p in (ref, fast, ref64))
+    psnr = lambda x, y: 10 * np.log10(255.0 ** 2 / max(((x - y) ** 2).mean(), 1e-12))  # noqa: E731
+    assert psnr(b, a) >= psnr(c, a) - 3.0, (psnr(b, a), psnr(c, a))
 
 
 def test_evaluate_with_the_weight_only_backend(tmp_path, one_thread):
