@@ -79,7 +79,8 @@ def parse_args(argv=None):
                         "without it the GPU's atomics-based kernels make even two 1-GPU runs differ")
     p.add_argument("--repeat-one", action="store_true",
                    help="quantize: launch the 1-process job a second time; the two 1-process checkpoints' "
-                        "difference is the run-to-run spread the N-process result is judged against")
+                        "difference is the run-to-run spread the N-process result is judged against (on a "
+                        "machine with 2+ GPUs the two 1-process runs go side by side on GPUs 0 and 1)")
     p.add_argument("--compare-outputs", type=int, default=0, metavar="N",
                    help="quantize: sample N images (the calibrated sampler, seeds 0..N-1) with the FP "
                         "model and with every checkpoint on the first GPU, and report the outputs' "
@@ -180,7 +181,7 @@ def worker(args) -> None:
 
 
 # ---- driver -----------------------------------------------------------------------------------
-def launch(args, task: str, model: str, nproc: int, work: Path, tag: str = "") -> dict:
+def launch(args, task: str, model: str, nproc: int, work: Path, tag: str = "", gpus: str | None = None) -> dict:
     result = work / f"{task}-{model}-p{nproc}{tag}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(Path(__file__).resolve()), "--worker", task, "--model", model, "--result", str(result)]
@@ -192,6 +193,8 @@ def launch(args, task: str, model: str, nproc: int, work: Path, tag: str = "") -
                             ("--deterministic", args.deterministic)) if on]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "4" if args.device == "cuda" else "1")
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -294,7 +297,18 @@ def driver(args) -> dict:
     rows, checks = [], []
     for task in tasks:
         for model in models:
-            runs = {p: launch(args, task, model, p, work) for p in (1, args.nproc)}
+            again = None
+            if task == "quantize" and args.repeat_one and args.device == "cuda" and torch.cuda.device_count() >= 2:
+                # the two 1-process runs side by side, one on each of the first two GPUs
+                from concurrent.futures import ThreadPoolExecutor
+                with ThreadPoolExecutor(2) as pool:
+                    first = pool.submit(launch, args, task, model, 1, work, "", "0")
+                    second = pool.submit(launch, args, task, model, 1, work, "-again", "1")
+                    runs = {1: first.result()}
+                    again = second.result()
+            else:
+                runs = {1: launch(args, task, model, 1, work)}
+            runs[args.nproc] = launch(args, task, model, args.nproc, work)
             one, many = runs[1], runs[args.nproc]
             rows.append({"task": task, "model": model, "parameters": one["parameters"],
                          "seconds_1": one["seconds"], f"seconds_{args.nproc}": many["seconds"],
@@ -309,7 +323,10 @@ def driver(args) -> dict:
                 check = compare_checkpoints(stem(1).with_suffix(".ckpt"), stem(args.nproc).with_suffix(".ckpt"))
                 ckpts = {"1 proc": stem(1).with_suffix(".ckpt"), f"{args.nproc} proc": stem(args.nproc).with_suffix(".ckpt")}
                 if args.repeat_one:
-                    again = launch(args, task, model, 1, work, tag="-again")
+                    if again is None:
+                        again = launch(args, task, model, 1, work, tag="-again")
+                    else:
+                        rows[-1]["one_process_runs_side_by_side"] = True
                     rows[-1]["seconds_1_again"] = again["seconds"]
                     ckpts["1 proc again"] = work / f"{task}-{model}-p1-again.ckpt"
                     check["one_vs_one"] = compare_checkpoints(ckpts["1 proc"], ckpts["1 proc again"])
