@@ -13,7 +13,8 @@ from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 # Under pytest-xdist (-n N) the workers share the machine's cores: each gets its part instead of
 # every worker's torch starting a thread per core (oversubscribed OpenMP threads spin and stall).
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def tiny_unet2d(num_class_embeds=None, seed=0):
