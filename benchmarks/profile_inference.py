@@ -41,6 +41,7 @@ KINDS = [  # (kind, substrings of the kernel name), first match wins
     ("int8 conv GEMM", ("_int8_conv",)),
     ("int8 linear GEMM", ("_int8_linear",)),
     ("int8 quantize pass", ("_quant_kernel",)),
+    ("W8A16 conv GEMM", ("_w8_conv",)),
     ("split-K reduce", ("_splitk_reduce",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("cuDNN conv", ("conv", "implicit", "cudnn", "nchw", "nhwc")),

@@ -13,9 +13,12 @@
     Real 8-bit compute on CUDA (compute capability >= 8.0, Triton): the layer's input is
     quantized to its calibrated int8 grid with the static (per-step) scale, the product runs on
     INT8 tensor cores with int32 accumulation (Triton GEMM for Linear, implicit-GEMM for Conv2d),
-    and the zero-point corrections and scales are applied in the kernel's epilogue. Layers that are
-    not W8A8 (kept in full precision by the layer policy, or of other bit widths) compute as in
-    ``reference``; :func:`backend_summary` says which ran how.
+    and the zero-point corrections and scales are applied in the kernel's epilogue. Convolutions
+    with 8-bit weights whose input the layer policy keeps in full precision (``tfmq-official``: every
+    resnet ``conv1``) run a W8A16 kernel in bf16 / fp16 models (:mod:`.kernels.w8a16`: int8 codes
+    dequantized tile by tile in registers, no full-precision weight). Other layers (other bit
+    widths, float32 models for the W8A16 ones) compute as in ``reference``;
+    :func:`backend_summary` says which ran how.
 
 Every backend is tested against ``reference`` on the same inputs (tests/test_runtime.py).
 """
@@ -77,16 +80,33 @@ class W8A8Backend(Backend):
         return None
 
     def handles(self, layer) -> bool:
+        return self._int8(layer) or self._w8a16(layer)
+
+    @staticmethod
+    def _plain_conv(layer) -> bool:
+        return layer.groups == 1 and not isinstance(layer.padding, str) and layer.dilation == (1, 1)
+
+    def _int8(self, layer) -> bool:
         act = layer.act
         if layer.qweight is None or layer.qweight.bits != 8 or act is None or act.bits != 8:
             return False
-        return layer.kind != "conv" or (layer.groups == 1 and not isinstance(layer.padding, str)
-                                        and layer.dilation == (1, 1))
+        return layer.kind != "conv" or self._plain_conv(layer)
+
+    def _w8a16(self, layer) -> bool:
+        from .kernels.w8a16 import IN_DTYPES
+        return (layer.kind == "conv" and layer.act is None and layer.qweight is not None
+                and layer.qweight.bits == 8 and self._plain_conv(layer) and layer.dtype in IN_DTYPES)
 
     def prepare(self, layer) -> None:
         from .kernels import int8
         layer.prepared = {}
-        if not self.handles(layer):
+        if self._w8a16(layer):
+            from .kernels import w8a16
+            q = layer.qweight
+            w8, zo = w8a16.prepare_weight(q.codes(), q.zero_point, int8.offset_for(q.qmin, q.qmax))
+            layer.prepared = {"w8a16": (w8, zo)}
+            return
+        if not self._int8(layer):
             return
         q = layer.qweight
         codes = q.codes()                                     # int16, PyTorch weight layout
@@ -99,6 +119,10 @@ class W8A8Backend(Backend):
         layer.prepared = {"parts": [int8.prepare_weight(p.contiguous(), q.zero_point, ow) for p in parts]}
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+        w8a16 = layer.prepared.get("w8a16")
+        if w8a16 is not None and x.dtype == layer.dtype:
+            from .kernels.w8a16 import w8a16_conv2d
+            return w8a16_conv2d(x, *w8a16, layer.qweight.scale, layer.bias, layer.stride, layer.padding)
         parts = layer.prepared.get("parts")
         if parts is None:                                    # not a W8A8 layer: reference math
             return Backend.run(self, layer, x)
