@@ -5,6 +5,12 @@ fp16) with an int8 weight ``[N, KH, KW, CIN]`` holding ``code - OW``. Each weigh
 dequantized in registers exactly as the reference backend dequantizes the whole weight,
 ``((code - OW) - (zw - OW)) * sw`` in float32, then cast to the activation's dtype, and multiplied
 on the tensor cores with float32 accumulation; out-of-image taps read 0.0 (zero padding).
+
+The product is computed transposed, ``acc[n, m] = w[n, :] . x[m, :]``: the dequantized weight
+tile lives in registers, and on Hopper only the first operand of a tensor-core MMA may come from
+registers (the second is read from shared memory, where the loaded activation tile goes). With the
+weight as the second operand every K step stored it to shared memory first: measured on an H200,
+0.2-0.46x cuDNN bf16 at the SD conv1 shapes (``benchmarks/results/w8a16_*``).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def _w8_conv_kernel(x_ptr, b_ptr, zo_ptr, sw_ptr, bias_ptr, out_ptr, Bsz, H, W, 
     b_rows = b_ptr + rbn[:, None] * K + rk[None, :]
     zo = tl.load(zo_ptr + rbn)
     sw = tl.load(sw_ptr + rbn)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     nck = tl.cdiv(CIN, BLOCK_K)
     for kk in range(0, KH * KW * nck):
         tap = kk // nck
@@ -55,11 +61,11 @@ def _w8_conv_kernel(x_ptr, b_ptr, zo_ptr, sw_ptr, bias_ptr, out_ptr, Bsz, H, W, 
         x = tl.load(x_ptr + pix[:, None] * CIN + ck[None, :], mask=inb[:, None] & cmask[None, :], other=0.0)
         b = tl.load(b_rows + (tap * CIN + c0), mask=cmask[None, :], other=0)
         w = ((b.to(tl.float32) - zo[:, None]) * sw[:, None]).to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc)
+        acc = tl.dot(w, tl.trans(x), acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rbn).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & (rn[None, :] < N))
+        acc += tl.load(bias_ptr + rbn).to(tl.float32)[:, None]
+    out = out_ptr + rm[None, :].to(tl.int64) * N + rn[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mmask[None, :] & (rn[:, None] < N))
 
 
 def _configs():
