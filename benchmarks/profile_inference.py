@@ -33,7 +33,8 @@ from bench_inference import time_call
 from sd_random import SD15_UNET_CONFIG, random_sd_pipeline
 from tfmq.policy import POLICIES
 from tfmq.runtime import compile_denoiser
-from tfmq.runtime.backends import BACKENDS, backend_summary
+from tfmq.runtime.backends import BACKENDS
+from tfmq.runtime.selection import backend_summary
 from tfmq.runtime.layers import runtime_layers
 from tfmq.sampling import SamplerConfig
 

@@ -17,7 +17,8 @@ from .models.adapter import absent_components, get_denoiser, load_pipeline
 from .models.units import shortcut_splits
 from .quant.model import WrapSpec, freeze, set_quant_state, wrap_denoiser
 from .recipes import QuantContext, StageTimer, get_recipe, run_recipe
-from .runtime.backends import BackendUnavailable, compile_denoiser, get_backend, set_backend
+from .runtime.backends import BackendUnavailable, compile_denoiser, get_backend
+from .runtime.selection import set_backend
 from .runtime.convert import convert as runtime_convert
 from .runtime.pipeline import bind_quantized
 

@@ -200,7 +200,7 @@ def load_denoiser(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, back
     denoiser.tfmq_info = info
     denoiser.to(device)
     if backend != "reference":
-        from .runtime.backends import set_backend
+        from .runtime.selection import set_backend
         set_backend(denoiser, backend)
     return denoiser
 

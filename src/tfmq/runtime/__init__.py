@@ -5,15 +5,16 @@
 * :mod:`~tfmq.runtime.steps`: the per-step index as a tensor and the sampler check;
 * :mod:`~tfmq.runtime.temporal_cache`: the temporal feature table;
 * :mod:`~tfmq.runtime.backends`: ``reference``, ``weight-only``, ``w8a8``;
+* :mod:`~tfmq.runtime.selection`: choosing a converted denoiser's backend, and what runs how;
 * :mod:`~tfmq.runtime.convert`: calibrated model / checkpoint tensors <-> runtime modules;
 * :mod:`~tfmq.runtime.pipeline`: the diffusers pipeline around a quantized denoiser.
 """
 
-from .backends import (BACKENDS, BackendUnavailable, backend_summary, compile_denoiser, get_backend,
-                       set_backend)
+from .backends import BACKENDS, BackendUnavailable, compile_denoiser, get_backend
 from .convert import ConversionError, build_runtime, convert, runtime_nbytes, runtime_tensors
 from .layers import ActQuant, AttentionActQuant, QuantizedConv2d, QuantizedLinear, runtime_layers
 from .packed import PackedWeight
+from .selection import backend_summary, set_backend
 from .steps import CalibrationMismatchError, StepIndex, check_timesteps, is_step_dependent
 
 __all__ = ["ActQuant", "AttentionActQuant", "BACKENDS", "BackendUnavailable", "CalibrationMismatchError",

@@ -20,7 +20,7 @@
     5.3 ms vs 7.4 ms expanded + cuDNN on an H200). Under ``torch.compile`` they take the reference
     math, whose code expansion Inductor fuses into one kernel a layer (about 48 us) before cuDNN:
     faster than the kernel today (it reaches 0.23-0.44x of cuDNN bf16). Other layers (other bit
-    widths, float32 models) compute as in ``reference``; :func:`backend_summary` says which ran how.
+    widths, float32 models) compute as in ``reference``; :func:`~tfmq.runtime.selection.backend_summary` says which ran how.
 
 Every backend is tested against ``reference`` on the same inputs (tests/test_runtime.py).
 """
@@ -160,49 +160,11 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def _runtime_layers(model: nn.Module) -> dict:
-    return {n: m for n, m in model.named_modules() if hasattr(m, "qweight") and hasattr(m, "prepared")}
-
-
 def get_backend(name: str) -> Backend:
     try:
         return BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}") from None
-
-
-def set_backend(denoiser: nn.Module, name: str) -> nn.Module:
-    """Run every quantized layer of a converted denoiser with backend ``name`` (in place).
-    Raises :class:`BackendUnavailable` before changing anything when it cannot run here."""
-    backend = get_backend(name)
-    layers = _runtime_layers(denoiser)
-    if not layers:
-        raise ValueError("this denoiser has no quantized runtime layers: convert it first "
-                         "(tfmq.runtime.convert) or load a checkpoint with tfmq.load")
-    device = next(iter(next(iter(layers.values())).buffers()), None)
-    device = device.device if device is not None else next(denoiser.parameters()).device
-    reason = backend.available(device)
-    if reason is not None:
-        raise BackendUnavailable(reason)
-    for layer in layers.values():
-        backend.prepare(layer)
-        layer.backend = name
-    for m in denoiser.modules():
-        if hasattr(m, "quantizers") and hasattr(m, "softmax") and hasattr(m, "backend"):
-            m.backend = name                                  # attention parameters
-    denoiser.tfmq_backend = name
-    return denoiser
-
-
-def backend_summary(denoiser: nn.Module) -> dict:
-    """How the layers of a converted denoiser compute: the backend, and how many of its layers
-    run the backend's own kernels vs the reference math."""
-    layers = _runtime_layers(denoiser)
-    name = getattr(denoiser, "tfmq_backend", "reference")
-    backend = get_backend(name)
-    own = sum(1 for l in layers.values() if backend.handles(l))
-    return {"backend": name, "layers": len(layers), "backend_kernels": own,
-            "reference_math": len(layers) - own}
 
 
 def compile_denoiser(denoiser: nn.Module, mode: str | None = None) -> nn.Module:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..quant.layers import AttentionQuantizers, QuantLayer
 from ..quant.packing import pack
-from .backends import set_backend
+from .selection import set_backend
 from .layers import (ActQuant, AttentionActQuant, GroupActQuant, QuantizedConv2d, QuantizedLinear,
                      RuntimeAttnProcessor, runtime_layers)
 from .packed import PackedWeight

@@ -1,0 +1,47 @@
+"""Choosing the backend of a converted denoiser, and saying how its layers compute.
+
+:func:`set_backend` checks that the backend can run where the model is, then lets it prepare each
+quantized layer (its own weight layouts, from the packed codes); :func:`backend_summary` counts the
+layers that run the backend's own kernels and those on the reference math.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .backends import BackendUnavailable, get_backend
+from .layers import runtime_layers
+
+
+def set_backend(denoiser: nn.Module, name: str) -> nn.Module:
+    """Run every quantized layer of a converted denoiser with backend ``name`` (in place).
+    Raises :class:`BackendUnavailable` before changing anything when it cannot run here."""
+    backend = get_backend(name)
+    layers = runtime_layers(denoiser)
+    if not layers:
+        raise ValueError("this denoiser has no quantized runtime layers: convert it first "
+                         "(tfmq.runtime.convert) or load a checkpoint with tfmq.load")
+    device = next(iter(next(iter(layers.values())).buffers()), None)
+    device = device.device if device is not None else next(denoiser.parameters()).device
+    reason = backend.available(device)
+    if reason is not None:
+        raise BackendUnavailable(reason)
+    for layer in layers.values():
+        backend.prepare(layer)
+        layer.backend = name
+    for m in denoiser.modules():
+        if hasattr(m, "quantizers") and hasattr(m, "softmax") and hasattr(m, "backend"):
+            m.backend = name                                  # attention parameters
+    denoiser.tfmq_backend = name
+    return denoiser
+
+
+def backend_summary(denoiser: nn.Module) -> dict:
+    """How the layers of a converted denoiser compute: the backend, and how many of its layers
+    run the backend's own kernels vs the reference math."""
+    layers = runtime_layers(denoiser)
+    name = getattr(denoiser, "tfmq_backend", "reference")
+    backend = get_backend(name)
+    own = sum(1 for l in layers.values() if backend.handles(l))
+    return {"backend": name, "layers": len(layers), "backend_kernels": own,
+            "reference_math": len(layers) - own}
