@@ -60,12 +60,69 @@ def _w8_conv_kernel(x_ptr, b_ptr, zo_ptr, sw_ptr, bias_ptr, out_ptr, Bsz, H, W, 
         cmask = ck < CIN
         x = tl.load(x_ptr + pix[:, None] * CIN + ck[None, :], mask=inb[:, None] & cmask[None, :], other=0.0)
         b = tl.load(b_rows + (tap * CIN + c0), mask=cmask[None, :], other=0)
-        w = ((b.to(tl.float32) - zo[:, None]) * sw[:, None]).to(x.dtype)
-        acc = tl.dot(w, tl.trans(x), acc)
+        acc = tl.dot(_dequant(b, zo, sw, x.dtype), tl.trans(x), acc)
+    _finish(acc, rm, rn, M, N, rbn, bias_ptr, out_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _dequant(b, zo, sw, dtype: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_K]`` weight tile: ``((code - OW) - (zw - OW)) * sw`` in float32 -> dtype."""
+    return ((b.to(tl.float32) - zo[:, None]) * sw[:, None]).to(dtype)
+
+
+@triton.jit
+def _finish(acc, rm, rn, M, N, rbn, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
+    """Bias and the store of the transposed accumulator ``acc[n, m]`` into NHWC ``out[m, n]``."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rbn).to(tl.float32)[:, None]
     out = out_ptr + rm[None, :].to(tl.int64) * N + rn[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mmask[None, :] & (rn[:, None] < N))
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+
+
+@triton.jit
+def _w8_conv_padded_kernel(x_ptr, b_ptr, zo_ptr, sw_ptr, bias_ptr, out_ptr, Bsz, HP, WP, CIN, HO, WO, N,
+                           KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr,
+                           STRIDE_W: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr):
+    """The same over an input already zero-padded in memory, ``[B, HP, WP, CIN]``: output pixel
+    ``m`` reads tap ``(r, s)`` at ``base[m] + r*WP + s``, one scalar offset per K step for the
+    whole tile and no bounds masks (rows past ``M`` are clamped and never stored); with ``EVEN_K``
+    (``CIN % BLOCK_K == 0``) no channel mask either. (The int8 path's layout, NOTES_int8.md.)"""
+    M = Bsz * HO * WO
+    K = KH * KW * CIN
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rmc = tl.minimum(rm, M - 1)
+    wo = rmc % WO
+    t = rmc // WO
+    ho = t % HO
+    bb = t // HO
+    base = ((bb * HP + ho * STRIDE_H) * WP + wo * STRIDE_W).to(tl.int64)
+    x_rows = x_ptr + base[:, None] * CIN + rk[None, :]
+    rbn = tl.minimum(rn, N - 1).to(tl.int64)
+    b_rows = b_ptr + rbn[:, None] * K + rk[None, :]
+    zo = tl.load(zo_ptr + rbn)
+    sw = tl.load(sw_ptr + rbn)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    nck = tl.cdiv(CIN, BLOCK_K)
+    for kk in range(0, KH * KW * nck):
+        tap = kk // nck
+        c0 = (kk - tap * nck) * BLOCK_K
+        r = tap // KW
+        s = tap - r * KW
+        x_off = (r * WP + s).to(tl.int64) * CIN + c0
+        if EVEN_K:
+            x = tl.load(x_rows + x_off)
+            b = tl.load(b_rows + (tap * CIN + c0))
+        else:
+            cmask = (c0 + rk) < CIN
+            x = tl.load(x_rows + x_off, mask=cmask[None, :], other=0.0)
+            b = tl.load(b_rows + (tap * CIN + c0), mask=cmask[None, :], other=0)
+        acc = tl.dot(_dequant(b, zo, sw, x.dtype), tl.trans(x), acc)
+    _finish(acc, rm, rn, M, N, rbn, bias_ptr, out_ptr, HAS_BIAS)
 
 
 def _configs():
@@ -77,3 +134,6 @@ def _configs():
 w8_conv = _w8_conv_kernel
 w8_conv_tuned = triton.autotune(configs=_configs(), key=["Bsz", "H", "W", "CIN", "N", "KH", "KW", "STRIDE_H"])(
     _w8_conv_kernel)
+w8_conv_padded = triton.heuristics({"EVEN_K": lambda a: a["CIN"] % a["BLOCK_K"] == 0})(_w8_conv_padded_kernel)
+w8_conv_padded_tuned = triton.autotune(
+    configs=_configs(), key=["Bsz", "HP", "WP", "CIN", "N", "KH", "KW", "STRIDE_H"])(w8_conv_padded)

@@ -49,12 +49,16 @@ def prepare_weight(w_codes: torch.Tensor, zw, ow: int):
 
 
 def w8a16_conv2d(x: torch.Tensor, w_int8: torch.Tensor, zo: torch.Tensor, sw: torch.Tensor,
-                 bias: Optional[torch.Tensor], stride, padding) -> torch.Tensor:
+                 bias: Optional[torch.Tensor], stride, padding, *, padded: bool = False) -> torch.Tensor:
     """``conv2d(x, (w_int8 - zo) * sw, bias)`` (groups 1, dilation 1, zero padding).
 
     ``x``: ``[B, Cin, H, W]`` bf16 / fp16 (channels_last memory is read in place; other layouts
     are copied to it); ``w_int8``, ``zo`` from :func:`prepare_weight`; ``sw`` float32 ``[Cout]``;
     ``bias`` ``[Cout]`` or None. Returns ``[B, Cout, Ho, Wo]`` in ``x.dtype``, channels_last memory.
+
+    ``padded=True`` first writes the zero-padded NHWC input (one ``F.pad`` pass) and runs the kernel
+    that reads it with one offset per K step and no bounds masks (as the int8 path does); False
+    gathers from ``x`` with bounds-checked loads. Same numbers either way.
     """
     tm = _kernels()
     if x.dtype not in IN_DTYPES or x.dim() != 4:
@@ -82,17 +86,26 @@ def w8a16_conv2d(x: torch.Tensor, w_int8: torch.Tensor, zo: torch.Tensor, sw: to
     xn = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)   # NHWC view, no copy if CL
     out = torch.empty((bsz, ho, wo, cout), dtype=x.dtype, device=x.device)
     m = bsz * ho * wo
-    if m:
-        args = (xn, w_int8, zo, sw, bias if bias is not None else sw, out, bsz, h, w, cin, ho, wo, cout)
+    if not m:
+        return out.permute(0, 3, 1, 2)
+    bias_arg = bias if bias is not None else sw
+    if padded:
+        xn = F.pad(xn, (0, 0, pw, pw, ph, ph))                          # [B, H + 2ph, W + 2pw, Cin]
+        args = (xn, w_int8, zo, sw, bias_arg, out, bsz, h + 2 * ph, w + 2 * pw, cin, ho, wo, cout)
+        flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, HAS_BIAS=bias is not None)
+        tuned, raw = tm.w8_conv_padded_tuned, tm.w8_conv_padded
+    else:
+        args = (xn, w_int8, zo, sw, bias_arg, out, bsz, h, w, cin, ho, wo, cout)
         flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, PAD_H=ph, PAD_W=pw, HAS_BIAS=bias is not None)
-        grid = lambda meta: (int8.triton_next_cdiv(m, meta["BLOCK_M"]) * int8.triton_next_cdiv(cout, meta["BLOCK_N"]),)  # noqa: E731
-        if int8._autotune():
-            tm.w8_conv_tuned[grid](*args, **flags)
-        else:
-            cfg = dict(BLOCK_M=128 if m >= 1024 else 64, BLOCK_N=128 if cout >= 128 else 64, BLOCK_K=64,
-                       GROUP_M=8, num_stages=3)
-            cfg["num_warps"] = 8 if cfg["BLOCK_M"] == 128 else 4
-            tm.w8_conv[grid(cfg)](*args, **flags, **cfg)
+        tuned, raw = tm.w8_conv_tuned, tm.w8_conv
+    grid = lambda meta: (int8.triton_next_cdiv(m, meta["BLOCK_M"]) * int8.triton_next_cdiv(cout, meta["BLOCK_N"]),)  # noqa: E731
+    if int8._autotune():
+        tuned[grid](*args, **flags)
+    else:
+        cfg = dict(BLOCK_M=128 if m >= 1024 else 64, BLOCK_N=128 if cout >= 128 else 64, BLOCK_K=64,
+                   GROUP_M=8, num_stages=3)
+        cfg["num_warps"] = 8 if cfg["BLOCK_M"] == 128 else 4
+        raw[grid(cfg)](*args, **flags, **cfg)
     return out.permute(0, 3, 1, 2)
 
 
