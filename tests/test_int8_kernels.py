@@ -2,7 +2,8 @@
 
 The CPU tests check that the integer decomposition used by the kernels (int8 offsets, ``ca``/``cb``
 corrections, the padding code) equals fake quantization in float64. The kernel tests run on a CUDA
-GPU (skipped otherwise), or on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1``.
+GPU, or on CPU tensors through Triton's interpreter where there is none (tests/conftest.py sets
+``TRITON_INTERPRET=1`` when Triton is installed; without Triton they are skipped).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 reference backend's dequantize-then-convolve, and the ``w8a8`` backend's use of it for convolutions
 whose input the layer policy keeps in full precision.
 
-The kernel tests run on a CUDA GPU (skipped otherwise), or on CPU tensors through Triton's
-interpreter when ``TRITON_INTERPRET=1`` (fp16 only there: the interpreter's bf16 ``tl.dot`` returns
-garbage, measured with Triton 3.8). The tiny model is RANDOM-weight: numerics, not quality.
+The kernel tests run on a CUDA GPU, or on CPU tensors through Triton's interpreter where there is
+none (tests/conftest.py sets ``TRITON_INTERPRET=1`` when Triton is installed); fp16 only there: the
+interpreter's bf16 ``tl.dot`` returns garbage (Triton 3.8 and 3.9). The tiny model is RANDOM-weight:
+numerics, not quality.
 """
 
 from __future__ import annotations
