@@ -83,6 +83,24 @@ def _quant_kernel(x_ptr, q_ptr, sum_ptr, sx_ptr, zx_ptr, H, W, HP, WP, RP, C, PH
 
 
 @triton.jit
+def _out_pixels(rm, M, HO, WO):
+    """(batch, output row, output column) of the output pixels ``rm`` of an implicit-GEMM conv,
+    clamped to pixel ``M - 1`` (rows past ``M`` are computed on valid addresses, never stored)."""
+    rmc = tl.minimum(rm, M - 1)
+    t = rmc // WO
+    return t // HO, t % HO, rmc % WO
+
+
+@triton.jit
+def _k_step(kk, nck, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K step ``kk`` of an implicit-GEMM conv (taps x ``nck`` channel blocks): the tap, its first
+    channel, and the tap's row and column in the kernel window."""
+    tap = kk // nck
+    r = tap // KW
+    return tap, (kk - tap * nck) * BLOCK_K, r, tap - r * KW
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped tile order: GROUP_M row-tiles share each column sweep (L2 reuse of the weight)."""
     pid = tl.program_id(0)
@@ -215,11 +233,7 @@ def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     mmask = rm < M
-    rmc = tl.minimum(rm, M - 1)
-    wo = rmc % WO
-    t = rmc // WO
-    ho = t % HO
-    bb = t // HO
+    bb, ho, wo = _out_pixels(rm, M, HO, WO)
     hbase = ho * STRIDE_H - PAD_H
     wbase = wo * STRIDE_W - PAD_W
     rbn = tl.minimum(rn, N - 1).to(tl.int64)
@@ -240,10 +254,7 @@ def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_
     k_lo = pid_k * per
     k_hi = tl.minimum(nk, k_lo + per)
     for kk in range(k_lo, k_hi):
-        tap = kk // nck
-        c0 = (kk - tap * nck) * BLOCK_K
-        r = tap // KW
-        s = tap - r * KW
+        tap, c0, r, s = _k_step(kk, nck, KW, BLOCK_K)
         hi = hbase + r
         wi = wbase + s
         inb = mmask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
@@ -299,11 +310,7 @@ def _int8_conv_padded_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, ca_ptr, sw_p
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rmc = tl.minimum(rm, M - 1)
-    wo = rmc % WO
-    t = rmc // WO
-    ho = t % HO
-    bb = t // HO
+    bb, ho, wo = _out_pixels(rm, M, HO, WO)
     base = ((bb * HP + ho * STRIDE_H) * WP + wo * STRIDE_W).to(tl.int64)
     a_rows = a_ptr + base[:, None] * CIN + rk[None, :]
     rbn = tl.minimum(rn, N - 1).to(tl.int64)
@@ -318,10 +325,7 @@ def _int8_conv_padded_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, ca_ptr, sw_p
     k_lo = pid_k * per
     k_hi = tl.minimum(nk, k_lo + per)
     for kk in range(k_lo, k_hi):
-        tap = kk // nck
-        c0 = (kk - tap * nck) * BLOCK_K
-        r = tap // KW
-        s = tap - r * KW
+        tap, c0, r, s = _k_step(kk, nck, KW, BLOCK_K)
         a_off = (r * WP + s).to(tl.int64) * CIN + c0
         b_off = tap * CIN + c0
         if EVEN_K:

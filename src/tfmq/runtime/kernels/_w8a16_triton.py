@@ -10,7 +10,7 @@ The product is computed transposed, ``acc[n, m] = w[n, :] . x[m, :]``: the dequa
 tile lives in registers, and on Hopper only the first operand of a tensor-core MMA may come from
 registers (the second is read from shared memory, where the loaded activation tile goes). With the
 weight as the second operand every K step stored it to shared memory first: measured on an H200,
-0.2-0.46x cuDNN bf16 at the SD conv1 shapes (``benchmarks/results/w8a16_*``).
+0.2-0.46x cuDNN bf16 at the SD conv1 shapes (``benchmarks/results/w8a16/``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._int8_triton import _tile_ids
+from ._int8_triton import _k_step, _out_pixels, _tile_ids
 
 
 @triton.jit
@@ -34,11 +34,7 @@ def _w8_conv_kernel(x_ptr, b_ptr, zo_ptr, sw_ptr, bias_ptr, out_ptr, Bsz, H, W, 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     mmask = rm < M
-    rmc = tl.minimum(rm, M - 1)
-    wo = rmc % WO
-    t = rmc // WO
-    ho = t % HO
-    bb = t // HO
+    bb, ho, wo = _out_pixels(rm, M, HO, WO)
     hbase = ho * STRIDE_H - PAD_H
     wbase = wo * STRIDE_W - PAD_W
     rbn = tl.minimum(rn, N - 1).to(tl.int64)
@@ -48,10 +44,7 @@ def _w8_conv_kernel(x_ptr, b_ptr, zo_ptr, sw_ptr, bias_ptr, out_ptr, Bsz, H, W, 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     nck = tl.cdiv(CIN, BLOCK_K)
     for kk in range(0, KH * KW * nck):
-        tap = kk // nck
-        c0 = (kk - tap * nck) * BLOCK_K
-        r = tap // KW
-        s = tap - r * KW
+        tap, c0, r, s = _k_step(kk, nck, KW, BLOCK_K)
         hi = hbase + r
         wi = wbase + s
         inb = mmask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
@@ -95,11 +88,7 @@ def _w8_conv_padded_kernel(x_ptr, b_ptr, zo_ptr, sw_ptr, bias_ptr, out_ptr, Bsz,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rmc = tl.minimum(rm, M - 1)
-    wo = rmc % WO
-    t = rmc // WO
-    ho = t % HO
-    bb = t // HO
+    bb, ho, wo = _out_pixels(rm, M, HO, WO)
     base = ((bb * HP + ho * STRIDE_H) * WP + wo * STRIDE_W).to(tl.int64)
     x_rows = x_ptr + base[:, None] * CIN + rk[None, :]
     rbn = tl.minimum(rn, N - 1).to(tl.int64)
@@ -109,10 +98,7 @@ def _w8_conv_padded_kernel(x_ptr, b_ptr, zo_ptr, sw_ptr, bias_ptr, out_ptr, Bsz,
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     nck = tl.cdiv(CIN, BLOCK_K)
     for kk in range(0, KH * KW * nck):
-        tap = kk // nck
-        c0 = (kk - tap * nck) * BLOCK_K
-        r = tap // KW
-        s = tap - r * KW
+        tap, c0, r, s = _k_step(kk, nck, KW, BLOCK_K)
         x_off = (r * WP + s).to(tl.int64) * CIN + c0
         if EVEN_K:
             x = tl.load(x_rows + x_off)

@@ -98,13 +98,11 @@ def w8a16_conv2d(x: torch.Tensor, w_int8: torch.Tensor, zo: torch.Tensor, sw: to
         args = (xn, w_int8, zo, sw, bias_arg, out, bsz, h, w, cin, ho, wo, cout)
         flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, PAD_H=ph, PAD_W=pw, HAS_BIAS=bias is not None)
         tuned, raw = tm.w8_conv_tuned, tm.w8_conv
-    grid = lambda meta: (int8.triton_next_cdiv(m, meta["BLOCK_M"]) * int8.triton_next_cdiv(cout, meta["BLOCK_N"]),)  # noqa: E731
+    grid = int8._grid(m, cout, 1)                       # no K split: the second grid axis is 1
     if int8._autotune():
         tuned[grid](*args, **flags)
     else:
-        cfg = dict(BLOCK_M=128 if m >= 1024 else 64, BLOCK_N=128 if cout >= 128 else 64, BLOCK_K=64,
-                   GROUP_M=8, num_stages=3)
-        cfg["num_warps"] = 8 if cfg["BLOCK_M"] == 128 else 4
+        cfg = dict(int8._heuristic(m, cout), BLOCK_K=64)  # the int8 tiles, a bf16 / fp16 K block
         raw[grid(cfg)](*args, **flags, **cfg)
     return out.permute(0, 3, 1, 2)
 
