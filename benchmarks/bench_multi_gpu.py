@@ -267,8 +267,6 @@ def compare_outputs(args, model: str, config: dict, ckpts: dict[str, Path]) -> d
     """Sample ``args.compare_outputs`` images from the FP model and from each checkpoint (same
     noise, the calibrated sampler) and compare them pairwise: the quantization error (each
     checkpoint vs FP) is the scale against which 1-vs-N and 1-vs-1 differences are read."""
-    import torch
-
     import tfmq
     from tfmq.sampling import SamplerConfig, denoise
     device = "cuda:0" if args.device == "cuda" else "cpu"
@@ -297,8 +295,10 @@ def driver(args) -> dict:
     rows, checks = [], []
     for task in tasks:
         for model in models:
+            repeat = task == "quantize" and args.repeat_one
+            side_by_side = repeat and args.device == "cuda" and torch.cuda.device_count() >= 2
             again = None
-            if task == "quantize" and args.repeat_one and args.device == "cuda" and torch.cuda.device_count() >= 2:
+            if side_by_side:
                 # the two 1-process runs side by side, one on each of the first two GPUs
                 from concurrent.futures import ThreadPoolExecutor
                 with ThreadPoolExecutor(2) as pool:
@@ -308,6 +308,8 @@ def driver(args) -> dict:
                     again = second.result()
             else:
                 runs = {1: launch(args, task, model, 1, work)}
+                if repeat:
+                    again = launch(args, task, model, 1, work, tag="-again")
             runs[args.nproc] = launch(args, task, model, args.nproc, work)
             one, many = runs[1], runs[args.nproc]
             rows.append({"task": task, "model": model, "parameters": one["parameters"],
@@ -322,12 +324,8 @@ def driver(args) -> dict:
             else:
                 check = compare_checkpoints(stem(1).with_suffix(".ckpt"), stem(args.nproc).with_suffix(".ckpt"))
                 ckpts = {"1 proc": stem(1).with_suffix(".ckpt"), f"{args.nproc} proc": stem(args.nproc).with_suffix(".ckpt")}
-                if args.repeat_one:
-                    if again is None:
-                        again = launch(args, task, model, 1, work, tag="-again")
-                    else:
-                        rows[-1]["one_process_runs_side_by_side"] = True
-                    rows[-1]["seconds_1_again"] = again["seconds"]
+                if again is not None:
+                    rows[-1].update(seconds_1_again=again["seconds"], one_process_runs_side_by_side=side_by_side)
                     ckpts["1 proc again"] = work / f"{task}-{model}-p1-again.ckpt"
                     check["one_vs_one"] = compare_checkpoints(ckpts["1 proc"], ckpts["1 proc again"])
                 if args.compare_outputs:
