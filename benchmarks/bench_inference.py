@@ -249,6 +249,101 @@ def bundled_compiled(args, out: dict, work: Path) -> None:
     out["sampling_compiled"] = samp
 
 
+def bundled_graphs(args, out: dict, work: Path) -> None:
+    """CUDA graphs on both sides: the bundled model's FP and quantized forwards compiled with
+    ``mode="reduce-overhead"`` (every call a CUDA-graph replay), per call at the sampling batch and
+    for sampling ``--num-images`` images, next to FP32 eager (what a diffusers user runs) and
+    compiled bf16 without graphs. One pipeline per configuration serves both measurements (one
+    input shape, one graph). PSNR of the final images vs the w8a8 ``reference`` backend in fp32
+    eager (the calibrated numbers) and vs FP32 eager."""
+    dev = args.device
+    sampler = SamplerConfig("ddim", args.steps)
+    ckpts = bundled_checkpoints(args, work, sampler)
+    fp = tfmq.load_pipeline(tfmq.default_model_path(), dev)
+    c = fp.unet.config
+    bsz = args.sample_batch
+    x = torch.randn(bsz, c.in_channels, c.sample_size, c.sample_size, device=dev)
+    ts = [int(t) for t in tfmq.sampling.sampler_timesteps(fp, sampler)]
+    t_mid = torch.full((bsz,), ts[len(ts) // 2], device=dev, dtype=torch.long)
+    del fp
+    rows = out["rows"]
+    print(f"(a'') bundled model, CUDA graphs (reduce-overhead), batch {bsz}; sampling {args.num_images} images, "
+          f"DDIM {args.steps}")
+    configs = [c for c in [("fp32 eager", None, None, torch.float32, False),
+               ("bf16 compiled", None, None, torch.bfloat16, True),
+               ("fp32 reduce-overhead", None, None, torch.float32, "reduce-overhead"),
+               ("bf16 reduce-overhead", None, None, torch.bfloat16, "reduce-overhead"),
+               ("w8a8 reference fp32 eager", "w8a8", "reference", torch.float32, False),
+               ("w8a8 w8a8 bf16 reduce-overhead", "w8a8", "w8a8", torch.bfloat16, "reduce-overhead"),
+               ("w8a8 reference bf16 reduce-overhead", "w8a8", "reference", torch.bfloat16, "reduce-overhead"),
+               ("w4a8 weight-only bf16 reduce-overhead", "w4a8", "weight-only", torch.bfloat16, "reduce-overhead")]
+               if args.graph_configs is None or c[0] in args.graph_configs.split(",")]
+    imgs, samp = {}, []
+    out["sampling_graphs"] = samp                      # in the partial JSON as it grows
+    for label, ck, backend, dtype, comp in configs:
+        from tfmq.runtime import compile_denoiser
+        try:
+            t0 = time.perf_counter()
+            if ck is None:
+                pipe = tfmq.load_pipeline(tfmq.default_model_path(), dev, dtype)
+                if comp:
+                    compile_denoiser(pipe.unet, None if comp is True else comp)
+            else:
+                pipe = tfmq.load(ckpts[ck], dev, dtype, backend=backend, compile=comp)
+            den, xx = pipe.unet, x.to(dtype)
+            # one warm-up batch through the sampler compiles (and records the graph) at this shape
+            tfmq.generate(pipe, sampler, bsz, bsz, seed=0, progress=False)
+            setup = time.perf_counter() - t0
+        except Exception as exc:
+            samp.append({"config": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            print("  ", label, "failed:", exc, flush=True)
+            continue
+        steps = getattr(den, "tfmq_steps", None)
+        if steps is not None:                          # one mid-trajectory call, repeated: hold the index
+            steps.set(len(ts) // 2)
+            steps.paused = True
+        r = measure(rows, label, "bundled", lambda den=den, xx=xx: (lambda: den(xx, t_mid).sample), args.iters, 3,
+                    note=f"batch {bsz}; compile + first sampling batch {setup:.1f} s")
+        if steps is not None:
+            steps.paused = False
+            steps.reset()
+        if ck is not None and "median_ms" in r:
+            r["backend_summary"] = backend_summary(den)
+            r["runtime_bytes"] = runtime_nbytes(den)
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            im = tfmq.generate(pipe, sampler, args.num_images, bsz, seed=0, progress=False)
+            torch.cuda.synchronize()
+            sr = {"config": label, "images": args.num_images, "seconds": time.perf_counter() - t0,
+                  "note": "after one warm-up batch (compilation and graph recording excluded)"}
+            imgs[label] = im
+        except Exception as exc:
+            sr = {"config": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        samp.append(sr)
+        print("  ", sr, flush=True)
+        if PARTIAL is not None:
+            PARTIAL[1].write_text(json.dumps(PARTIAL[0], indent=2))
+        del pipe, den
+        torch.cuda.empty_cache()
+    n = min(256, args.num_images)
+    for r in samp:
+        lab = r["config"]
+        if lab not in imgs:
+            continue
+        if "fp32 eager" in imgs and lab != "fp32 eager":
+            r["psnr_vs_fp32_eager_db"] = psnr(imgs[lab], imgs["fp32 eager"])
+        ref = "w8a8 reference fp32 eager"
+        if lab.startswith("w8a8") and lab != ref and ref in imgs:
+            r["psnr_vs_w8a8_reference_fp32_db_first_256"] = psnr(imgs[lab][:n], imgs[ref][:n])
+            d = np.abs(imgs[lab][:n].astype(np.int16) - imgs[ref][:n].astype(np.int16))
+            r["max_abs_diff_vs_w8a8_reference_fp32_first_256"] = int(d.max())
+    print(f"\n{'sampling config':40s} {'seconds':>8s} {'PSNR vs ref':>12s}")
+    for r in samp:
+        print(f"{r['config']:40s} " + (f"{r['seconds']:8.2f} {r.get('psnr_vs_w8a8_reference_fp32_db_first_256', float('nan')):12.2f}"
+                                       if "seconds" in r else "failed: " + r["error"][:80]))
+
+
 def sd_unet(args, out: dict, work: Path) -> None:
     from diffusers import UNet2DConditionModel
     dev = args.device
@@ -316,11 +411,14 @@ def main(argv=None) -> int:
     p.add_argument("--sd-iters", type=int, default=20)
     p.add_argument("--sd-lean", action="store_true", help="SD part without fp32 eager, the CUDA-graph row and "
                                                           "the compiled reference (fits one 10-minute call)")
+    p.add_argument("--graph-configs", default=None, help="bundled-graphs: comma-separated subset of its "
+                                                          "configurations (default: all)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--calib-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--sample-batch", type=int, default=250)
-    p.add_argument("--parts", default="bundled,sd")
+    p.add_argument("--parts", default="bundled,sd", help="comma-separated: bundled, bundled-compiled, "
+                                                         "bundled-graphs, sd")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: this benchmark times CUDA calls; no CUDA GPU here", file=sys.stderr)
@@ -337,6 +435,8 @@ def main(argv=None) -> int:
             bundled(args, out, work)
         if "bundled-compiled" in parts:
             bundled_compiled(args, out, work)
+        if "bundled-graphs" in parts:
+            bundled_graphs(args, out, work)
         if "sd" in parts:
             sd_unet(args, out, work)
     args.json.parent.mkdir(parents=True, exist_ok=True)

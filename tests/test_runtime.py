@@ -141,6 +141,8 @@ def test_backend_errors(tiny_pipe, tmp_path):
             tfmq.load(ckpt, backend="w8a8")
     with pytest.raises(ValueError, match="not a calibrated"):
         tfmq.convert(tiny_ddpm_pipeline())
+    with pytest.raises(ValueError, match="torch.compile mode"):
+        tfmq.load(ckpt, compile="fastest")
 
 
 @pytest.mark.slow
@@ -195,6 +197,27 @@ def test_cuda_graph_replay_follows_the_step_index(tmp_path):
             t_in.fill_(t)
             g.replay()
             torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_reduce_overhead_compile_follows_the_steps(tmp_path):
+    """``tfmq.load(..., compile="reduce-overhead")``: every call replays a CUDA graph (torch.compile's
+    CUDA-graph trees) that reads the per-step parameters through the step-index buffer, so a whole
+    trajectory gives what the same compiled code gives without graphs, step for step."""
+    pipe = tiny_ddpm_pipeline()
+    config = CONFIGS["tfmq-fsc-all"]()
+    tfmq.quantize(pipe, config, progress=False)
+    ckpt = tfmq.save(pipe, tmp_path / "ckpt")
+    plain = tfmq.load(ckpt, "cuda", compile=True)
+    graphs = tfmq.load(ckpt, "cuda", compile="reduce-overhead")
+    with torch.no_grad():
+        want = trajectory_outputs(plain, config.sampler)
+        for _ in range(2):                                 # warm-up and recording, then replays
+            got = trajectory_outputs(graphs, config.sampler)
+    assert len(got) == len(want) == config.sampler.steps
+    per_step = [float((g - w).abs().max()) for g, w in zip(got, want)]
+    assert max(per_step) <= 1e-5, per_step
 
 
 @pytest.mark.cuda

@@ -17,7 +17,7 @@ from .models.adapter import absent_components, get_denoiser, load_pipeline
 from .models.units import shortcut_splits
 from .quant.model import WrapSpec, freeze, set_quant_state, wrap_denoiser
 from .recipes import QuantContext, StageTimer, get_recipe, run_recipe
-from .runtime.backends import BackendUnavailable, compile_denoiser, get_backend
+from .runtime.backends import COMPILE_MODES, BackendUnavailable, compile_denoiser, get_backend
 from .runtime.selection import set_backend
 from .runtime.convert import convert as runtime_convert
 from .runtime.pipeline import bind_quantized
@@ -204,7 +204,7 @@ def save(pipe, out_dir, overwrite: bool = False) -> Path:
 
 
 def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         backend: str = "reference", compile: bool = False):
+         backend: str = "reference", compile: bool | str = False):
     """Load a compact checkpoint as a diffusers pipeline whose denoiser is made of runtime modules
     (:mod:`tfmq.runtime`): packed weights, no FP copy of a quantized weight, computing with
     ``backend`` (``reference``, ``weight-only`` or ``w8a8``; see :mod:`tfmq.runtime.backends`).
@@ -213,10 +213,12 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     pipeline, and refuses another scheduler or step count where the model holds per-step
     parameters. ``compile=True`` compiles the denoiser's forward (``torch.compile``,
     fullgraph; see :func:`tfmq.runtime.compile_denoiser`): the first call of each input shape
-    compiles, later calls run fused kernels."""
+    compiles, later calls run fused kernels; a string is the ``torch.compile`` mode, e.g.
+    ``compile="reduce-overhead"`` to replay every call as a CUDA graph."""
     ckpt_dir = Path(ckpt_dir)
     cfg = checkpoint.read_config(ckpt_dir)
-    reason = get_backend(backend).available(torch.device(device))   # fail before any work
+    mode = _compile_mode(compile)                                    # fail before any work
+    reason = get_backend(backend).available(torch.device(device))
     if reason is not None:
         raise BackendUnavailable(reason)
     denoiser = checkpoint.load_denoiser(ckpt_dir, dtype, backend="reference", cfg=cfg)
@@ -228,11 +230,21 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     pipe = pipe.to(device)
     if backend != "reference":
         set_backend(denoiser, backend)
-    if compile:
-        compile_denoiser(denoiser)
+    if compile is not False:
+        compile_denoiser(denoiser, mode)
     bind_quantized(pipe, denoiser)
     guard_save_pretrained(pipe)
     return pipe
+
+
+def _compile_mode(compile: bool | str) -> str | None:
+    """``load``'s ``compile`` argument as a ``torch.compile`` mode (None: torch's default)."""
+    if isinstance(compile, bool):
+        return None
+    if isinstance(compile, str) and compile in COMPILE_MODES:
+        return None if compile == "default" else compile
+    raise ValueError(f"compile must be True, False or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
+                     f"got {compile!r}")
 
 
 def convert(pipe, backend: str = "reference"):

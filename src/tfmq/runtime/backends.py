@@ -167,16 +167,28 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}") from None
 
 
+#: ``torch.compile`` modes :func:`compile_denoiser` accepts
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def compile_denoiser(denoiser: nn.Module, mode: str | None = None) -> nn.Module:
     """Compile a converted denoiser's forward with ``torch.compile(fullgraph=True)`` (in place).
 
     Only ``forward`` is compiled: the forward pre-hooks (the step index's check of each call's
     timestep, the temporal cache's row lookup) keep running in eager mode before it, and the
     compiled graph reads the per-step parameters through the step-index buffer, so one graph
-    serves every sampling step. ``mode`` is passed to ``torch.compile`` (e.g. ``"max-autotune"``).
+    serves every sampling step. ``mode`` is passed to ``torch.compile``: ``"reduce-overhead"``
+    replays each call as a CUDA graph (the step index is a buffer the graph reads, so replays
+    follow the sampler's steps), ``"max-autotune"`` also tunes Inductor's kernels.
     """
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"unknown torch.compile mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
     if getattr(denoiser, "_tfmq_compiled", False):
+        if getattr(denoiser, "_tfmq_compile_mode", None) != mode:
+            raise ValueError(f"this denoiser is already compiled with mode "
+                             f"{getattr(denoiser, '_tfmq_compile_mode', None)!r}; load it again to use {mode!r}")
         return denoiser
     denoiser.forward = torch.compile(denoiser.forward, fullgraph=True, mode=mode)
     denoiser._tfmq_compiled = True
+    denoiser._tfmq_compile_mode = mode
     return denoiser
