@@ -1,19 +1,23 @@
 """Where the time of one denoiser call goes: CUDA kernel time by kind, compiled bf16 vs compiled w8a8.
 
-The SD-v1.5-config UNet (RANDOM weights, see ``sd_random.py``), batch 2, 64x64 latents, 77 tokens,
-channels-last, bf16: ``torch.compile`` of the FP UNet, and the naive W8A8 checkpoint (16-bit
-softmax, as ``bench_inference.py`` makes it) loaded with ``--backend w8a8`` and compiled, once with
-the activation quantizers fused into the compiled graph (``W8A8Backend.fuse_quantize``, default)
-and once as separate Triton quantize passes. Per configuration: the call's wall time (CUDA events,
-median), then ``torch.profiler`` over ``--calls`` calls: the kernel time per call summed by kind
+``--model sd``: the SD-v1.5-config UNet (RANDOM weights, see ``sd_random.py``), batch 2, 64x64
+latents, 77 tokens, channels-last, bf16, and its naive W8A8 checkpoint (16-bit softmax, as
+``bench_inference.py`` makes it); ``--model bundled``: the bundled model at batch ``--batch``, bf16,
+and its tfmq W8A8 checkpoint (timing-only settings, DDIM 100, the step index held at the middle
+step). ``torch.compile`` (``--compile-mode``) of the FP model in bf16, and of the checkpoint loaded
+with the ``w8a8`` backend, once with the activation quantizers fused into the compiled graph
+(``W8A8Backend.fuse_quantize``, default) and once as separate Triton quantize passes, and with the
+``reference`` backend. Per configuration: the wall time of each of the first calls after
+compilation (a CUDA-graph recording or a recompilation shows there), the call's wall time (CUDA
+events, median), then ``torch.profiler`` over ``--calls`` calls: the kernel time per call summed by kind
 (int8 conv / linear GEMMs, quantize passes, split-K reductions, attention, cuDNN / cuBLAS, Inductor's
 fused kernels) and the top kernels. The gap between wall time and kernel time is idle GPU
 (launch / host overhead). Prints tables, writes JSON::
 
     python benchmarks/profile_inference.py --json benchmarks/results/inference/profile_h200.json
 
-On an H200 the bf16 configuration alone (pipeline, compile, timing, profile) took most of 290 s and
-the two w8a8 ones did not fit in the rest of a 10-minute call: run one configuration a call.
+On an H200 the SD bf16 configuration alone (pipeline, compile, timing, profile) took most of 290 s
+and compiling the SD w8a8 one 270-350 s: run one SD w8a8 configuration a call.
 """
 
 from __future__ import annotations
@@ -110,12 +114,72 @@ def save(out: dict, path: Path) -> None:
     path.write_text(json.dumps(out, indent=2))
 
 
+def sd_case(args, work: Path) -> dict:
+    """The SD-v1.5-config UNet (RANDOM weights), batch 2, 64x64, bf16, channels_last; naive W8A8
+    with 16-bit softmax outputs (as bench_inference makes it)."""
+    from diffusers import UNet2DConditionModel
+    dev = args.device
+    pipe = random_sd_pipeline(work).to(dev)
+    stage("random SD-v1.5-config pipeline built")
+    ctx = torch.randn(2, 77, 768, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    t = torch.full((2,), 500, device=dev, dtype=torch.long)
+
+    def fp_bf16():
+        ub = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().to(dev, torch.bfloat16)
+        ub.load_state_dict(pipe.unet.state_dict())
+        return ub.to(memory_format=torch.channels_last)
+    cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=2,
+                                      sampler=SamplerConfig("ddim", 4), prompts=["a photo"],
+                                      layer_policy=args.policy)
+    return {"model": "UNet2DConditionModel, SD v1.5 config, RANDOM weights, batch 2, 64x64 latents, 77 tokens, "
+                     "bf16, channels_last", "pipe": pipe, "fp_bf16": fp_bf16, "config": cfg,
+            "inputs": (x, t, ctx), "channels_last": True, "mid_step": None}
+
+
+def bundled_case(args, work: Path) -> dict:
+    """The bundled Fashion-MNIST DDPM (trained weights), batch ``--batch``, bf16; tfmq W8A8 at
+    timing-only settings (no reconstruction iterations), DDIM 100: per-step activation parameters,
+    the step index held at the middle step."""
+    dev = args.device
+    pipe = tfmq.load_pipeline(tfmq.default_model_path(), dev)
+    stage("bundled pipeline loaded")
+    c = pipe.unet.config
+    sampler = SamplerConfig("ddim", 100)
+    ts = [int(v) for v in tfmq.sampling.sampler_timesteps(pipe, sampler)]
+    x = torch.randn(args.batch, c.in_channels, c.sample_size, c.sample_size, device=dev, dtype=torch.bfloat16)
+    t = torch.full((args.batch,), ts[len(ts) // 2], device=dev, dtype=torch.long)
+    cfg = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, calib_size=32, sampler=sampler, recon_iters=0,
+                                      act_learn_iters=0, tiar_iters=0, layer_policy=args.policy)
+    return {"model": f"bundled Fashion-MNIST DDPM (trained), batch {args.batch}, bf16", "pipe": pipe,
+            "fp_bf16": lambda: tfmq.load_pipeline(tfmq.default_model_path(), dev, torch.bfloat16).unet,
+            "config": cfg, "inputs": (x, t), "channels_last": False, "mid_step": len(ts) // 2}
+
+
+def timed_first_calls(fn, n: int = 3) -> list[float]:
+    """Wall seconds of each of the first ``n`` calls after compilation, one by one (a CUDA-graph
+    recording or a recompilation shows as one long call; a slow steady state as all long)."""
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+        stage(f"call {i + 2} took {out[-1]:.3f} s")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--model", default="sd", choices=["sd", "bundled"],
+                   help="sd: the SD-v1.5-config UNet (random weights, batch 2); bundled: the bundled model")
+    p.add_argument("--batch", type=int, default=250, help="batch of the bundled model")
+    p.add_argument("--device", default="cuda", help="a CUDA device (the timings are CUDA events)")
     p.add_argument("--calls", type=int, default=5, help="profiled calls per configuration")
     p.add_argument("--iters", type=int, default=30, help="timed calls per configuration")
-    p.add_argument("--configs", default="bf16,w8a8-fused,w8a8-pass")
+    p.add_argument("--configs", default="bf16,w8a8-fused,w8a8-pass",
+                   help="comma-separated: bf16, w8a8-fused, w8a8-pass, reference (the reference backend)")
     p.add_argument("--policy", default="tfmq-official", choices=sorted(POLICIES),
                    help="layer policy of the W8A8 checkpoint: tfmq-official keeps resnet conv1 inputs in full "
                         "precision (those convs then run the reference path); 'all' makes every layer int8")
@@ -125,66 +189,77 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("error: this profile times CUDA kernels; no CUDA GPU here", file=sys.stderr)
         return 2
-    from diffusers import UNet2DConditionModel
-    dev = "cuda"
+    dev = args.device
     wanted = args.configs.split(",")
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "settings": vars(args) | {
-        "json": str(args.json)}, "model": "UNet2DConditionModel, SD v1.5 config, RANDOM weights, batch 2, "
-                                          "64x64 latents, 77 tokens, bf16, channels_last", "rows": []}
+    unknown = set(wanted) - {"bf16", "w8a8-fused", "w8a8-pass", "reference"}
+    if unknown:
+        p.error(f"unknown configs: {', '.join(sorted(unknown))}")
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "settings": vars(args) | {"json": str(args.json)}, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pipe = random_sd_pipeline(work).to(dev)
-        stage("random SD-v1.5-config pipeline built")
-        ctx = torch.randn(2, 77, 768, device=dev, dtype=torch.bfloat16)
-        x = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        t = torch.full((2,), 500, device=dev, dtype=torch.long)
+        case = (sd_case if args.model == "sd" else bundled_case)(args, work)
+        out["model"] = case["model"]
+        inputs = case["inputs"]
         if "bf16" in wanted:
-            ub = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().to(dev, torch.bfloat16)
-            ub.load_state_dict(pipe.unet.state_dict())
-            ub = ub.to(memory_format=torch.channels_last)
-            comp = torch.compile(ub, mode=args.compile_mode)
+            comp = torch.compile(case["fp_bf16"](), mode=args.compile_mode)
             with torch.no_grad():
-                fn = lambda: comp(x, t, ctx).sample          # noqa: E731
+                fn = lambda: comp(*inputs).sample          # noqa: E731
+                fn()
+                stage("bf16 compiled (first call done)")
+                first = timed_first_calls(fn)
                 wall = time_call(fn, args.iters, 3)["median_ms"]
-                stage("bf16 compiled and timed")
-                out["rows"].append(summarise("bf16 torch.compile", wall, kernel_times(fn, args.calls), args.calls))
+                stage("bf16 timed")
+                out["rows"].append(summarise("bf16 torch.compile", wall, kernel_times(fn, args.calls), args.calls)
+                                   | {"first_calls_s": first})
                 save(out, args.json)
-            del comp, ub
+            del comp
             torch.cuda.empty_cache()
-        cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=2,
-                                          sampler=SamplerConfig("ddim", 4), prompts=["a photo"],
-                                          layer_policy=args.policy)
-        tfmq.quantize(pipe, cfg, progress=False)
-        ckpt = tfmq.save(pipe, work / "sd-w8a8", overwrite=True)
-        stage("naive W8A8 calibrated and saved")
-        del pipe
+        pipe = case["pipe"]
+        tfmq.quantize(pipe, case["config"], progress=False)
+        ckpt = tfmq.save(pipe, work / "w8a8", overwrite=True)
+        stage(f"W8A8 ({case['config'].method}) calibrated and saved")
+        del pipe, case["pipe"]
         torch.cuda.empty_cache()
         backend = BACKENDS["w8a8"]
-        for label, fuse in (("w8a8-fused", True), ("w8a8-pass", False)):
+        runs = (("w8a8-fused", "w8a8", True), ("w8a8-pass", "w8a8", False), ("reference", "reference", True))
+        for label, backend_name, fuse in runs:
             if label not in wanted:
                 continue
             backend.fuse_quantize = fuse
-            q = tfmq.load(ckpt, dev, torch.bfloat16, backend="w8a8").unet.to(memory_format=torch.channels_last)
+            q = tfmq.load(ckpt, dev, torch.bfloat16, backend=backend_name).unet
+            if case["channels_last"]:
+                q = q.to(memory_format=torch.channels_last)
+            if case["mid_step"] is not None:          # repeated mid-trajectory calls: hold the step index
+                q.tfmq_steps.set(case["mid_step"])
+                q.tfmq_steps.paused = True
             summary = backend_summary(q)
-            fallback = [f"{n}: {l}" for n, l in runtime_layers(q).items() if not backend.handles(l)]
-            print(f"   {summary}; layers on the reference math:\n     " + "\n     ".join(fallback), flush=True)
+            fallback = [f"{n}: {l}" for n, l in runtime_layers(q).items() if not BACKENDS[backend_name].handles(l)]
+            print(f"   {summary}; layers on the reference math: {len(fallback)}\n     " + "\n     ".join(fallback),
+                  flush=True)
             compile_denoiser(q, mode=args.compile_mode)
             stage(f"{label} loaded")
             with torch.no_grad():
-                fn = lambda: q(x, t, ctx).sample              # noqa: E731
+                fn = lambda: q(*inputs).sample              # noqa: E731
                 fn()
                 stage(f"{label} compiled (first call done)")
+                first = timed_first_calls(fn)
                 wall = time_call(fn, args.iters, 3)["median_ms"]
                 stage(f"{label} timed: {wall:.3f} ms a call")
-                out["rows"].append({"config": f"{label} (timing only, profile pending)", "wall_ms": wall})
+                out["rows"].append({"config": f"{label} (timing only, profile pending)", "wall_ms": wall,
+                                    "first_calls_s": first})
                 save(out, args.json)
-                name = f"w8a8 compiled, quantize {'fused in the graph' if fuse else 'as Triton passes'}"
+                name = {"w8a8-fused": "w8a8 compiled, quantize fused in the graph",
+                        "w8a8-pass": "w8a8 compiled, quantize as Triton passes",
+                        "reference": "reference backend compiled"}[label]
                 out["rows"].pop()
                 out["rows"].append(summarise(name, wall, kernel_times(fn, args.calls), args.calls)
-                                   | {"backend_summary": summary, "reference_math_layers": fallback})
+                                   | {"backend_summary": summary, "reference_math_layers": fallback,
+                                      "first_calls_s": first})
                 save(out, args.json)
             del q
             torch.cuda.empty_cache()
+        backend.fuse_quantize = True
     save(out, args.json)
     print(f"\n{'config':55s} {'wall ms':>9s} {'kernel ms':>10s}")
     for r in out["rows"]:

@@ -29,7 +29,7 @@ SHAPES = [  # batch, cin, h, w, cout, k, stride, padding
     (1, 8, 6, 6, 70, 3, 2, 1),         # stride 2, cout across two N tiles
     (2, 16, 5, 5, 8, 1, 1, 0),         # 1x1
     (1, 72, 8, 8, 136, 3, 1, 1),       # several K blocks per tap
-    (1, 64, 6, 5, 16, 3, 1, 1),        # whole K blocks (the padded kernel's EVEN_K path)
+    (1, 64, 6, 5, 16, 3, 1, 1),        # whole K blocks
 ]
 
 
@@ -49,8 +49,7 @@ def _problem(gen, cin, cout, k, dtype, asym=True):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("asym", [True, False])
-@pytest.mark.parametrize("padded", [False, True])
-def test_kernel_equals_dequantize_then_conv(dtype, shape, asym, padded):
+def test_kernel_equals_dequantize_then_conv(dtype, shape, asym):
     b, cin, h, w, cout, k, stride, pad = shape
     gen = torch.Generator().manual_seed(hash(shape) % 1000)
     codes, zw, ow, sw, w_ref = _problem(gen, cin, cout, k, dtype, asym)
@@ -59,7 +58,7 @@ def test_kernel_equals_dequantize_then_conv(dtype, shape, asym, padded):
     w8, zo = W.prepare_weight(codes, zw, ow)
     to = lambda t: t.to(DEV)  # noqa: E731
     y = W.w8a16_conv2d(to(x.contiguous(memory_format=torch.channels_last)), to(w8), to(zo), to(sw), to(bias),
-                       stride, pad, padded=padded)
+                       stride, pad)
     # the same products (the dtype's values) summed in float64: the kernel differs by its float32
     # sums and the final rounding to the dtype only
     want = F.conv2d(x.double(), w_ref.double(), bias.double(), stride, pad)
@@ -68,7 +67,7 @@ def test_kernel_equals_dequantize_then_conv(dtype, shape, asym, padded):
     tol = torch.finfo(dtype).eps * want.abs().max()
     assert (y.cpu().double() - want).abs().max() <= tol
     # a contiguous (NCHW) input is read as well, with the same result
-    y2 = W.w8a16_conv2d(to(x), to(w8), to(zo), to(sw), to(bias), stride, pad, padded=padded)
+    y2 = W.w8a16_conv2d(to(x), to(w8), to(zo), to(sw), to(bias), stride, pad)
     torch.testing.assert_close(y2, y, rtol=0, atol=0)
     # and the PyTorch twin of the kernel dequantizes as the reference backend does
     w32 = (codes.float() - zw.view(-1, 1, 1, 1)) * sw.view(-1, 1, 1, 1)

@@ -72,45 +72,6 @@ def _finish(acc, rm, rn, M, N, rbn, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
 
-@triton.jit
-def _w8_conv_padded_kernel(x_ptr, b_ptr, zo_ptr, sw_ptr, bias_ptr, out_ptr, Bsz, HP, WP, CIN, HO, WO, N,
-                           KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr,
-                           STRIDE_W: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr):
-    """The same over an input already zero-padded in memory, ``[B, HP, WP, CIN]``: output pixel
-    ``m`` reads tap ``(r, s)`` at ``base[m] + r*WP + s``, one scalar offset per K step for the
-    whole tile and no bounds masks (rows past ``M`` are clamped and never stored); with ``EVEN_K``
-    (``CIN % BLOCK_K == 0``) no channel mask either. (The int8 path's layout, NOTES_int8.md.)"""
-    M = Bsz * HO * WO
-    K = KH * KW * CIN
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    bb, ho, wo = _out_pixels(rm, M, HO, WO)
-    base = ((bb * HP + ho * STRIDE_H) * WP + wo * STRIDE_W).to(tl.int64)
-    x_rows = x_ptr + base[:, None] * CIN + rk[None, :]
-    rbn = tl.minimum(rn, N - 1).to(tl.int64)
-    b_rows = b_ptr + rbn[:, None] * K + rk[None, :]
-    zo = tl.load(zo_ptr + rbn)
-    sw = tl.load(sw_ptr + rbn)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    nck = tl.cdiv(CIN, BLOCK_K)
-    for kk in range(0, KH * KW * nck):
-        tap, c0, r, s = _k_step(kk, nck, KW, BLOCK_K)
-        x_off = (r * WP + s).to(tl.int64) * CIN + c0
-        if EVEN_K:
-            x = tl.load(x_rows + x_off)
-            b = tl.load(b_rows + (tap * CIN + c0))
-        else:
-            cmask = (c0 + rk) < CIN
-            x = tl.load(x_rows + x_off, mask=cmask[None, :], other=0.0)
-            b = tl.load(b_rows + (tap * CIN + c0), mask=cmask[None, :], other=0)
-        acc = tl.dot(_dequant(b, zo, sw, x.dtype), tl.trans(x), acc)
-    _finish(acc, rm, rn, M, N, rbn, bias_ptr, out_ptr, HAS_BIAS)
-
-
 def _configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
             for bm, bn, bk, st, wp in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (128, 64, 64, 4, 4),
@@ -120,6 +81,3 @@ def _configs():
 w8_conv = _w8_conv_kernel
 w8_conv_tuned = triton.autotune(configs=_configs(), key=["Bsz", "H", "W", "CIN", "N", "KH", "KW", "STRIDE_H"])(
     _w8_conv_kernel)
-w8_conv_padded = triton.heuristics({"EVEN_K": lambda a: a["CIN"] % a["BLOCK_K"] == 0})(_w8_conv_padded_kernel)
-w8_conv_padded_tuned = triton.autotune(
-    configs=_configs(), key=["Bsz", "HP", "WP", "CIN", "N", "KH", "KW", "STRIDE_H"])(w8_conv_padded)

@@ -49,16 +49,15 @@ def prepare_weight(w_codes: torch.Tensor, zw, ow: int):
 
 
 def w8a16_conv2d(x: torch.Tensor, w_int8: torch.Tensor, zo: torch.Tensor, sw: torch.Tensor,
-                 bias: Optional[torch.Tensor], stride, padding, *, padded: bool = False) -> torch.Tensor:
+                 bias: Optional[torch.Tensor], stride, padding) -> torch.Tensor:
     """``conv2d(x, (w_int8 - zo) * sw, bias)`` (groups 1, dilation 1, zero padding).
 
     ``x``: ``[B, Cin, H, W]`` bf16 / fp16 (channels_last memory is read in place; other layouts
     are copied to it); ``w_int8``, ``zo`` from :func:`prepare_weight`; ``sw`` float32 ``[Cout]``;
     ``bias`` ``[Cout]`` or None. Returns ``[B, Cout, Ho, Wo]`` in ``x.dtype``, channels_last memory.
-
-    ``padded=True`` first writes the zero-padded NHWC input (one ``F.pad`` pass) and runs the kernel
-    that reads it with one offset per K step and no bounds masks (as the int8 path does); False
-    gathers from ``x`` with bounds-checked loads. Same numbers either way.
+    The input is gathered with bounds-checked loads (a variant over a zero-padded copy, the int8
+    path's layout, measured slower on an H200: 6.08 vs 5.33 ms for the SD UNet's 22 conv1, and was
+    removed; benchmarks/results/w8a16/h200_v3_and_padded.txt).
     """
     tm = _kernels()
     if x.dtype not in IN_DTYPES or x.dim() != 4:
@@ -89,15 +88,9 @@ def w8a16_conv2d(x: torch.Tensor, w_int8: torch.Tensor, zo: torch.Tensor, sw: to
     if not m:
         return out.permute(0, 3, 1, 2)
     bias_arg = bias if bias is not None else sw
-    if padded:
-        xn = F.pad(xn, (0, 0, pw, pw, ph, ph))                          # [B, H + 2ph, W + 2pw, Cin]
-        args = (xn, w_int8, zo, sw, bias_arg, out, bsz, h + 2 * ph, w + 2 * pw, cin, ho, wo, cout)
-        flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, HAS_BIAS=bias is not None)
-        tuned, raw = tm.w8_conv_padded_tuned, tm.w8_conv_padded
-    else:
-        args = (xn, w_int8, zo, sw, bias_arg, out, bsz, h, w, cin, ho, wo, cout)
-        flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, PAD_H=ph, PAD_W=pw, HAS_BIAS=bias is not None)
-        tuned, raw = tm.w8_conv_tuned, tm.w8_conv
+    args = (xn, w_int8, zo, sw, bias_arg, out, bsz, h, w, cin, ho, wo, cout)
+    flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, PAD_H=ph, PAD_W=pw, HAS_BIAS=bias is not None)
+    tuned, raw = tm.w8_conv_tuned, tm.w8_conv
     grid = int8._grid(m, cout, 1)                       # no K split: the second grid axis is 1
     if int8._autotune():
         tuned[grid](*args, **flags)
