@@ -9,14 +9,17 @@ import os
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
 # The Triton kernels (tfmq.runtime.kernels) are checked against their references on a GPU, and where
 # there is none through Triton's CPU interpreter (Triton is in the [test] extra); TRITON_INTERPRET=0
 # set by hand skips them instead. Nothing else in tfmq reads it (calibration's fused kernels run on
-# CUDA tensors only).
+# CUDA tensors only). Set before diffusers is imported: importing it imports Triton (through
+# torch), and Triton's own jit functions (tl.sum, ...) are only interpretable when the variable
+# was set before Triton was imported.
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel  # noqa: E402
 
 # Under pytest-xdist (-n N) the workers share the machine's cores: each gets its part instead of
 # every worker's torch starting a thread per core (oversubscribed OpenMP threads spin and stall).

@@ -300,6 +300,81 @@ def test_int8_conv2d_matches_reference(case, grid, mode):
 
 
 @needs_kernels
+def test_custom_ops_equal_the_kernels_and_compile_opaquely():
+    """tfmq::int8_linear / tfmq::int8_conv2d_padded (what compiled graphs call): the same outputs
+    as the functions, fake implementations that agree with the real ones (torch.library.opcheck:
+    schema, fake shapes / strides / dtypes, dynamic shapes), and a fullgraph compile of quantize +
+    GEMM that computes what eager mode does."""
+    from tfmq.runtime.kernels import ops
+    gen = torch.Generator().manual_seed(11)
+    qmin, qmax = GRIDS["unsigned"]
+    ox = K.offset_for(qmin, qmax)
+    # linear, a 3-d input as attention projections have
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, 24, (24, 40))
+    x = torch.randn(2, 9, 40, generator=gen) * sx * 60
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    bias = torch.randn(24, generator=gen)
+    ca = torch.tensor([float(ox)]) - zx
+    x, sx, zx, sw, bias, b, cb, bsum, ca = _dev(x, sx, zx, sw, bias, b, cb, bsum, ca)
+    a, asum = K.quantize_act(x, sx, zx, qmin, qmax, return_sums=True)
+    want = K.int8_linear(a, b, sx, ca, sw, cb, bsum, bias, torch.float32, asum=asum)
+    args = (a, b, sx, ca, sw, cb, bsum, bias, torch.float32, asum)
+    assert torch.equal(ops.int8_linear(*args), want)
+    torch.library.opcheck(ops.int8_linear, args)
+
+    def lin(x):
+        a, s = K.quantize_act_ops(x, sx, zx, qmin, qmax)
+        return ops.int8_linear(a, b, sx, ca, sw, cb, bsum, bias, torch.float32, s)
+    assert torch.equal(torch.compile(lin, backend="aot_eager", fullgraph=True)(x), want)
+    # padded conv, stride 2
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, 20, (20, 16, 3, 3))
+    x = (torch.randn(2, 16, 7, 6, generator=gen) * sx * 50).contiguous(memory_format=torch.channels_last)
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    ca = torch.tensor([float(ox)]) - zx
+    x, sx, zx, sw, b, cb, bsum, ca = _dev(x, sx, zx, sw, b, cb, bsum, ca)
+    ap, pp = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True, pad=1)
+    want = K.int8_conv2d(ap, b, 2, 1, sx, ca, sw, cb, bsum, None, torch.float32, asum=pp, padded=True)
+    args = (ap, b, (2, 2), (1, 1), sx, ca, sw, cb, bsum, None, torch.float32, pp)
+    got = ops.int8_conv2d_padded(*args)
+    assert torch.equal(got, want) and got.stride() == want.stride()
+    torch.library.opcheck(ops.int8_conv2d_padded, args)
+
+    def conv(x):
+        a, s = K.quantize_act_ops(x, sx, zx, qmin, qmax, nhwc=True, pad=1)
+        return ops.int8_conv2d_padded(a, b, (2, 2), (1, 1), sx, ca, sw, cb, bsum, None, torch.float32, s)
+    assert torch.equal(torch.compile(conv, backend="aot_eager", fullgraph=True)(x), want)
+
+
+@needs_kernels
+def test_w8a8_denoiser_compiles_fullgraph_around_the_custom_ops(tmp_path, monkeypatch):
+    """A whole W8A8 denoiser (every layer int8) under torch.compile(fullgraph=True): the GEMMs are
+    the custom operators and the quantizers torch operations in the graph; the output equals the
+    eager w8a8 call's (same codes, same kernels)."""
+    import tfmq
+    from conftest import tiny_ddpm_pipeline
+    from tfmq.runtime import backend_summary
+    from tfmq.runtime.backends import W8A8Backend
+
+    if INTERPRET:
+        monkeypatch.setattr(W8A8Backend, "available", lambda self, device: None)
+    pipe = tiny_ddpm_pipeline()
+    config = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, layer_policy="all", calib_size=2,
+                                         sampler=tfmq.SamplerConfig("ddim", 4))
+    tfmq.quantize(pipe, config, progress=False)
+    unet = tfmq.load(tfmq.save(pipe, tmp_path / "ckpt"), DEV, backend="w8a8").unet
+    summary = backend_summary(unet)
+    assert summary["reference_math"] == 0 and summary["backend_kernels"] == summary["layers"], summary
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)).to(DEV)
+    t = torch.full((1,), 500, device=DEV)
+    with torch.no_grad():
+        eager = unet(x, t).sample
+        unet.forward = torch.compile(unet.forward, backend="aot_eager", fullgraph=True)
+        compiled = unet(x, t).sample
+    assert torch.isfinite(eager).all()
+    assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
+
+
+@needs_kernels
 def test_int8_kernels_reject_bad_input():
     a = torch.zeros(4, 16, dtype=torch.int8, device=DEV)
     w = torch.zeros(8, 16, dtype=torch.int8, device=DEV)

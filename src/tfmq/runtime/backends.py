@@ -19,7 +19,9 @@
     codes dequantized tile by tile in registers, no full-precision weight; the SD UNet's 22 conv1
     5.3 ms vs 7.4 ms expanded + cuDNN on an H200). Under ``torch.compile`` they take the reference
     math, whose code expansion Inductor fuses into one kernel a layer (about 48 us) before cuDNN:
-    faster than the kernel today (it reaches 0.23-0.44x of cuDNN bf16). Other layers (other bit
+    faster than the kernel today (it reaches 0.23-0.44x of cuDNN bf16). In compiled graphs the
+    int8 GEMMs are called as custom operators (:mod:`.kernels.ops`): opaque to the compiler, so
+    each launch is autotuned per shape by Triton as in eager mode. Other layers (other bit
     widths, float32 models) compute as in ``reference``; :func:`~tfmq.runtime.selection.backend_summary` says which ran how.
 
 Every backend is tested against ``reference`` on the same inputs (tests/test_runtime.py).
@@ -128,7 +130,11 @@ class W8A8Backend(Backend):
         parts = layer.prepared.get("parts")
         if parts is None:                                    # not a W8A8 layer: reference math
             return Backend.run(self, layer, x)
-        from .kernels import int8
+        from .kernels import int8, ops
+        in_graph = torch.compiler.is_compiling()
+        # compiled graphs call the GEMMs as custom operators (opaque; Triton autotunes each shape)
+        linear = ops.int8_linear if in_graph else self._int8_linear
+        conv = ops.int8_conv2d_padded if in_graph else self._int8_conv2d
         split = hasattr(layer.act, "groups")
         quants = list(layer.act.groups) if split else [layer.act]
         inputs = layer.act.chunks(x) if split else [x]
@@ -137,17 +143,28 @@ class W8A8Backend(Backend):
             sx, zx = aq.params()
             ca = int8.offset_for(aq.qmin, aq.qmax) - zx           # (code - zero) = a + ca
             bias = layer.bias if i == 0 else None
-            in_graph = self.fuse_quantize and torch.compiler.is_compiling()
-            quantize = int8.quantize_act_ops if in_graph else functools.partial(int8.quantize_act, return_sums=True)
+            fused = self.fuse_quantize and in_graph
+            quantize = int8.quantize_act_ops if fused else functools.partial(int8.quantize_act, return_sums=True)
             if layer.kind == "conv":
                 a, asum = quantize(xi, sx, zx, aq.qmin, aq.qmax, nhwc=True, pad=layer.padding)
-                y = int8.int8_conv2d(a, w8, layer.stride, layer.padding, sx, ca, layer.qweight.scale, cb, bsum,
-                                     bias, x.dtype, asum=asum, padded=True)
+                y = conv(a, w8, layer.stride, layer.padding, sx, ca, layer.qweight.scale, cb, bsum, bias, x.dtype,
+                         asum)
             else:
                 a, asum = quantize(xi, sx, zx, aq.qmin, aq.qmax)
-                y = int8.int8_linear(a, w8, sx, ca, layer.qweight.scale, cb, bsum, bias, x.dtype, asum=asum)
+                y = linear(a, w8, sx, ca, layer.qweight.scale, cb, bsum, bias, x.dtype, asum)
             out = y if out is None else out + y
         return out
+
+    @staticmethod
+    def _int8_linear(a, w8, sx, ca, sw, cb, bsum, bias, out_dtype, asum):
+        from .kernels import int8
+        return int8.int8_linear(a, w8, sx, ca, sw, cb, bsum, bias, out_dtype, asum=asum)
+
+    @staticmethod
+    def _int8_conv2d(a, w8, stride, padding, sx, ca, sw, cb, bsum, bias, out_dtype, asum):
+        from .kernels import int8
+        return int8.int8_conv2d(a, w8, stride, padding, sx, ca, sw, cb, bsum, bias, out_dtype, asum=asum,
+                                padded=True)
 
 
 BACKENDS: dict[str, Backend] = {
