@@ -130,11 +130,12 @@ class W8A8Backend(Backend):
         parts = layer.prepared.get("parts")
         if parts is None:                                    # not a W8A8 layer: reference math
             return Backend.run(self, layer, x)
-        from .kernels import int8, ops
+        from .kernels import int8
         in_graph = torch.compiler.is_compiling()
-        # compiled graphs call the GEMMs as custom operators (opaque; Triton autotunes each shape)
-        linear = ops.int8_linear if in_graph else self._int8_linear
-        conv = ops.int8_conv2d_padded if in_graph else self._int8_conv2d
+        linear, conv = self._int8_linear, self._int8_conv2d
+        if in_graph:       # the GEMMs as custom operators: opaque to the compiler, Triton tunes each shape
+            from .kernels import ops
+            linear, conv = ops.int8_linear, ops.int8_conv2d_padded
         split = hasattr(layer.act, "groups")
         quants = list(layer.act.groups) if split else [layer.act]
         inputs = layer.act.chunks(x) if split else [x]

@@ -22,6 +22,10 @@ import torch
 
 from . import int8
 
+if not hasattr(torch.library, "custom_op"):
+    raise ImportError(f"compiling a w8a8 denoiser needs torch >= 2.4 (torch.library.custom_op); this is torch "
+                      f"{torch.__version__}: upgrade torch, or run the w8a8 backend uncompiled")
+
 
 @torch.library.custom_op("tfmq::int8_linear", mutates_args=())
 def int8_linear(a: torch.Tensor, w: torch.Tensor, sx: torch.Tensor, ca: torch.Tensor, sw: torch.Tensor,
