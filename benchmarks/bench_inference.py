@@ -89,6 +89,17 @@ def measure(rows, label, model, make_fn, iters, warmup, note=""):
     return r
 
 
+def timed_sampling(pipe, sampler: SamplerConfig, num_images: int, batch: int, label: str,
+                   note: str = "") -> tuple[dict, np.ndarray]:
+    """Wall time of ``tfmq.generate`` of ``num_images`` images (seed 0): a result row and the images."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    im = tfmq.generate(pipe, sampler, num_images, batch, seed=0, progress=False)
+    torch.cuda.synchronize()
+    row = {"config": label, "images": num_images, "seconds": time.perf_counter() - t0}
+    return (row | {"note": note} if note else row), im
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
@@ -165,12 +176,7 @@ def bundled(args, out: dict, work: Path) -> None:
         try:
             pipe = (tfmq.load_pipeline(tfmq.default_model_path(), dev, dtype) if ck is None
                     else tfmq.load(ckpts[ck], dev, dtype, backend=backend))
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            im = tfmq.generate(pipe, sampler, args.num_images, args.sample_batch, seed=0, progress=False)
-            torch.cuda.synchronize()
-            r = {"config": label, "images": args.num_images, "seconds": time.perf_counter() - t0}
-            imgs[label] = im
+            r, imgs[label] = timed_sampling(pipe, sampler, args.num_images, args.sample_batch, label)
         except Exception as exc:
             r = {"config": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         samp.append(r)
@@ -227,13 +233,8 @@ def bundled_compiled(args, out: dict, work: Path) -> None:
             else:
                 pipe = tfmq.load(ckpts[ck], dev, dtype, backend=backend, compile=comp)
             tfmq.generate(pipe, sampler, args.sample_batch, args.sample_batch, seed=0, progress=False)  # warm
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            im = tfmq.generate(pipe, sampler, args.num_images, args.sample_batch, seed=0, progress=False)
-            torch.cuda.synchronize()
-            r = {"config": label, "images": args.num_images, "seconds": time.perf_counter() - t0,
-                 "note": "after one warm-up batch (compilation excluded)"}
-            imgs[label] = im
+            r, imgs[label] = timed_sampling(pipe, sampler, args.num_images, args.sample_batch, label,
+                                            "after one warm-up batch (compilation excluded)")
         except Exception as exc:
             r = {"config": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         samp.append(r)
@@ -312,13 +313,8 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
             r["backend_summary"] = backend_summary(den)
             r["runtime_bytes"] = runtime_nbytes(den)
         try:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            im = tfmq.generate(pipe, sampler, args.num_images, bsz, seed=0, progress=False)
-            torch.cuda.synchronize()
-            sr = {"config": label, "images": args.num_images, "seconds": time.perf_counter() - t0,
-                  "note": "after one warm-up batch (compilation and graph recording excluded)"}
-            imgs[label] = im
+            sr, imgs[label] = timed_sampling(pipe, sampler, args.num_images, bsz, label,
+                                             "after one warm-up batch (compilation and graph recording excluded)")
         except Exception as exc:
             sr = {"config": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         samp.append(sr)
