@@ -44,6 +44,43 @@ def test_quantize_then_sample(tiny_pipe_dir, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_sample_compile_flag(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
+    """``tfmq sample --compile MODE`` compiles the denoiser's forward in that mode before sampling
+    (here with torch.compile's aot_eager backend, which needs no C++ compiler on the CPU): the
+    images equal the uncompiled run's; --compile with onnxruntime is refused before any work."""
+    import torch
+
+    from tfmq.runtime import backends
+    modes = []
+    real = backends.compile_denoiser
+
+    def record(denoiser, mode=None):
+        modes.append(mode)
+        denoiser.forward = torch.compile(denoiser.forward, backend="aot_eager", fullgraph=True)
+        return denoiser
+    monkeypatch.setattr(backends, "compile_denoiser", record)
+    common = ["--num-images", "2", "--steps", "2", "--seed", "3"]
+    assert main(["sample", str(tiny_pipe_dir), *common, "--out", str(tmp_path / "eager")]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(tiny_pipe_dir), *common, "--compile", "reduce-overhead",
+                 "--out", str(tmp_path / "comp")]) == 0
+    assert json.loads(capsys.readouterr().out)["compile"] == "reduce-overhead"
+    assert modes == ["reduce-overhead"]
+    a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("eager", "comp"))
+    assert np.array_equal(a, b)
+    monkeypatch.setattr(backends, "compile_denoiser", real)
+    import tfmq
+    from tfmq.models.adapter import load_pipeline
+    pipe = load_pipeline(str(tiny_pipe_dir))
+    tfmq.quantize(pipe, wbits=8, abits=8, calib_size=2, sampler=tfmq.SamplerConfig("ddim", 2), progress=False)
+    ckpt = tfmq.save(pipe, tmp_path / "ckpt")
+    r = run_cli("sample", ckpt, "--backend", "onnxruntime", "--compile", "default", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "--compile applies to the PyTorch denoiser" in r.stderr
+    assert not (tmp_path / "o").exists()
+    r = run_cli("sample", tiny_pipe_dir, "--compile", "fast", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
 @pytest.mark.parametrize("flags,msg", [
     (["--wbits", "1"], "unsupported bit width 1"),
     (["--abits", "9"], "unsupported bit width 9"),

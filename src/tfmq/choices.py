@@ -34,3 +34,6 @@ METHOD_DESCRIPTIONS = {
 
 #: Runtime backends of a quantized checkpoint (``tfmq.runtime.backends.BACKENDS``).
 RUNTIME_BACKENDS = ("reference", "weight-only", "w8a8")
+
+#: ``torch.compile`` modes for a loaded denoiser (``tfmq.runtime.compile_denoiser``, ``tfmq sample --compile``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -32,8 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .choices import (FSC_MODES, METHOD_DESCRIPTIONS, RECON_PARALLEL_MODES, RUNTIME_BACKENDS, SAMPLERS,
-                      SUPPORTED_BITS, TEMPORAL_MODES)
+from .choices import (COMPILE_MODES, FSC_MODES, METHOD_DESCRIPTIONS, RECON_PARALLEL_MODES, RUNTIME_BACKENDS,
+                      SAMPLERS, SUPPORTED_BITS, TEMPORAL_MODES)
 from .policy import POLICIES
 
 BITS_HELP = f"{SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}, or 32 for full precision"
@@ -373,6 +373,10 @@ def build_sample(sub) -> None:
                         "folder of `tfmq export`, which defaults to onnxruntime)")
     p.add_argument("--threads", type=_positive, default=None,
                    help="intra-op threads of onnxruntime / openvino (default: torch's thread count)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default=None, metavar="MODE",
+                   help="compile the denoiser's forward with torch.compile in this mode: "
+                        f"{', '.join(COMPILE_MODES)} (reduce-overhead replays each call as a CUDA graph "
+                        "on a GPU); the first batch compiles (default: not compiled)")
     add_sampler_flags(p, steps_default=None)
     p.set_defaults(func=run_sample, on_interrupt=lambda args: "no samples were written")
 
@@ -435,6 +439,8 @@ def _sample_source(args) -> str:
             raise UsageError(f"--backend {backend} needs {', '.join(missing)}: pip install 'tfmq[deploy]'")
     elif args.threads is not None:
         raise UsageError("--threads applies to --backend onnxruntime / openvino")
+    if args.compile is not None and (kind == "export" or args.backend in ONNX_BACKENDS):
+        raise UsageError("--compile applies to the PyTorch denoiser, not to onnxruntime / openvino")
     return kind
 
 
@@ -455,12 +461,15 @@ def _sampling_denoiser(args, kind: str):
             export_onnx(args.model, Path(tmp) / "export")
             pipe = load_onnx(Path(tmp) / "export", args.backend, args.threads)
             yield pipe, pipe.onnx_denoiser
-    elif args.backend is not None:
-        from .api import load
-        pipe = load(args.model, args.device, backend=args.backend)
-        yield pipe, None
     else:
-        yield load_any(args.model, args.device), None
+        from .api import load
+        from .models.adapter import get_denoiser
+        from .runtime.backends import compile_denoiser
+        pipe = load_any(args.model, args.device) if args.backend is None else load(args.model, args.device,
+                                                                                    backend=args.backend)
+        if args.compile is not None:
+            compile_denoiser(get_denoiser(pipe), None if args.compile == "default" else args.compile)
+        yield pipe, None
 
 
 def run_sample(args) -> int:
@@ -490,7 +499,8 @@ def run_sample(args) -> int:
     paths = save_samples(images, args.out)
     backend = args.backend or ("onnxruntime" if kind == "export" else None)
     print(json.dumps({"out": str(args.out), "num_images": len(images), "sampler": sampler.to_dict(),
-                      "backend": backend, "grid": str(paths["grid"]), "npz": str(paths["npz"])}, indent=2))
+                      "backend": backend, "compile": args.compile, "grid": str(paths["grid"]),
+                      "npz": str(paths["npz"])}, indent=2))
     return 0
 
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..choices import COMPILE_MODES
+
 
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here (no GPU, no Triton, unsupported layer)."""
@@ -183,10 +185,6 @@ def get_backend(name: str) -> Backend:
         return BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}") from None
-
-
-#: ``torch.compile`` modes :func:`compile_denoiser` accepts
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_denoiser(denoiser: nn.Module, mode: str | None = None) -> nn.Module:
