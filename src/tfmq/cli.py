@@ -1,7 +1,7 @@
 """Command line: parse flags, validate them before any work, call the public API.
 
     tfmq quantize [MODEL] --method tfmq --wbits 4 --abits 8 --out DIR
-    tfmq sample   [MODEL_OR_DIR] --num-images 16 --out OUT [--backend onnxruntime]
+    tfmq sample   [MODEL_OR_DIR] --num-images 16 --out OUT [--backend w8a8 --compile reduce-overhead]
     tfmq export   CKPT --format onnx --out DIR
 
 MODEL defaults to the bundled model. Every subcommand is registered in ``COMMANDS``.
