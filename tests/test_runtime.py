@@ -85,6 +85,41 @@ def test_no_fp_copy_of_quantized_weights_and_memory(one_thread, tmp_path):
     assert sizes["total"] < 0.5 * fp32                   # tiny model: FP-kept layers weigh a lot
 
 
+def test_weight_only_holds_fp_layers_as_stored(one_thread, tmp_path):
+    """weight-only keeps the weights of the Linear / Conv2d layers the tfmq policy leaves in full
+    precision (downsamplers, shortcuts, ...) in the checkpoint's float16 even in a float32 model:
+    resident bytes within 1.1x of the checkpoint's tensors and below the reference backend's
+    (which widens them at load), the model still reports float32, the numbers are the
+    reference's bit for bit, and saving it again writes the same checkpoint."""
+    pipe = tiny_ddpm_pipeline()
+    with torch.no_grad():        # weights that float16 holds exactly (as the bundled model's), which
+        for p in pipe.unet.parameters():      # the checkpoint then stores in float16
+            p.copy_(p.half().float())
+    tfmq.quantize(pipe, tfmq.QuantConfig.for_method("tfmq", wbits=4, abits=8, **FAST), progress=False)
+    ckpt = tfmq.save(pipe, tmp_path / "ckpt")
+    stored = load_file(str(ckpt / "tfmq_denoiser.safetensors"))
+    ckpt_bytes = sum(t.numel() * t.element_size() for t in stored.values())
+    ref, low = (tfmq.load(ckpt, backend=b) for b in ("reference", "weight-only"))
+    compact = [n for n, layer in runtime_layers(low.unet).items() if "weight" in layer._buffers]
+    assert compact and all(stored[f"state.{n}.weight"].dtype == torch.float16 for n in compact), compact
+    assert all(low.unet.get_submodule(n).weight.dtype == torch.float16 for n in compact)
+    low_bytes, ref_bytes = runtime_nbytes(low.unet)["total"], runtime_nbytes(ref.unet)["total"]
+    assert low_bytes <= 1.1 * ckpt_bytes and low_bytes < ref_bytes, (low_bytes, ref_bytes, ckpt_bytes)
+    assert low.unet.dtype == torch.float32 and low.dtype == torch.float32
+    imgs = [tfmq.generate(p, STEPS, 2, 2, seed=4, progress=False) for p in (ref, low)]
+    assert (imgs[0] == imgs[1]).all()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    t = torch.full((2,), int(low.unet.tfmq_info["timesteps"][1]))
+    with torch.no_grad():
+        for p in (ref, low):
+            p.unet.tfmq_steps.set(1)
+            p.unet.tfmq_steps.paused = True
+        assert torch.equal(low.unet(x, t).sample, ref.unet(x, t).sample)
+    again = load_file(str(tfmq.save(low, tmp_path / "again") / "tfmq_denoiser.safetensors"))
+    assert stored.keys() == again.keys()
+    assert all(stored[k].dtype == again[k].dtype and torch.equal(stored[k], again[k]) for k in stored)
+
+
 def test_checkpoint_round_trip_is_exact(one_thread, tmp_path):
     pipe = tiny_ddpm_pipeline()
     config = CONFIGS["tfmq-fsc-all"]()

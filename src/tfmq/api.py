@@ -221,7 +221,9 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     reason = get_backend(backend).available(torch.device(device))
     if reason is not None:
         raise BackendUnavailable(reason)
-    denoiser = checkpoint.load_denoiser(ckpt_dir, dtype, backend="reference", cfg=cfg)
+    # weight-only is the memory-first backend: FP layers too stay in their (narrower) stored dtype
+    denoiser = checkpoint.load_denoiser(ckpt_dir, dtype, backend="reference", cfg=cfg,
+                                        compact_fp=backend == "weight-only")
     # safetensors only: a checkpoint never makes diffusers unpickle a .bin of another component
     pipe = DiffusionPipeline.from_pretrained(str(ckpt_dir), **absent_components(ckpt_dir),
                                              **{cfg["denoiser_component"]: denoiser},

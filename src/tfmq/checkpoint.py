@@ -172,8 +172,10 @@ def config_info(cfg: dict) -> dict:
 
 
 def load_denoiser(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, backend: str = "reference",
-                  device: str | torch.device = "cpu", cfg: dict | None = None):
+                  device: str | torch.device = "cpu", cfg: dict | None = None, compact_fp: bool = False):
     """The checkpoint's quantized denoiser as runtime modules (``backend``), on ``device``.
+    ``compact_fp``: full-precision Linear / Conv2d weights stay in the checkpoint's narrower
+    storage dtype until they run (see :func:`tfmq.runtime.convert.build_runtime`).
 
     The architecture is built from its config with no FP weights allocated (the parameters live
     on the meta device until the checkpoint's tensors are assigned), so the peak memory is the
@@ -194,7 +196,7 @@ def load_denoiser(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, back
     denoiser.tfmq_fp_fingerprint = cfg["denoiser_fingerprint"]
     info = config_info(cfg)
     try:
-        build_runtime(denoiser, tensors, layer_meta, cfg["wrap_spec"], info, "reference")
+        build_runtime(denoiser, tensors, layer_meta, cfg["wrap_spec"], info, "reference", compact_fp)
     except ConversionError as exc:
         raise CheckpointError(f"{ckpt_dir}: {exc}") from exc
     denoiser.tfmq_info = info

@@ -86,10 +86,11 @@ def runtime_tensors(denoiser: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
             state[f"{name}.weight_quantizer.scale"] = q.scale.reshape(pshape)
             state[f"{name}.weight_quantizer.zero_point"] = q.zero_point.reshape(pshape)
             state[f"{name}.weight_quantizer.initialized"] = torch.ones(1, dtype=torch.bool)
-        else:
-            state[f"{name}.layer.weight"] = layer.weight
+        prefix = f"{name}." if layer.unwrapped else f"{name}.layer."
+        if layer.qweight is None:
+            state[f"{prefix}weight"] = layer.weight
         if layer.bias is not None:
-            state[f"{name}.layer.bias"] = layer.bias
+            state[f"{prefix}bias"] = layer.bias
         if layer.act is not None:
             state.update(_act_state(f"{name}.act_quantizer", layer.act))
         tensors.update({f"state.{k}": _compact(v) for k, v in state.items()})
@@ -153,12 +154,16 @@ def _act_from(t: _Tensors, prefix: str, bits: int, symmetric: bool, steps: StepI
 
 
 def build_runtime(denoiser: nn.Module, tensors: dict[str, torch.Tensor], layer_meta: dict,
-                  spec: dict, info: dict, backend: str = "reference") -> nn.Module:
+                  spec: dict, info: dict, backend: str = "reference", compact_fp: bool = False) -> nn.Module:
     """Turn ``denoiser`` (the FP architecture; its parameters may be on the meta device, i.e.
     never materialised) into runtime modules holding the checkpoint ``tensors`` (in place).
 
     ``spec``: the quantized structure (``WrapSpec`` as a dict: bits, symmetry, splits);
     ``info``: the checkpoint's quantization info (timesteps, sampler, fsc, temporal).
+    ``compact_fp``: the weights of the Linear / Conv2d layers kept in full precision stay in the
+    narrower dtype the checkpoint stores them in (float16 where the model computes in float32)
+    and are widened when the layer runs, as runtime layers with a full-precision weight: the same
+    numbers (widening is exact either way), half the memory of those layers.
     """
     from diffusers.models.attention_processor import Attention
     dtype = next((p.dtype for p in denoiser.parameters() if p.is_floating_point()), torch.float32)
@@ -171,12 +176,22 @@ def build_runtime(denoiser: nn.Module, tensors: dict[str, torch.Tensor], layer_m
     splits = spec.get("splits") or {}
     w_sym, a_sym = bool(spec.get("weight_symmetric")), bool(spec.get("act_symmetric"))
     modules = dict(denoiser.named_modules())
+    width = torch.empty((), dtype=dtype).element_size()
+
+    def narrower(key: str) -> bool:
+        w = t.state.get(key)
+        return compact_fp and w is not None and w.is_floating_point() and w.element_size() < width
+
     for name, m in modules.items():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
         coded = name in t.codes
-        if not coded and not t.has(f"{name}.layer.weight"):
-            continue                                          # not a wrapped layer
+        wrapped = coded or t.has(f"{name}.layer.weight")
+        fp_key = f"{name}.layer.weight" if t.has(f"{name}.layer.weight") else f"{name}.weight"
+        plain_compact = (not wrapped and narrower(fp_key)
+                         and (isinstance(m, nn.Linear) or m.padding_mode == "zeros"))
+        if not wrapped and not plain_compact:
+            continue                        # not a wrapped layer (nor a plain FP one to hold compactly)
         if coded:
             lm = layer_meta.get(name)
             if lm is None or list(lm["shape"]) != list(m.weight.shape):
@@ -192,15 +207,20 @@ def build_runtime(denoiser: nn.Module, tensors: dict[str, torch.Tensor], layer_m
                                   t.take(f"{name}.weight_quantizer.zero_point"), tuple(lm["shape"]), bits, qmin)
             t.take_prefix(f"{name}.weight_quantizer.")
         else:
-            weight = t.take(f"{name}.layer.weight").to(dtype)
-        bias = t.take(f"{name}.layer.bias").to(dtype) if m.bias is not None else None
+            weight = t.take(fp_key)
+            weight = weight if narrower(fp_key) else weight.to(dtype)
+        compact = not coded and narrower(fp_key)
+        prefix = f"{name}.layer." if coded or fp_key.endswith(".layer.weight") else f"{name}."
+        bias = t.take(f"{prefix}bias").to(dtype) if m.bias is not None else None
         act = None
         if t.has(f"{name}.act_quantizer.scale") or t.has(f"{name}.act_quantizer.groups.0.scale"):
             act = _act_from(t, f"{name}.act_quantizer", int(spec["abits"]), a_sym, steps, splits.get(name))
         if isinstance(m, nn.Conv2d):
-            new = QuantizedConv2d(weight, bias, act, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+            new = QuantizedConv2d(weight, bias, act, m.stride, m.padding, m.dilation, m.groups, m.padding_mode,
+                                  compact=compact)
         else:
-            new = QuantizedLinear(weight, bias, act)
+            new = QuantizedLinear(weight, bias, act, compact=compact)
+        new.unwrapped = plain_compact
         _set_submodule(denoiser, name, new)
     for name, m in modules.items():
         if not isinstance(m, Attention):

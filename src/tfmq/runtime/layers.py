@@ -109,17 +109,24 @@ class _QuantizedLayer(nn.Module):
     kind = ""
 
     def __init__(self, weight: PackedWeight | torch.Tensor, bias: torch.Tensor | None,
-                 act: ActQuant | GroupActQuant | None, backend: str = "reference"):
+                 act: ActQuant | GroupActQuant | None, backend: str = "reference", compact: bool = False):
         super().__init__()
         if isinstance(weight, PackedWeight):
             self.qweight = weight
             self.weight = None
         else:
             self.qweight = None
-            self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+            if compact:      # a full-precision weight kept in a narrower storage dtype: a buffer, so
+                # the model's dtype (its parameters') stays the compute dtype
+                self.register_buffer("weight", weight.detach())
+            else:
+                self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.act = act
         self.backend = backend
+        #: a full-precision layer calibration never wrapped, held here compactly (its checkpoint
+        #: tensors are named ``<name>.weight`` / ``<name>.bias``, not ``<name>.layer.*``)
+        self.unwrapped = False
         self.prepared: dict = {}        # backend-specific derived tensors (e.g. int8 kernel layouts)
 
     @property
@@ -132,8 +139,9 @@ class _QuantizedLayer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (of the bias or the FP weight; float32 when the layer has neither)."""
-        if self.weight is not None:
+        """The compute dtype (of the FP weight parameter or the bias; float32 when the layer has
+        neither; a compact weight buffer is the storage dtype, not the compute one)."""
+        if isinstance(self.weight, nn.Parameter):
             return self.weight.dtype
         return self.bias.dtype if self.bias is not None else torch.float32
 
@@ -167,8 +175,8 @@ class QuantizedConv2d(_QuantizedLayer):
     kind = "conv"
 
     def __init__(self, weight, bias, act, stride, padding, dilation, groups, padding_mode="zeros",
-                 backend: str = "reference"):
-        super().__init__(weight, bias, act, backend)
+                 backend: str = "reference", compact: bool = False):
+        super().__init__(weight, bias, act, backend, compact)
         if padding_mode != "zeros":
             raise ValueError(f"quantized conv supports zero padding only, got {padding_mode!r}")
         self.stride = tuple(stride)
