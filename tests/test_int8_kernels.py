@@ -348,8 +348,8 @@ def test_custom_ops_equal_the_kernels_and_compile_opaquely():
 @needs_kernels
 def test_w8a8_denoiser_compiles_fullgraph_around_the_custom_ops(tmp_path, monkeypatch):
     """A whole W8A8 denoiser (every layer int8) under torch.compile(fullgraph=True): the GEMMs are
-    the custom operators and the quantizers torch operations in the graph; the output equals the
-    eager w8a8 call's (same codes, same kernels)."""
+    the custom operators and the quantizers torch operations in one captured graph; the output
+    equals the eager w8a8 call's (same codes, same kernels)."""
     import tfmq
     from conftest import tiny_ddpm_pipeline
     from tfmq.runtime import backend_summary
@@ -368,7 +368,9 @@ def test_w8a8_denoiser_compiles_fullgraph_around_the_custom_ops(tmp_path, monkey
     t = torch.full((1,), 500, device=DEV)
     with torch.no_grad():
         eager = unet(x, t).sample
-        unet.forward = torch.compile(unet.forward, backend="aot_eager", fullgraph=True)
+        # Dynamo's graph capture without AOT tracing (the ops' fakes are checked above): one graph,
+        # no break, run as captured
+        unet.forward = torch.compile(unet.forward, backend="eager", fullgraph=True)
         compiled = unet(x, t).sample
     assert torch.isfinite(eager).all()
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
