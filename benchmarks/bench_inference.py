@@ -281,8 +281,8 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
                if args.graph_configs is None or c[0] in args.graph_configs.split(",")]
     imgs, samp = {}, []
     out["sampling_graphs"] = samp                      # in the partial JSON as it grows
+    from tfmq.runtime import compile_denoiser
     for label, ck, backend, dtype, comp in configs:
-        from tfmq.runtime import compile_denoiser
         try:
             t0 = time.perf_counter()
             if ck is None:

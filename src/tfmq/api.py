@@ -244,7 +244,7 @@ def _compile_mode(compile: bool | str) -> str | None:
     if isinstance(compile, bool):
         return None
     if isinstance(compile, str) and compile in COMPILE_MODES:
-        return None if compile == "default" else compile
+        return compile
     raise ValueError(f"compile must be True, False or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
                      f"got {compile!r}")
 

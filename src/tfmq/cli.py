@@ -468,7 +468,7 @@ def _sampling_denoiser(args, kind: str):
         pipe = load_any(args.model, args.device) if args.backend is None else load(args.model, args.device,
                                                                                     backend=args.backend)
         if args.compile is not None:
-            compile_denoiser(get_denoiser(pipe), None if args.compile == "default" else args.compile)
+            compile_denoiser(get_denoiser(pipe), args.compile)
         yield pipe, None
 
 

@@ -199,6 +199,7 @@ def compile_denoiser(denoiser: nn.Module, mode: str | None = None) -> nn.Module:
     """
     if mode is not None and mode not in COMPILE_MODES:
         raise ValueError(f"unknown torch.compile mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
+    mode = None if mode == "default" else mode
     if getattr(denoiser, "_tfmq_compiled", False):
         if getattr(denoiser, "_tfmq_compile_mode", None) != mode:
             raise ValueError(f"this denoiser is already compiled with mode "

@@ -188,9 +188,8 @@ def build_runtime(denoiser: nn.Module, tensors: dict[str, torch.Tensor], layer_m
         coded = name in t.codes
         wrapped = coded or t.has(f"{name}.layer.weight")
         fp_key = f"{name}.layer.weight" if t.has(f"{name}.layer.weight") else f"{name}.weight"
-        plain_compact = (not wrapped and narrower(fp_key)
-                         and (isinstance(m, nn.Linear) or m.padding_mode == "zeros"))
-        if not wrapped and not plain_compact:
+        compact = not coded and narrower(fp_key)
+        if not wrapped and not (compact and (isinstance(m, nn.Linear) or m.padding_mode == "zeros")):
             continue                        # not a wrapped layer (nor a plain FP one to hold compactly)
         if coded:
             lm = layer_meta.get(name)
@@ -208,9 +207,8 @@ def build_runtime(denoiser: nn.Module, tensors: dict[str, torch.Tensor], layer_m
             t.take_prefix(f"{name}.weight_quantizer.")
         else:
             weight = t.take(fp_key)
-            weight = weight if narrower(fp_key) else weight.to(dtype)
-        compact = not coded and narrower(fp_key)
-        prefix = f"{name}.layer." if coded or fp_key.endswith(".layer.weight") else f"{name}."
+            weight = weight if compact else weight.to(dtype)
+        prefix = f"{name}.layer." if wrapped else f"{name}."
         bias = t.take(f"{prefix}bias").to(dtype) if m.bias is not None else None
         act = None
         if t.has(f"{name}.act_quantizer.scale") or t.has(f"{name}.act_quantizer.groups.0.scale"):
@@ -220,7 +218,7 @@ def build_runtime(denoiser: nn.Module, tensors: dict[str, torch.Tensor], layer_m
                                   compact=compact)
         else:
             new = QuantizedLinear(weight, bias, act, compact=compact)
-        new.unwrapped = plain_compact
+        new.unwrapped = not wrapped
         _set_submodule(denoiser, name, new)
     for name, m in modules.items():
         if not isinstance(m, Attention):
