@@ -63,27 +63,42 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+HOST_LAUNCHES = {"cudaGraphLaunch": "graph launches", "cudaLaunchKernel": "kernel launches",
+                 "cuLaunchKernel": "kernel launches", "cuLaunchKernelEx": "kernel launches",
+                 "cudaLaunchKernelExC": "kernel launches"}
+
+
 def kernel_times(fn, calls: int) -> dict[str, dict]:
-    """Per kernel name: total device microseconds and count over ``calls`` profiled calls."""
+    """Per kernel name: total device microseconds and count over ``calls`` profiled calls; under
+    the key ``"host"``, the host-side launch calls per call (CUDA-graph replays vs single kernel
+    launches: a compiled graph that CUDA graphs really replay shows graph launches and few
+    kernel launches)."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
     out: dict[str, dict] = defaultdict(lambda: {"us": 0.0, "count": 0})
+    host: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
+        if evt.key in HOST_LAUNCHES:
+            host[HOST_LAUNCHES[evt.key]] += evt.count / calls
+            continue
+        if getattr(evt, "device_type", None) not in (None, torch.autograd.DeviceType.CUDA):
+            continue                                   # host-side events: their kernels are counted
         us = getattr(evt, "self_device_time_total", None)
         if us is None:
             us = getattr(evt, "self_cuda_time_total", 0.0)
         if us and evt.count:
             out[evt.key]["us"] += float(us)
             out[evt.key]["count"] += int(evt.count)
-    return dict(out)
+    return {"kernels": dict(out), "host": dict(host)}
 
 
-def summarise(label: str, wall_ms: float, kernels: dict, calls: int) -> dict:
+def summarise(label: str, wall_ms: float, profiled: dict, calls: int) -> dict:
+    kernels, host = profiled["kernels"], profiled["host"]
     by_kind: dict[str, float] = defaultdict(float)
     for name, v in kernels.items():
         by_kind[kind_of(name)] += v["us"] / calls / 1000
@@ -91,12 +106,15 @@ def summarise(label: str, wall_ms: float, kernels: dict, calls: int) -> dict:
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:25]
     print(f"\n== {label}: wall {wall_ms:.3f} ms per call, kernels {total:.3f} ms "
           f"(idle {wall_ms - total:.3f} ms)")
+    print("   host launch calls per call: " + (", ".join(f"{v:.1f} {k}" for k, v in sorted(host.items()))
+                                                   or "none recorded"))
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"   {kind:22s} {ms:8.3f} ms  {100 * ms / max(total, 1e-9):5.1f}%")
     print("   top kernels (ms per call, launches per call):")
     for name, v in top:
         print(f"     {v['us'] / calls / 1000:7.3f}  {v['count'] / calls:5.1f}  {name[:110]}")
     return {"config": label, "wall_ms": wall_ms, "kernel_ms": total, "by_kind_ms": dict(by_kind),
+            "host_launches_per_call": host,
             "top": [{"name": n, "ms_per_call": v["us"] / calls / 1000, "launches_per_call": v["count"] / calls}
                     for n, v in top]}
 
@@ -156,6 +174,12 @@ def bundled_case(args, work: Path) -> dict:
             "config": cfg, "inputs": (x, t), "channels_last": False, "mid_step": len(ts) // 2}
 
 
+def cudagraph_skips() -> int:
+    """Inductor's count of compiled graphs it ran WITHOUT CUDA graphs (reduce-overhead mode)."""
+    from torch._dynamo.utils import counters
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def timed_first_calls(fn, n: int = 3) -> list[float]:
     """Wall seconds of each of the first ``n`` calls after compilation, one by one (a CUDA-graph
     recording or a recompilation shows as one long call; a slow steady state as all long)."""
@@ -209,7 +233,7 @@ def main(argv=None) -> int:
                 stage("bf16 compiled (first call done)")
                 first = timed_first_calls(fn)
                 wall = time_call(fn, args.iters, 3)["median_ms"]
-                stage("bf16 timed")
+                stage(f"bf16 timed; CUDA-graph skips so far: {cudagraph_skips()}")
                 out["rows"].append(summarise("bf16 torch.compile", wall, kernel_times(fn, args.calls), args.calls)
                                    | {"first_calls_s": first})
                 save(out, args.json)
@@ -245,7 +269,7 @@ def main(argv=None) -> int:
                 stage(f"{label} compiled (first call done)")
                 first = timed_first_calls(fn)
                 wall = time_call(fn, args.iters, 3)["median_ms"]
-                stage(f"{label} timed: {wall:.3f} ms a call")
+                stage(f"{label} timed: {wall:.3f} ms a call; CUDA-graph skips so far: {cudagraph_skips()}")
                 out["rows"].append({"config": f"{label} (timing only, profile pending)", "wall_ms": wall,
                                     "first_calls_s": first})
                 save(out, args.json)
