@@ -299,6 +299,98 @@ def test_int8_conv2d_matches_reference(case, grid, mode):
         assert err < _tol(out_dtype), (mode, out_dtype, split, err)
 
 
+def _tables(gen, val, sel, n=3):
+    """A per-step table of ``n`` entries holding ``val`` (1 element) at ``sel``, other values elsewhere."""
+    t = val.repeat(n) * (1 + torch.rand(n, generator=gen)) if val.is_floating_point() else val.repeat(n) + 7
+    t[sel] = val[0]
+    return t.contiguous()
+
+
+@needs_kernels
+@pytest.mark.parametrize("split", [None, 3])
+def test_gemms_read_per_step_tables_at_the_step_index(split):
+    """With ``step`` the GEMMs read sx and ca (or zx) from per-step tables at the index held in
+    device memory: bit for bit the outputs of the same kernels given the selected scalars."""
+    from tfmq.runtime.kernels import ops
+    gen = torch.Generator().manual_seed(21)
+    qmin, qmax = GRIDS["unsigned"]
+    ox = K.offset_for(qmin, qmax)
+    sel = 1
+    step = torch.tensor(sel, device=DEV)
+    # linear: int8 codes with sums, and fused-quantize mode
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, 24, (24, 40))
+    x = torch.randn(9, 40, generator=gen) * sx * 60
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    ca = (ox - zx).to(torch.int32)
+    sx_t, zx_t, ca_t = _tables(gen, sx, sel), _tables(gen, zx, sel), _tables(gen, ca, sel)
+    x, sx, zx, sw, b, cb, bsum, ca, sx_t, zx_t, ca_t = _dev(x, sx, zx, sw, b, cb, bsum, ca, sx_t, zx_t, ca_t)
+    a, asum = K.quantize_act(x, sx, zx, qmin, qmax, return_sums=True)
+    want = K.int8_linear(a, b, sx, ca, sw, cb, bsum, None, torch.float32, asum=asum, split_k=split)
+    got = K.int8_linear(a, b, sx_t, ca_t, sw, cb, bsum, None, torch.float32, asum=asum, split_k=split, step=step)
+    assert torch.equal(got, want)
+    assert torch.equal(ops.int8_linear(a, b, sx_t, ca_t, sw, cb, bsum, None, torch.float32, asum, step), want)
+    want = K.int8_linear(x, b, sx, None, sw, cb, bsum, None, torch.float32, zx=zx, qmin=qmin, qmax=qmax,
+                         split_k=split)
+    got = K.int8_linear(x, b, sx_t, None, sw, cb, bsum, None, torch.float32, zx=zx_t, qmin=qmin, qmax=qmax,
+                        split_k=split, step=step)
+    assert torch.equal(got, want)
+    # padded conv (the runtime's path)
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, 20, (20, 16, 3, 3))
+    x = (torch.randn(2, 16, 6, 5, generator=gen) * sx * 50).contiguous(memory_format=torch.channels_last)
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    ca = (ox - zx).to(torch.int32)
+    sx_t, ca_t = _tables(gen, sx, sel), _tables(gen, ca, sel)
+    x, sx, zx, sw, b, cb, bsum, ca, sx_t, ca_t = _dev(x, sx, zx, sw, b, cb, bsum, ca, sx_t, ca_t)
+    ap, pp = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True, pad=1)
+    want = K.int8_conv2d(ap, b, 1, 1, sx, ca, sw, cb, bsum, None, torch.float32, asum=pp, padded=True,
+                         split_k=split)
+    got = K.int8_conv2d(ap, b, 1, 1, sx_t, ca_t, sw, cb, bsum, None, torch.float32, asum=pp, padded=True,
+                        split_k=split, step=step)
+    assert torch.equal(got, want)
+    if split is None:
+        args = (ap, b, (1, 1), (1, 1), sx_t, ca_t, sw, cb, bsum, None, torch.float32, pp, step)
+        assert torch.equal(ops.int8_conv2d_padded(*args), want)
+        torch.library.opcheck(ops.int8_conv2d_padded, args)
+
+
+@needs_kernels
+def test_w8a8_layers_follow_the_step_index(monkeypatch):
+    """A W8A8 conv and linear with three per-step activation parameter sets (scales 2x apart):
+    at every step the w8a8 backend (the GEMM reading the tables at the step index), eager and
+    captured as one graph, computes what the reference backend computes with that step's set."""
+    from tfmq.runtime.backends import BACKENDS, W8A8Backend
+    from tfmq.runtime.layers import ActQuant, QuantizedConv2d, QuantizedLinear
+    from tfmq.runtime.packed import PackedWeight
+    from tfmq.runtime.steps import StepIndex
+
+    if INTERPRET:
+        monkeypatch.setattr(W8A8Backend, "available", lambda self, device: None)
+    gen = torch.Generator().manual_seed(3)
+    steps = StepIndex([750, 500, 250], {"name": "ddim", "steps": 3}).to(DEV)
+
+    def layer(cls, shape, **kw):
+        codes = torch.randint(0, 256, shape, generator=gen)
+        w = PackedWeight(codes.to(torch.uint8), torch.rand(shape[0], generator=gen) * 0.01 + 0.001,
+                         torch.randint(100, 156, (shape[0],), generator=gen).float(), shape, 8, 0)
+        act = ActQuant(torch.tensor([0.02, 0.04, 0.08]), torch.tensor([120.0, 128.0, 140.0]), 8, False, steps)
+        return cls(w, torch.randn(shape[0], generator=gen), act, **kw).to(DEV)
+    conv = layer(QuantizedConv2d, (20, 16, 3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+    lin = layer(QuantizedLinear, (24, 40))
+    xc = (torch.randn(2, 16, 6, 5, generator=gen) * 2).to(DEV).contiguous(memory_format=torch.channels_last)
+    xl = (torch.randn(3, 9, 40, generator=gen) * 2).to(DEV)
+    for m in (conv, lin):
+        BACKENDS["w8a8"].prepare(m)
+    graphed = [torch.compile(lambda x, m=m: BACKENDS["w8a8"].run(m, x), backend="eager", fullgraph=True)
+               for m in (conv, lin)]
+    for s in range(3):
+        steps.set(s)
+        for m, x, g in zip((conv, lin), (xc, xl), graphed):
+            ref = BACKENDS["reference"].run(m, x).double()
+            for out in (BACKENDS["w8a8"].run(m, x), g(x)):
+                err = float((out.double() - ref).abs().max() / ref.abs().max())
+                assert err < 1e-4, (m.kind, s, err)
+
+
 @needs_kernels
 def test_custom_ops_equal_the_kernels_and_compile_opaquely():
     """tfmq::int8_linear / tfmq::int8_conv2d_padded (what compiled graphs call): the same outputs
@@ -398,6 +490,14 @@ def test_int8_kernels_reject_bad_input():
     with pytest.raises(ValueError, match="smaller than its padding"):
         K.int8_conv2d(a.view(1, 2, 2, 16), w.view(8, 1, 1, 16), 1, 1, one, one, sw, i8, i8,
                       asum=torch.zeros(1, 2, 2, dtype=torch.int32, device=DEV), padded=True)
+    with pytest.raises(ValueError, match="step must be"):               # a float step index
+        K.int8_linear(a, w, one, one, sw, i8, i8, step=torch.zeros((), device=DEV))
+    with pytest.raises(ValueError, match="differ in length"):          # tables of unequal length
+        K.int8_linear(a, w, torch.ones(3, device=DEV), one, sw, i8, i8,
+                      step=torch.zeros((), dtype=torch.long, device=DEV))
+    with pytest.raises(ValueError, match="1-d table"):
+        K.int8_linear(a, w, torch.ones(1, 3, device=DEV), one, sw, i8, i8,
+                      step=torch.zeros((), dtype=torch.long, device=DEV))
     with pytest.raises(ValueError, match="NHWC"):
         K.int8_conv2d(a.view(1, 2, 2, 16).permute(0, 3, 1, 2), w.view(8, 1, 1, 16), 1, 0, one, one, sw, i8, i8)
 

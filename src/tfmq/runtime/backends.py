@@ -122,7 +122,11 @@ class W8A8Backend(Backend):
             parts = [codes[:, :s], codes[:, s:]]
         else:
             parts = [codes]
-        layer.prepared = {"parts": [int8.prepare_weight(p.contiguous(), q.zero_point, ow) for p in parts]}
+        acts = list(layer.act.groups) if hasattr(layer.act, "groups") else [layer.act]
+        # per-step tables the GEMM kernels index with the step-index buffer themselves: sx and
+        # ca = offset - zero_point (an integer), so a compiled graph computes no scalars per layer
+        layer.prepared = {"parts": [int8.prepare_weight(p.contiguous(), q.zero_point, ow) for p in parts],
+                          "ca": [(int8.offset_for(a.qmin, a.qmax) - a.zero_point).to(torch.int32) for a in acts]}
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         w8a16 = layer.prepared.get("w8a16")
@@ -142,32 +146,33 @@ class W8A8Backend(Backend):
         quants = list(layer.act.groups) if split else [layer.act]
         inputs = layer.act.chunks(x) if split else [x]
         out = None
-        for i, (aq, xi, (w8, cb, bsum)) in enumerate(zip(quants, inputs, parts)):
-            sx, zx = aq.params()
-            ca = int8.offset_for(aq.qmin, aq.qmax) - zx           # (code - zero) = a + ca
+        for i, (aq, xi, (w8, cb, bsum), ca) in enumerate(zip(quants, inputs, parts, layer.prepared["ca"])):
+            sx, zx = aq.params()                  # this step's: for the quantizer
+            step = aq.step_index                  # the GEMM reads its sx / ca (= offset - zx) tables at it
+            s_tab, ca_tab = (aq.scale, ca) if step is not None else (aq.scale[:1], ca[:1])
             bias = layer.bias if i == 0 else None
             fused = self.fuse_quantize and in_graph
             quantize = int8.quantize_act_ops if fused else functools.partial(int8.quantize_act, return_sums=True)
             if layer.kind == "conv":
                 a, asum = quantize(xi, sx, zx, aq.qmin, aq.qmax, nhwc=True, pad=layer.padding)
-                y = conv(a, w8, layer.stride, layer.padding, sx, ca, layer.qweight.scale, cb, bsum, bias, x.dtype,
-                         asum)
+                y = conv(a, w8, layer.stride, layer.padding, s_tab, ca_tab, layer.qweight.scale, cb, bsum, bias,
+                         x.dtype, asum, step)
             else:
                 a, asum = quantize(xi, sx, zx, aq.qmin, aq.qmax)
-                y = linear(a, w8, sx, ca, layer.qweight.scale, cb, bsum, bias, x.dtype, asum)
+                y = linear(a, w8, s_tab, ca_tab, layer.qweight.scale, cb, bsum, bias, x.dtype, asum, step)
             out = y if out is None else out + y
         return out
 
     @staticmethod
-    def _int8_linear(a, w8, sx, ca, sw, cb, bsum, bias, out_dtype, asum):
+    def _int8_linear(a, w8, sx, ca, sw, cb, bsum, bias, out_dtype, asum, step):
         from .kernels import int8
-        return int8.int8_linear(a, w8, sx, ca, sw, cb, bsum, bias, out_dtype, asum=asum)
+        return int8.int8_linear(a, w8, sx, ca, sw, cb, bsum, bias, out_dtype, asum=asum, step=step)
 
     @staticmethod
-    def _int8_conv2d(a, w8, stride, padding, sx, ca, sw, cb, bsum, bias, out_dtype, asum):
+    def _int8_conv2d(a, w8, stride, padding, sx, ca, sw, cb, bsum, bias, out_dtype, asum, step):
         from .kernels import int8
         return int8.int8_conv2d(a, w8, stride, padding, sx, ca, sw, cb, bsum, bias, out_dtype, asum=asum,
-                                padded=True)
+                                padded=True, step=step)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -55,6 +55,12 @@ class ActQuant(nn.Module):
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
 
+    @property
+    def step_index(self) -> torch.Tensor | None:
+        """The denoiser's step-index buffer that selects this quantizer's parameter set (a 0-d long
+        tensor), or None when there is one set."""
+        return self._steps[0].index if self._steps else None
+
     def params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero-point of the current step (1-element float32 tensors)."""
         if self._steps:

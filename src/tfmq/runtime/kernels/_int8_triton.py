@@ -20,7 +20,10 @@ Kernels:
 The linear and the unpadded conv kernel take either int8 activations (``A_FLOAT=False``) or the float activation itself
 (``A_FLOAT=True``), quantizing each loaded tile in registers, which saves the separate quantize pass.
 ``asum`` comes either precomputed (``HAS_ASUM``: row sums for linear, per-pixel channel sums for
-conv, both from the quantize kernel) or is summed from the loaded tiles.
+conv, both from the quantize kernel) or is summed from the loaded tiles. With ``HAS_SEL`` the
+scalar parameters (``sx``, ``zx`` / ``ca``) are per-step tables read at the index ``sel_ptr``
+points to (the denoiser's step index), so a compiled graph launches no indexing kernel before
+each GEMM.
 """
 
 from __future__ import annotations
@@ -116,6 +119,16 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _param(ptr, sel_ptr, HAS_SEL: tl.constexpr):
+    """``ptr[sel]`` with ``sel`` read from device memory (the denoiser's step index: per-step
+    parameter tables are read in place, no indexing kernel before the GEMM), else ``ptr[0]``."""
+    if HAS_SEL:
+        return tl.load(ptr + tl.load(sel_ptr))
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
 def _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, stride_om, sw_ptr, cb_ptr,
             bsum_ptr, bias_ptr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Add this K-split's integer corrections, then write ``out`` (one split) or the int32 partial.
@@ -144,8 +157,8 @@ def _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, stride_o
 
 
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, out_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_om,
-                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _splitk_reduce_kernel(ws_ptr, out_ptr, sx_ptr, sel_ptr, sw_ptr, bias_ptr, M, N, stride_om,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``out = sx * sw[n] * sum_s ws[s, m, n] + bias[n]`` (exact int32 sum of the K-split partials)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,7 +169,7 @@ def _splitk_reduce_kernel(ws_ptr, out_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, strid
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for sidx in tl.static_range(SPLIT_K):
         acc += tl.load(ws_ptr + sidx * M * N + offs, mask=mask, other=0)
-    sx = tl.load(sx_ptr).to(tl.float32)
+    sx = _param(sx_ptr, sel_ptr, HAS_SEL).to(tl.float32)
     sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     out = acc.to(tl.float32) * (sx * sw)[None, :]
     if HAS_BIAS:
@@ -166,10 +179,10 @@ def _splitk_reduce_kernel(ws_ptr, out_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, strid
 
 
 @triton.jit
-def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, cb_ptr, bsum_ptr,
-                        bias_ptr, asum_ptr, M, N, K, stride_am, stride_bn, stride_om,
+def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sel_ptr, sw_ptr, cb_ptr,
+                        bsum_ptr, bias_ptr, asum_ptr, M, N, K, stride_am, stride_bn, stride_om,
                         A_FLOAT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_ASUM: tl.constexpr, SPLIT_K: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_SEL: tl.constexpr, HAS_ASUM: tl.constexpr, SPLIT_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -186,12 +199,12 @@ def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, s
     per = tl.cdiv(nk, SPLIT_K)
     k_lo = pid_k * per
     k_hi = tl.minimum(nk, k_lo + per)
-    sx = tl.load(sx_ptr).to(tl.float32)
+    sx = _param(sx_ptr, sel_ptr, HAS_SEL).to(tl.float32)
     if A_FLOAT:
-        zx = tl.load(zx_ptr).to(tl.float32)
+        zx = _param(zx_ptr, sel_ptr, HAS_SEL).to(tl.float32)
         ca = (QMIN + 128) - zx.to(tl.int32)
     else:
-        ca = tl.load(ca_ptr).to(tl.int32)
+        ca = _param(ca_ptr, sel_ptr, HAS_SEL).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     asum_acc = tl.zeros([BLOCK_M], dtype=tl.int32)
     for kc in range(k_lo, k_hi):
@@ -218,12 +231,12 @@ def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, s
 
 
 @triton.jit
-def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_ptr, cb_ptr, bsum_ptr,
-                      bias_ptr, psum_ptr, Bsz, H, W, CIN, HO, WO, N,
+def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sel_ptr, sw_ptr, cb_ptr,
+                      bsum_ptr, bias_ptr, psum_ptr, Bsz, H, W, CIN, HO, WO, N,
                       KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr,
                       STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
                       A_FLOAT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_ASUM: tl.constexpr, SPLIT_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_SEL: tl.constexpr, HAS_ASUM: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
     M = Bsz * HO * WO
@@ -238,12 +251,12 @@ def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_
     wbase = wo * STRIDE_W - PAD_W
     rbn = tl.minimum(rn, N - 1).to(tl.int64)
     b_rows = b_ptr + rbn[:, None] * K + rk[None, :]
-    sx = tl.load(sx_ptr).to(tl.float32)
+    sx = _param(sx_ptr, sel_ptr, HAS_SEL).to(tl.float32)
     if A_FLOAT:
-        zx = tl.load(zx_ptr).to(tl.float32)
+        zx = _param(zx_ptr, sel_ptr, HAS_SEL).to(tl.float32)
         ca = (QMIN + 128) - zx.to(tl.int32)
     else:
-        ca = tl.load(ca_ptr).to(tl.int32)
+        ca = _param(ca_ptr, sel_ptr, HAS_SEL).to(tl.int32)
     pad = (-ca).to(tl.int8)  # code of a real zero: a = zx - OX
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     asum_acc = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -293,10 +306,10 @@ def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sw_
 
 
 @triton.jit
-def _int8_conv_padded_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, ca_ptr, sw_ptr, cb_ptr, bsum_ptr,
-                             bias_ptr, psum_ptr, Bsz, HP, WP, CIN, HO, WO, N,
+def _int8_conv_padded_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, ca_ptr, sel_ptr, sw_ptr, cb_ptr,
+                             bsum_ptr, bias_ptr, psum_ptr, Bsz, HP, WP, CIN, HO, WO, N,
                              KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr,
-                             STRIDE_W: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                             STRIDE_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEL: tl.constexpr, SPLIT_K: tl.constexpr,
                              EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Implicit-GEMM conv over an already padded NHWC int8 input ``[B, HP, WP, CIN]`` (padding in
@@ -315,8 +328,8 @@ def _int8_conv_padded_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, ca_ptr, sw_p
     a_rows = a_ptr + base[:, None] * CIN + rk[None, :]
     rbn = tl.minimum(rn, N - 1).to(tl.int64)
     b_rows = b_ptr + rbn[:, None] * K + rk[None, :]
-    sx = tl.load(sx_ptr).to(tl.float32)
-    ca = tl.load(ca_ptr).to(tl.int32)
+    sx = _param(sx_ptr, sel_ptr, HAS_SEL).to(tl.float32)
+    ca = _param(ca_ptr, sel_ptr, HAS_SEL).to(tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     nck = tl.cdiv(CIN, BLOCK_K)
     pid_k = tl.program_id(1)

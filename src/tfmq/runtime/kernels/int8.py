@@ -99,6 +99,20 @@ def _check_scalar(t: torch.Tensor, name: str) -> None:
                          + (f" with {t.numel()} elements" if isinstance(t, torch.Tensor) else ""))
 
 
+def _check_step(step: torch.Tensor, sx: torch.Tensor, c: torch.Tensor, cname: str) -> None:
+    """``step`` selects one entry of the parameter tables ``sx`` and ``c`` (``ca`` or ``zx``)."""
+    if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype not in (torch.int32, torch.int64):
+        raise ValueError("step must be a 1-element int32 / int64 device tensor (the step index), got "
+                         + (f"{step.dtype} with {step.numel()} elements" if isinstance(step, torch.Tensor)
+                            else type(step).__name__))
+    for t, name in ((sx, "sx"), (c, cname)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 1 or not t.is_contiguous():
+            raise ValueError(f"with a step index, {name} must be a contiguous 1-d table of per-step values, got "
+                             + (f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__))
+    if sx.numel() != c.numel():
+        raise ValueError(f"the sx and {cname} tables differ in length: {sx.numel()} vs {c.numel()}")
+
+
 def _check_channel(t: torch.Tensor, n: int, name: str, dtypes: Sequence[torch.dtype]) -> None:
     if t.dim() != 1 or t.shape[0] != n or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous [{n}] tensor, got shape {tuple(t.shape)}")
@@ -274,7 +288,7 @@ def _split_k(m: int, n: int, k: int, split_k: Optional[int]) -> int:
     return max(1, min(8, triton_next_cdiv(132, tiles), k // 1440))
 
 
-def _launch(tm, tuned, raw, args, flags, m, n, split, out, sx, sw, bias):
+def _launch(tm, tuned, raw, args, flags, m, n, split, out, sx, sw, bias, sel):
     """Launch the GEMM kernel (autotuned or heuristic config), plus the split-K reduction if split > 1."""
     ws = torch.empty((split, m, n), dtype=torch.int32, device=out.device) if split > 1 else out
     args = args[:3] + (ws,) + args[3:]
@@ -285,16 +299,20 @@ def _launch(tm, tuned, raw, args, flags, m, n, split, out, sx, sw, bias):
         raw[_grid(m, n, split)(cfg)](*args, **flags, SPLIT_K=split, **cfg)
     if split > 1:
         grid = (triton_next_cdiv(m, 64), triton_next_cdiv(n, 128))
-        tm._splitk_reduce_kernel[grid](ws, out, sx, sw, bias if bias is not None else sw, m, n, n,
-                                       SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK_M=64, BLOCK_N=128,
-                                       num_warps=4)
+        tm._splitk_reduce_kernel[grid](ws, out, sx, sel if sel is not None else sx, sw,
+                                       bias if bias is not None else sw, m, n, n, SPLIT_K=split,
+                                       HAS_BIAS=bias is not None, HAS_SEL=sel is not None, BLOCK_M=64,
+                                       BLOCK_N=128, num_warps=4)
 
 
-def _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, n):
+def _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, n, step=None):
     if w_int8.dtype != torch.int8 or not w_int8.is_contiguous():
         raise ValueError(f"w_int8 must be contiguous int8 (use prepare_weight), got {w_int8.dtype}")
-    _check_scalar(sx, "sx")
-    _check_scalar(ca if zx is None else zx, "ca" if zx is None else "zx")
+    if step is None:
+        _check_scalar(sx, "sx")
+        _check_scalar(ca if zx is None else zx, "ca" if zx is None else "zx")
+    else:
+        _check_step(step, sx, ca if zx is None else zx, "ca" if zx is None else "zx")
     _check_channel(sw, n, "sw", (torch.float32,))
     _check_channel(cb, n, "cb", (torch.int32,))
     _check_channel(bsum, n, "bsum", (torch.int32,))
@@ -308,7 +326,8 @@ def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca
                 sw: torch.Tensor, cb: torch.Tensor, bsum: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 out_dtype: torch.dtype = torch.bfloat16, *, asum: Optional[torch.Tensor] = None,
                 zx: Optional[torch.Tensor] = None, qmin: Optional[int] = None,
-                qmax: Optional[int] = None, split_k: Optional[int] = None) -> torch.Tensor:
+                qmax: Optional[int] = None, split_k: Optional[int] = None,
+                step: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W8A8 linear: ``out[M, N] = sx*sw[n]*(a @ b.T + ca*bsum[n] + cb[n]*asum[m] + K*ca*cb[n]) + bias[n]``.
 
     ``a_int8``: ``[..., K]`` int8 activations from :func:`quantize_act` (last dim contiguous);
@@ -324,6 +343,10 @@ def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca
 
     ``split_k``: number of K splits (int32 partials summed exactly by a second small kernel);
     None picks one from the shape (more splits when there are too few output tiles to fill the GPU).
+
+    ``step``: a 1-element integer device tensor (a denoiser's step index); ``sx`` and ``ca`` (or
+    ``zx``) are then 1-d per-step tables, and the kernel reads entry ``step`` itself (no indexing
+    kernel, no host sync; the caller keeps ``step`` in range, as :class:`~tfmq.runtime.steps.StepIndex` does).
     """
     tm = _kernels()
     fused = zx is not None
@@ -343,8 +366,9 @@ def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca
     n, k = w_int8.shape
     if k > MAX_K:
         raise ValueError(f"K={k} > {MAX_K}: the int32 accumulator could overflow")
-    _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, n)
-    _check_device(a_int8, w_int8, sx, zx if fused else ca, sw, cb, bsum, *(t for t in (bias, asum) if t is not None))
+    _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, n, step)
+    _check_device(a_int8, w_int8, sx, zx if fused else ca, sw, cb, bsum,
+                  *(t for t in (bias, asum, step) if t is not None))
     lead = a_int8.shape[:-1]
     a2 = a_int8.reshape(-1, k)
     if a2.stride(-1) != 1:
@@ -359,13 +383,13 @@ def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca
         return out.reshape(*lead, n)
     if k == 0:
         raise ValueError("K must be positive")
-    args = (a2, w_int8, out, sx, zx if fused else sx, ca if not fused else sx, sw, cb, bsum,
-            bias if bias is not None else sw, asum if asum is not None else cb,
+    args = (a2, w_int8, out, sx, zx if fused else sx, ca if not fused else sx, step if step is not None else sx,
+            sw, cb, bsum, bias if bias is not None else sw, asum if asum is not None else cb,
             m, n, k, a2.stride(0), w_int8.stride(0), out.stride(0))
     flags = dict(A_FLOAT=fused, QMIN=qmin if fused else 0, QMAX=qmax if fused else 255,
-                 HAS_BIAS=bias is not None, HAS_ASUM=asum is not None)
+                 HAS_BIAS=bias is not None, HAS_ASUM=asum is not None, HAS_SEL=step is not None)
     _launch(tm, tm.int8_linear_tuned, tm._int8_linear_kernel, args, flags, m, n, _split_k(m, n, k, split_k),
-            out, sx, sw, bias)
+            out, sx, sw, bias, step)
     return out.reshape(*lead, n)
 
 
@@ -382,7 +406,8 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
                 bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16, *,
                 asum: Optional[torch.Tensor] = None, zx: Optional[torch.Tensor] = None,
                 qmin: Optional[int] = None, qmax: Optional[int] = None,
-                split_k: Optional[int] = None, padded: bool = False) -> torch.Tensor:
+                split_k: Optional[int] = None, padded: bool = False,
+                step: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W8A8 conv2d (groups=1, dilation 1) as an implicit GEMM on int8 tensor cores.
 
     ``a_int8``: NHWC int8 ``[B, H, W, Cin]`` (contiguous) from ``quantize_act(..., nhwc=True)``;
@@ -401,6 +426,8 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
     ``[B, H + 2*ph, W + 2*pw, Cin]``, and ``asum`` (required) its padded per-pixel sums, both from
     ``quantize_act(x, ..., nhwc=True, return_sums=True, pad=padding)``; the kernel then reads the
     input with one offset per K step and no bounds checks.
+
+    ``step``: per-step parameter tables read in the kernel, as in :func:`int8_linear`.
     """
     tm = _kernels()
     fused = zx is not None
@@ -444,8 +471,10 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
     wo = (w + 2 * pw - kw) // sw_ + 1
     if ho < 1 or wo < 1:
         raise ValueError(f"empty output for input {h}x{w}, kernel {kh}x{kw}, stride {stride}, padding {padding}")
-    _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, cout)
-    _check_device(a, w_int8, sx, zx if fused else ca, sw, cb, bsum, *(t for t in (bias, asum) if t is not None))
+    _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, cout, step)
+    _check_device(a, w_int8, sx, zx if fused else ca, sw, cb, bsum,
+                  *(t for t in (bias, asum, step) if t is not None))
+    sel = step if step is not None else sx
     if asum is not None:
         if asum.dtype != torch.int32 or tuple(asum.shape) != (bsz, hp, wp) or not asum.is_contiguous():
             raise ValueError(f"asum must be contiguous int32 [B, H, W] = {(bsz, hp, wp)}, got {asum.dtype} "
@@ -453,20 +482,21 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
     out = torch.empty((bsz, ho, wo, cout), dtype=out_dtype, device=a.device)
     m = bsz * ho * wo
     if m and padded:
-        args = (a, w_int8, out, sx, ca, sw, cb, bsum, bias if bias is not None else sw, asum,
+        args = (a, w_int8, out, sx, ca, sel, sw, cb, bsum, bias if bias is not None else sw, asum,
                 bsz, hp, wp, cin, ho, wo, cout)
-        flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, HAS_BIAS=bias is not None)
+        flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, HAS_BIAS=bias is not None,
+                     HAS_SEL=step is not None)
         _launch(tm, tm.int8_conv_padded_tuned, tm.int8_conv_padded, args, flags, m, cout,
-                _split_k(m, cout, kh * kw * cin, split_k), out, sx, sw, bias)
+                _split_k(m, cout, kh * kw * cin, split_k), out, sx, sw, bias, step)
     elif m:
-        args = (a, w_int8, out, sx, zx if fused else sx, ca if not fused else sx, sw, cb, bsum,
+        args = (a, w_int8, out, sx, zx if fused else sx, ca if not fused else sx, sel, sw, cb, bsum,
                 bias if bias is not None else sw, asum if asum is not None else cb,
                 bsz, h, w, cin, ho, wo, cout)
         flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, PAD_H=ph, PAD_W=pw, A_FLOAT=fused,
                      QMIN=qmin if fused else 0, QMAX=qmax if fused else 255,
-                     HAS_BIAS=bias is not None, HAS_ASUM=asum is not None)
+                     HAS_BIAS=bias is not None, HAS_ASUM=asum is not None, HAS_SEL=step is not None)
         _launch(tm, tm.int8_conv_tuned, tm._int8_conv_kernel, args, flags, m, cout,
-                _split_k(m, cout, kh * kw * cin, split_k), out, sx, sw, bias)
+                _split_k(m, cout, kh * kw * cin, split_k), out, sx, sw, bias, step)
     return out.permute(0, 3, 1, 2)
 
 

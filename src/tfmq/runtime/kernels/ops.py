@@ -30,13 +30,14 @@ if not hasattr(torch.library, "custom_op"):
 @torch.library.custom_op("tfmq::int8_linear", mutates_args=())
 def int8_linear(a: torch.Tensor, w: torch.Tensor, sx: torch.Tensor, ca: torch.Tensor, sw: torch.Tensor,
                 cb: torch.Tensor, bsum: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
-                asum: torch.Tensor) -> torch.Tensor:
-    """:func:`tfmq.runtime.kernels.int8.int8_linear` with precomputed row sums ``asum``."""
-    return int8.int8_linear(a, w, sx, ca, sw, cb, bsum, bias, out_dtype, asum=asum)
+                asum: torch.Tensor, step: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`tfmq.runtime.kernels.int8.int8_linear` with precomputed row sums ``asum`` (and, with
+    ``step``, per-step ``sx`` / ``ca`` tables read in the kernel)."""
+    return int8.int8_linear(a, w, sx, ca, sw, cb, bsum, bias, out_dtype, asum=asum, step=step)
 
 
 @int8_linear.register_fake
-def _int8_linear_fake(a, w, sx, ca, sw, cb, bsum, bias, out_dtype, asum):
+def _int8_linear_fake(a, w, sx, ca, sw, cb, bsum, bias, out_dtype, asum, step=None):
     return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=out_dtype)
 
 
@@ -44,15 +45,15 @@ def _int8_linear_fake(a, w, sx, ca, sw, cb, bsum, bias, out_dtype, asum):
 def int8_conv2d_padded(a: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                        sx: torch.Tensor, ca: torch.Tensor, sw: torch.Tensor, cb: torch.Tensor,
                        bsum: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
-                       asum: torch.Tensor) -> torch.Tensor:
+                       asum: torch.Tensor, step: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``int8_conv2d(..., padded=True)``: ``a`` and ``asum`` from
     ``quantize_act(x, ..., nhwc=True, return_sums=True, pad=padding)``."""
     return int8.int8_conv2d(a, w, tuple(stride), tuple(padding), sx, ca, sw, cb, bsum, bias, out_dtype,
-                            asum=asum, padded=True)
+                            asum=asum, padded=True, step=step)
 
 
 @int8_conv2d_padded.register_fake
-def _int8_conv2d_padded_fake(a, w, stride, padding, sx, ca, sw, cb, bsum, bias, out_dtype, asum):
+def _int8_conv2d_padded_fake(a, w, stride, padding, sx, ca, sw, cb, bsum, bias, out_dtype, asum, step=None):
     bsz, hp, wp, _ = a.shape                       # already padded by ``padding``
     cout, kh, kw, _ = w.shape
     ho = (hp - kh) // stride[0] + 1
