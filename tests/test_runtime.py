@@ -135,6 +135,28 @@ def test_checkpoint_round_trip_is_exact(one_thread, tmp_path):
     assert (imgs[0] == imgs[1]).all()
 
 
+def test_sampler_selects_each_step_from_the_host_value(one_thread, tmp_path, monkeypatch):
+    """tfmq's sampler loop announces every step's timestep (StepIndex.expect), so the per-step
+    model's pre-hook reads no timestep tensor back from the device (one host-GPU synchronisation
+    per step): the steps are selected from host ints, in the calibrated order, and the images are
+    those of the hook-driven selection."""
+    from tfmq.runtime.steps import StepIndex
+    pipe = tiny_ddpm_pipeline()
+    tfmq.quantize(pipe, CONFIGS["tfmq-fsc-all"](), progress=False)
+    loaded = tfmq.load(tfmq.save(pipe, tmp_path / "ckpt"))
+    seen = []
+    select = StepIndex.select
+    monkeypatch.setattr(StepIndex, "select", lambda self, t: seen.append(t) or select(self, t))
+    announced = tfmq.generate(loaded, STEPS, 2, 2, seed=1, progress=False)
+    assert seen == [int(t) for t in loaded.unet.tfmq_info["timesteps"]]
+    assert all(type(t) is int for t in seen)
+    seen.clear()
+    monkeypatch.setattr(StepIndex, "expect", lambda self, t: None)       # the pre-hook alone
+    hooked = tfmq.generate(loaded, STEPS, 2, 2, seed=1, progress=False)
+    assert len(seen) == STEPS.steps and all(torch.is_tensor(t) for t in seen)
+    assert (announced == hooked).all()
+
+
 def test_pipeline_call_after_load(one_thread, tmp_path):
     pipe = tiny_ddpm_pipeline()
     tfmq.quantize(pipe, CONFIGS["tfmq-fsc-all"](), progress=False)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .models.adapter import adapter_for, get_denoiser
 from .models.base import Conditioning
-from .runtime.steps import check_timesteps
+from .runtime.steps import check_timesteps, step_index_of
 
 #: Sampler name -> diffusers scheduler class.
 SCHEDULERS = {
@@ -127,6 +127,7 @@ def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed
     adapter = adapter_for(arch)
     denoiser = serving_denoiser(pipe, denoiser)
     check_timesteps(denoiser, sampler.to_dict(), sampler_timesteps(pipe, sampler))  # per-step models
+    steps = step_index_of(denoiser)          # per-step models: each step selected from the host value
     cond = cond or Conditioning()
     device = next(denoiser.parameters()).device
     dtype = next(denoiser.parameters()).dtype
@@ -152,6 +153,8 @@ def denoise(pipe, sampler: SamplerConfig, num_images: int, batch_size: int, seed
             t_batch = torch.full((model_in.shape[0],), int(t), device=device, dtype=torch.long)
             if on_step is not None:
                 on_step(i, int(t), model_in, kwargs)
+            if steps is not None:
+                steps.expect(int(t))
             eps = adapter.epsilon(arch, denoiser(model_in, timestep=t_batch, **adapter.forward_kwargs(kwargs)))
             if cfg:
                 e_cond, e_uncond = eps.chunk(2)

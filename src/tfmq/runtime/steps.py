@@ -11,7 +11,9 @@ Who sets the index:
 
 * in eager mode, a forward pre-hook on the denoiser reads the call's timestep, checks it against
   the calibrated sampler (the value, and the ORDER of the steps, which refuses another step count
-  whose timesteps happen to be a subset of the calibrated ones) and writes the buffer;
+  whose timesteps happen to be a subset of the calibrated ones) and writes the buffer; a caller
+  that knows the timestep on the host (tfmq's own sampler loop) checks and selects it before the
+  call with :meth:`StepIndex.expect`, so no timestep is read back from the GPU;
 * while compiling or capturing a CUDA graph, the same hook computes the index with tensor
   operations only (no host synchronisation, no check): the caller runs the calibrated sampler,
   which :func:`check_sampler` verified before the first step.
@@ -107,6 +109,7 @@ class StepIndex(nn.Module):
         self.register_buffer("index", torch.zeros((), dtype=torch.long), persistent=False)
         self._ts = ts
         self._timestep_of: Callable | None = None      # set by attach_step_index
+        self._expected: int | None = None              # the next call's step, announced by expect()
 
     def __len__(self) -> int:
         return len(self._ts)
@@ -117,6 +120,7 @@ class StepIndex(nn.Module):
     def reset(self) -> None:
         """A new trajectory starts (the order check begins again at the first step)."""
         self.last = None
+        self._expected = None
 
     def index_for(self, key: int) -> int:
         """The step index of timestep ``key``; raises :class:`CalibrationMismatchError` for a
@@ -162,6 +166,16 @@ class StepIndex(nn.Module):
         self.set(index)
         return index
 
+    def expect(self, timestep) -> None:
+        """Check and select the step of the NEXT call's timestep, known on the host by a caller
+        that runs the sampler loop itself (:func:`tfmq.sampling.denoise`). That call's pre-hook
+        then skips reading the call's timestep tensor back from the device, which would stall
+        the host once per step until the GPU caught up. The caller passes that timestep to the
+        call. Does nothing while the index is paused."""
+        if self.paused:
+            return
+        self._expected = self.select(timestep)
+
     def select_traced(self, timestep: torch.Tensor) -> None:
         """Tensor-only selection for compiled / captured code: the index of the first element of
         ``timestep`` in the calibrated timesteps (no check, no host synchronisation)."""
@@ -170,6 +184,9 @@ class StepIndex(nn.Module):
 
     def pre_hook(self, denoiser: nn.Module, args: tuple, kwargs: dict):
         if self.paused:
+            return None
+        if self._expected is not None:         # selected and checked by expect(): no read-back
+            self._expected = None
             return None
         pick = self._timestep_of or argument_picker(denoiser, "timestep")
         timestep = pick(args, kwargs)
