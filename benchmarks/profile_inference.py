@@ -103,9 +103,11 @@ def summarise(label: str, wall_ms: float, profiled: dict, calls: int) -> dict:
     for name, v in kernels.items():
         by_kind[kind_of(name)] += v["us"] / calls / 1000
     total = sum(by_kind.values())
+    launches = sum(v["count"] for v in kernels.values()) / calls
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:25]
     print(f"\n== {label}: wall {wall_ms:.3f} ms per call, kernels {total:.3f} ms "
-          f"(idle {wall_ms - total:.3f} ms)")
+          f"(idle {wall_ms - total:.3f} ms), {launches:.0f} kernels a call "
+          f"({1000 * (wall_ms - total) / max(launches, 1):.1f} us idle a kernel)")
     print("   host launch calls per call: " + (", ".join(f"{v:.1f} {k}" for k, v in sorted(host.items()))
                                                    or "none recorded"))
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
@@ -114,7 +116,7 @@ def summarise(label: str, wall_ms: float, profiled: dict, calls: int) -> dict:
     for name, v in top:
         print(f"     {v['us'] / calls / 1000:7.3f}  {v['count'] / calls:5.1f}  {name[:110]}")
     return {"config": label, "wall_ms": wall_ms, "kernel_ms": total, "by_kind_ms": dict(by_kind),
-            "host_launches_per_call": host,
+            "kernels_per_call": launches, "host_launches_per_call": host,
             "top": [{"name": n, "ms_per_call": v["us"] / calls / 1000, "launches_per_call": v["count"] / calls}
                     for n, v in top]}
 
