@@ -22,7 +22,8 @@
     faster than the kernel today (it reaches 0.23-0.44x of cuDNN bf16). In compiled graphs the
     int8 GEMMs are called as custom operators (:mod:`.kernels.ops`): opaque to the compiler, so
     each launch is autotuned per shape by Triton as in eager mode. Other layers (other bit
-    widths, float32 models) compute as in ``reference``; :func:`~tfmq.runtime.selection.backend_summary` says which ran how.
+    widths, grouped / dilated convolutions) compute as in ``reference``; the int8 layers run in
+    float32 models too (the GEMMs' epilogue writes the model dtype); :func:`~tfmq.runtime.selection.backend_summary` says which ran how.
 
 Every backend is tested against ``reference`` on the same inputs (tests/test_runtime.py).
 """
