@@ -224,3 +224,19 @@ def test_quantized_layer_is_frozen_to_integer_codes(tiny_pipe):
             assert codes.min() >= 0 and codes.max() <= 7
             scale, zero = layer.weight_quantizer.current()
             torch.testing.assert_close(layer.weight, (codes.float() - zero) * scale)
+
+
+def test_temporary_hooks_run_in_the_block_and_are_removed_even_after_an_error():
+    from tfmq.hooks import temporary_hooks
+    lin = torch.nn.Linear(3, 2)
+    seen = []
+    with temporary_hooks([(lin, lambda m, a: seen.append("pre"))]), \
+            temporary_hooks([(lin, lambda m, a, out: seen.append("post"))], pre=False):
+        lin(torch.zeros(1, 3))
+    lin(torch.zeros(1, 3))
+    assert seen == ["pre", "post"]
+    with pytest.raises(RuntimeError, match="inside"):
+        with temporary_hooks([(lin, lambda m, a: seen.append("again"))]):
+            raise RuntimeError("inside")
+    lin(torch.zeros(1, 3))
+    assert seen == ["pre", "post"] and not lin._forward_pre_hooks and not lin._forward_hooks

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..hooks import temporary_hooks
 from ..models.temporal import (find_temporal_block, finite_set, model_classes, step_layer_names,
                                temporal_features)
 from ..quant.model import act_quantizers, multi_set_quantizers, quant_state, set_quant_state
@@ -113,8 +114,7 @@ def calibrate_tib_per_step(denoiser: nn.Module, timesteps: list[int], data: Cali
             hi[name] = torch.maximum(hi[name], mx.cpu())
         return hook
 
-    hooks = [q.register_forward_pre_hook(observe(n)) for n, q in quantizers.items()]
-    try:
+    with temporary_hooks((q, observe(n)) for n, q in quantizers.items()):
         with quant_state(denoiser, act=False):
             if block.needs_conditioning:
                 if data is None:
@@ -137,9 +137,6 @@ def calibrate_tib_per_step(denoiser: nn.Module, timesteps: list[int], data: Cali
                     current["step"] = step[sl]
                     temporal_features(denoiser, t[sl].to(device), None if labels is None else labels[sl].to(device),
                                       block=block)
-    finally:
-        for h in hooks:
-            h.remove()
     like = torch.zeros(1)
     for n, q in quantizers.items():
         for s in range(len(timesteps)):
@@ -164,12 +161,11 @@ def calibrate_all_per_step(denoiser: nn.Module, data: CalibrationData, method: s
     quantizers = act_quantizers(denoiser)
     _require_sets(quantizers, len(data))
     extremes: dict[str, list] = {n: [] for n in quantizers}
-    hooks = [q.register_forward_pre_hook(        # on the device: read once per step, not per call
-        lambda m, a, n=n: extremes[n].append(torch.stack([a[0].detach().amin().float(),
-                                                          a[0].detach().amax().float()])))
+    hooks = [(q, lambda m, a, n=n: extremes[n].append(     # on the device: read once per step, not per call
+        torch.stack([a[0].detach().amin().float(), a[0].detach().amax().float()])))
         for n, q in quantizers.items()]
     like = torch.zeros(1)
-    try:
+    with temporary_hooks(hooks):
         for s in tqdm(range(len(data)), desc="FSC (all)", disable=not progress, leave=False):
             for v in extremes.values():
                 v.clear()
@@ -190,9 +186,6 @@ def calibrate_all_per_step(denoiser: nn.Module, data: CalibrationData, method: s
                     lo = momentum * lo + (1 - momentum) * mn
                     hi = momentum * hi + (1 - momentum) * mx
                 q.set_range(lo, hi, like, set_index=s)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def run_fsc(denoiser: nn.Module, data: CalibrationData, mode: str, method: str = "mse",

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..hooks import temporary_hooks
 from ..models.adapter import call_denoiser
 from ..quant.model import act_quantizers, fixed_weights, quant_state, weight_quantizers
 from ..quant.quantizer import UniformQuantizer, init_range
@@ -194,9 +195,8 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
             observers = {n: Observer(seed * 7_919 + g_index * 104_729 + q_index, ema)
                          for q_index, n in enumerate(quantizers)}
             current = [0]
-            hooks = [q.register_forward_pre_hook(lambda m, a, o=observers[n]: o.update(a[0], current[0]))
-                     for n, q in quantizers.items()]
-            try:
+            with temporary_hooks((q, lambda m, a, o=observers[n]: o.update(a[0], current[0]))
+                                 for n, q in quantizers.items()):
                 first = 0
                 for s, count, nb in zip(group, counts, n_batches):
                     local = [b for b in range(first, first + nb) if b in mine]
@@ -213,9 +213,6 @@ def calibrate_activations(model: nn.Module, data: CalibrationData, method: str =
                                      else v[i:i + batch_size].to(device, dtype)) for k, v in d.items()}
                         _forward(model, batch)
                     first += nb
-            finally:
-                for h in hooks:
-                    h.remove()
             if distributed.is_distributed():     # every rank's entries, on the host
                 parts = distributed.gather_objects({n: o.packed(host=True) for n, o in observers.items()})
                 entries = {n: [part[n] for part in parts] for n in quantizers}

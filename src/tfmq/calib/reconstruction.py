@@ -80,6 +80,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..hooks import temporary_hooks
 from ..choices import RECON_PARALLEL_MODES
 from ..models.adapter import call_denoiser
 from ..models.units import Unit, find_units, order_units, select_units
@@ -458,28 +459,25 @@ def capture(model: nn.Module, unit: Unit, rows: CalibRows, what: str, budget_byt
         def hook(module, args, kwargs):
             store.add(_flatten_call(args, kwargs), current[0], total)
             raise _Stop
-        handle = unit.module.register_forward_pre_hook(hook, with_kwargs=True)
+        hooks = temporary_hooks([(unit.module, hook)], with_kwargs=True)
     elif what == "output":
         def hook(module, args, output):
             out = unit_output(output)
             store.add({"out": out}, out.shape[0], total)
             raise _Stop
-        handle = unit.module.register_forward_hook(hook)
+        hooks = temporary_hooks([(unit.module, hook)], pre=False)
     else:
         raise ValueError(f"what must be 'input' or 'output', not {what!r}")
     current = [0]
-    try:
-        with fixed_weights(model):      # no weight changes while the rows run
-            for batch, steps in rows.batches(rows.capture_size):
-                current[0] = batch["sample"].shape[0]
-                try:
-                    with row_steps(model, steps):
-                        _model_forward(model, batch)
-                except _Stop:
-                    continue
-                raise RuntimeError(f"unit {unit.name} did not run in the forward pass")
-    finally:
-        handle.remove()
+    with hooks, fixed_weights(model):      # no weight changes while the rows run
+        for batch, steps in rows.batches(rows.capture_size):
+            current[0] = batch["sample"].shape[0]
+            try:
+                with row_steps(model, steps):
+                    _model_forward(model, batch)
+            except _Stop:
+                continue
+            raise RuntimeError(f"unit {unit.name} did not run in the forward pass")
     return store.finish()
 
 

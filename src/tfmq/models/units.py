@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..hooks import temporary_hooks
 from ..quant.layers import QuantLayer
 from ..quant.model import quant_layers
 from .adapter import call_denoiser
@@ -130,20 +131,16 @@ def order_units(denoiser: nn.Module, units: list[Unit], example: dict[str, torch
     from ..quant.model import quant_state
     first: dict[str, int] = {}
     rows: dict[str, int] = {}
-    hooks = []
-    for u in units:
-        def hook(module, args, name=u.name):
+    def probe(name):
+        def hook(module, args):
             first.setdefault(name, len(first))
             x = next((a for a in args if torch.is_tensor(a)), None)
             if x is not None and x.dim() > 0:
                 rows.setdefault(name, x.shape[0])
-        hooks.append(u.module.register_forward_pre_hook(hook))
-    try:
-        with quant_state(denoiser, weight=False, act=False):
-            call_denoiser(denoiser, example)
-    finally:
-        for h in hooks:
-            h.remove()
+        return hook
+    with temporary_hooks((u.module, probe(u.name)) for u in units), \
+            quant_state(denoiser, weight=False, act=False):
+        call_denoiser(denoiser, example)
     batch = example["sample"].shape[0]
     unbatched = [u.name for u in units if rows.get(u.name, batch) != batch]
     if unbatched:
