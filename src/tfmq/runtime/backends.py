@@ -93,6 +93,11 @@ class W8A8Backend(Backend):
     def _plain_conv(layer) -> bool:
         return layer.groups == 1 and not isinstance(layer.padding, str) and layer.dilation == (1, 1)
 
+    @staticmethod
+    def _act_groups(layer) -> list:
+        """The layer's input quantizers: one, or one per channel group of a split input."""
+        return list(layer.act.groups) if hasattr(layer.act, "groups") else [layer.act]
+
     def _int8(self, layer) -> bool:
         act = layer.act
         if layer.qweight is None or layer.qweight.bits != 8 or act is None or act.bits != 8:
@@ -118,12 +123,12 @@ class W8A8Backend(Backend):
         q = layer.qweight
         codes = q.codes()                                     # int16, PyTorch weight layout
         ow = int8.offset_for(q.qmin, q.qmax)
-        if hasattr(layer.act, "groups"):                      # split input: one GEMM per channel group
+        acts = self._act_groups(layer)
+        if len(acts) > 1:                                     # split input: one GEMM per channel group
             s = layer.act.split
             parts = [codes[:, :s], codes[:, s:]]
         else:
             parts = [codes]
-        acts = list(layer.act.groups) if hasattr(layer.act, "groups") else [layer.act]
         # per-step tables the GEMM kernels index with the step-index buffer themselves: sx and
         # ca = offset - zero_point (an integer), so a compiled graph computes no scalars per layer
         layer.prepared = {"parts": [int8.prepare_weight(p.contiguous(), q.zero_point, ow) for p in parts],
@@ -143,9 +148,8 @@ class W8A8Backend(Backend):
         if in_graph:       # the GEMMs as custom operators: opaque to the compiler, Triton tunes each shape
             from .kernels import ops
             linear, conv = ops.int8_linear, ops.int8_conv2d_padded
-        split = hasattr(layer.act, "groups")
-        quants = list(layer.act.groups) if split else [layer.act]
-        inputs = layer.act.chunks(x) if split else [x]
+        quants = self._act_groups(layer)
+        inputs = layer.act.chunks(x) if len(quants) > 1 else [x]
         out = None
         for i, (aq, xi, (w8, cb, bsum), ca) in enumerate(zip(quants, inputs, parts, layer.prepared["ca"])):
             sx, zx = aq.params()                  # this step's: for the quantizer

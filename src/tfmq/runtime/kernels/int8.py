@@ -308,11 +308,12 @@ def _launch(tm, tuned, raw, args, flags, m, n, split, out, sx, sw, bias, sel):
 def _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, n, step=None):
     if w_int8.dtype != torch.int8 or not w_int8.is_contiguous():
         raise ValueError(f"w_int8 must be contiguous int8 (use prepare_weight), got {w_int8.dtype}")
+    c, cname = (ca, "ca") if zx is None else (zx, "zx")
     if step is None:
         _check_scalar(sx, "sx")
-        _check_scalar(ca if zx is None else zx, "ca" if zx is None else "zx")
+        _check_scalar(c, cname)
     else:
-        _check_step(step, sx, ca if zx is None else zx, "ca" if zx is None else "zx")
+        _check_step(step, sx, c, cname)
     _check_channel(sw, n, "sw", (torch.float32,))
     _check_channel(cb, n, "cb", (torch.int32,))
     _check_channel(bsum, n, "bsum", (torch.int32,))
