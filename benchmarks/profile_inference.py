@@ -94,7 +94,38 @@ def kernel_times(fn, calls: int) -> dict[str, dict]:
         if us and evt.count:
             out[evt.key]["us"] += float(us)
             out[evt.key]["count"] += int(evt.count)
-    return {"kernels": dict(out), "host": dict(host)}
+    return {"kernels": dict(out), "host": dict(host), "gaps": gap_stats(prof, calls)}
+
+
+GAP_BINS = [(0, 2), (2, 5), (5, 20), (20, 100), (100, float("inf"))]
+
+
+def gap_stats(prof, calls: int) -> dict:
+    """Where the GPU idles between device activities (kernels, memcpy, memset) of the profiled
+    calls, in trace order: the idle microseconds a call by gap size, and summed by the activity
+    before and the one after the gap (the activity that waited, or made the next one wait)."""
+    cuda = torch.autograd.DeviceType.CUDA
+    evs = sorted((e for e in prof.events() if getattr(e, "device_type", None) == cuda),
+                 key=lambda e: e.time_range.start)
+    bins = {f"{lo}-{hi} us": {"count": 0.0, "us": 0.0} for lo, hi in GAP_BINS}
+    before: dict[str, float] = defaultdict(float)
+    after: dict[str, float] = defaultdict(float)
+    end, prev = None, None
+    for e in evs:
+        if end is not None and e.time_range.start > end:
+            g = e.time_range.start - end
+            for lo, hi in GAP_BINS:
+                if lo <= g < hi:
+                    b = bins[f"{lo}-{hi} us"]
+                    b["count"] += 1 / calls
+                    b["us"] += g / calls
+            after[prev] += g / calls
+            before[e.name] += g / calls
+        end = e.time_range.end if end is None else max(end, e.time_range.end)
+        prev = e.name
+    top = lambda d: [{"name": n, "idle_us_per_call": v} for n, v in sorted(d.items(), key=lambda kv: -kv[1])[:10]]
+    return {"bins": bins, "after": top(after), "before": top(before),
+            "activities_per_call": len(evs) / calls}
 
 
 def summarise(label: str, wall_ms: float, profiled: dict, calls: int) -> dict:
@@ -110,13 +141,21 @@ def summarise(label: str, wall_ms: float, profiled: dict, calls: int) -> dict:
           f"({1000 * (wall_ms - total) / max(launches, 1):.1f} us idle a kernel)")
     print("   host launch calls per call: " + (", ".join(f"{v:.1f} {k}" for k, v in sorted(host.items()))
                                                    or "none recorded"))
+    gaps = profiled.get("gaps")
+    if gaps:
+        print(f"   device activities a call {gaps['activities_per_call']:.0f}; idle gaps a call by size: "
+              + ", ".join(f"{k}: {v['count']:.0f} / {v['us']:.0f} us" for k, v in gaps["bins"].items()))
+        for side in ("after", "before"):
+            print(f"   idle us a call {side} (top):")
+            for row in gaps[side][:6]:
+                print(f"     {row['idle_us_per_call']:8.1f}  {row['name'][:100]}")
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"   {kind:22s} {ms:8.3f} ms  {100 * ms / max(total, 1e-9):5.1f}%")
     print("   top kernels (ms per call, launches per call):")
     for name, v in top:
         print(f"     {v['us'] / calls / 1000:7.3f}  {v['count'] / calls:5.1f}  {name[:110]}")
     return {"config": label, "wall_ms": wall_ms, "kernel_ms": total, "by_kind_ms": dict(by_kind),
-            "kernels_per_call": launches, "host_launches_per_call": host,
+            "kernels_per_call": launches, "host_launches_per_call": host, "gaps": profiled.get("gaps"),
             "top": [{"name": n, "ms_per_call": v["us"] / calls / 1000, "launches_per_call": v["count"] / calls}
                     for n, v in top]}
 
