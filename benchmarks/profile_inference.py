@@ -38,6 +38,7 @@ from sd_random import SD15_UNET_CONFIG, random_sd_pipeline
 from tfmq.policy import POLICIES
 from tfmq.runtime import compile_denoiser
 from tfmq.runtime.backends import BACKENDS
+from tfmq.runtime.guards import SkipGuardsAfterFirstCall
 from tfmq.runtime.selection import backend_summary
 from tfmq.runtime.layers import runtime_layers
 from tfmq.sampling import SamplerConfig
@@ -244,7 +245,11 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=5, help="profiled calls per configuration")
     p.add_argument("--iters", type=int, default=30, help="timed calls per configuration")
     p.add_argument("--configs", default="bf16,w8a8-fused,w8a8-pass",
-                   help="comma-separated: bf16, w8a8-fused, w8a8-pass, reference (the reference backend)")
+                   help="comma-separated: bf16, bf16-skip-guards (Dynamo's guards skipped after the first "
+                        "call, as the runtime does), w8a8-fused, w8a8-pass, reference (the reference backend)")
+    p.add_argument("--full-guards", action="store_true",
+                   help="compile the quantized denoisers with skip_guards=False (every call checks Dynamo's "
+                        "guards; the runtime's default skips them after a signature's first call)")
     p.add_argument("--policy", default="tfmq-official", choices=sorted(POLICIES),
                    help="layer policy of the W8A8 checkpoint: tfmq-official keeps resnet conv1 inputs in full "
                         "precision (those convs then run the reference path); 'all' makes every layer int8")
@@ -256,7 +261,7 @@ def main(argv=None) -> int:
         return 2
     dev = args.device
     wanted = args.configs.split(",")
-    unknown = set(wanted) - {"bf16", "w8a8-fused", "w8a8-pass", "reference"}
+    unknown = set(wanted) - {"bf16", "bf16-skip-guards", "w8a8-fused", "w8a8-pass", "reference"}
     if unknown:
         p.error(f"unknown configs: {', '.join(sorted(unknown))}")
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -266,19 +271,26 @@ def main(argv=None) -> int:
         case = (sd_case if args.model == "sd" else bundled_case)(args, work)
         out["model"] = case["model"]
         inputs = case["inputs"]
-        if "bf16" in wanted:
-            comp = torch.compile(case["fp_bf16"](), mode=args.compile_mode)
+        for label in [w for w in ("bf16", "bf16-skip-guards") if w in wanted]:
+            fp = case["fp_bf16"]()
+            if label == "bf16":                    # as a user compiles a model: every call checks the guards
+                comp = torch.compile(fp, mode=args.compile_mode)
+            else:                                  # the runtime's way (compile_denoiser): forward compiled,
+                fp.forward = SkipGuardsAfterFirstCall(torch.compile(fp.forward, mode=args.compile_mode))
+                comp = fp                          # guards skipped after a signature's first call
             with torch.no_grad():
                 fn = lambda: comp(*inputs).sample          # noqa: E731
                 fn()
-                stage("bf16 compiled (first call done)")
+                stage(f"{label} compiled (first call done)")
                 first = timed_first_calls(fn)
                 wall = time_call(fn, args.iters, 3)["median_ms"]
-                stage(f"bf16 timed; CUDA-graph skips so far: {cudagraph_skips()}")
-                out["rows"].append(summarise("bf16 torch.compile", wall, kernel_times(fn, args.calls), args.calls)
+                stage(f"{label} timed; CUDA-graph skips so far: {cudagraph_skips()}")
+                name = "bf16 torch.compile" + (", guards skipped after the first call" if label != "bf16" else "")
+                out["rows"].append(summarise(name, wall, kernel_times(fn, args.calls), args.calls)
                                    | {"first_calls_s": first})
                 save(out, args.json)
-            del comp
+            del comp, fp
+            torch._dynamo.reset()                  # the next model's guards are checked alone
             torch.cuda.empty_cache()
         pipe = case["pipe"]
         tfmq.quantize(pipe, case["config"], progress=False)
@@ -302,7 +314,7 @@ def main(argv=None) -> int:
             fallback = [f"{n}: {l}" for n, l in runtime_layers(q).items() if not BACKENDS[backend_name].handles(l)]
             print(f"   {summary}; layers on the reference math: {len(fallback)}\n     " + "\n     ".join(fallback),
                   flush=True)
-            compile_denoiser(q, mode=args.compile_mode)
+            compile_denoiser(q, mode=args.compile_mode, skip_guards=not args.full_guards)
             stage(f"{label} loaded")
             with torch.no_grad():
                 fn = lambda: q(*inputs).sample              # noqa: E731
@@ -316,13 +328,14 @@ def main(argv=None) -> int:
                 save(out, args.json)
                 name = {"w8a8-fused": "w8a8 compiled, quantize fused in the graph",
                         "w8a8-pass": "w8a8 compiled, quantize as Triton passes",
-                        "reference": "reference backend compiled"}[label]
+                        "reference": "reference backend compiled"}[label] + (", full guards" if args.full_guards else "")
                 out["rows"].pop()
                 out["rows"].append(summarise(name, wall, kernel_times(fn, args.calls), args.calls)
                                    | {"backend_summary": summary, "reference_math_layers": fallback,
                                       "first_calls_s": first})
                 save(out, args.json)
             del q
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
         backend.fuse_quantize = True
     save(out, args.json)

@@ -199,6 +199,9 @@ def load_denoiser(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, back
         build_runtime(denoiser, tensors, layer_meta, cfg["wrap_spec"], info, "reference", compact_fp)
     except ConversionError as exc:
         raise CheckpointError(f"{ckpt_dir}: {exc}") from exc
+    if getattr(denoiser, "dtype", dtype) != dtype:   # diffusers: the first floating parameter's dtype
+        raise CheckpointError(f"the loaded denoiser reports dtype {denoiser.dtype}, not {dtype}: its first "
+                              "floating-point parameter is a float32 quantization scale")
     denoiser.tfmq_info = info
     denoiser.to(device)
     if backend != "reference":

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..choices import COMPILE_MODES
+from .guards import SkipGuardsAfterFirstCall, frozen
 
 
 class BackendUnavailable(RuntimeError):
@@ -116,7 +117,7 @@ class W8A8Backend(Backend):
             from .kernels import w8a16
             q = layer.qweight
             w8, zo = w8a16.prepare_weight(q.codes(), q.zero_point, int8.offset_for(q.qmin, q.qmax))
-            layer.prepared = {"w8a16": (w8, zo)}
+            layer.prepared = {"w8a16": (frozen(w8), frozen(zo))}
             return
         if not self._int8(layer):
             return
@@ -131,8 +132,11 @@ class W8A8Backend(Backend):
             parts = [codes]
         # per-step tables the GEMM kernels index with the step-index buffer themselves: sx and
         # ca = offset - zero_point (an integer), so a compiled graph computes no scalars per layer
-        layer.prepared = {"parts": [int8.prepare_weight(p.contiguous(), q.zero_point, ow) for p in parts],
-                          "ca": [(int8.offset_for(a.qmin, a.qmax) - a.zero_point).to(torch.int32) for a in acts]}
+        # (frozen parameters, as every runtime tensor: see .guards.frozen)
+        layer.prepared = {"parts": [tuple(frozen(t) for t in int8.prepare_weight(p.contiguous(), q.zero_point, ow))
+                                    for p in parts],
+                          "ca": [frozen((int8.offset_for(a.qmin, a.qmax) - a.zero_point).to(torch.int32).detach())
+                                 for a in acts]}
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         w8a16 = layer.prepared.get("w8a16")
@@ -197,7 +201,7 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}") from None
 
 
-def compile_denoiser(denoiser: nn.Module, mode: str | None = None) -> nn.Module:
+def compile_denoiser(denoiser: nn.Module, mode: str | None = None, skip_guards: bool = True) -> nn.Module:
     """Compile a converted denoiser's forward with ``torch.compile(fullgraph=True)`` (in place).
 
     Only ``forward`` is compiled: the forward pre-hooks (the step index's check of each call's
@@ -206,6 +210,12 @@ def compile_denoiser(denoiser: nn.Module, mode: str | None = None) -> nn.Module:
     serves every sampling step. ``mode`` is passed to ``torch.compile``: ``"reduce-overhead"``
     replays each call as a CUDA graph (the step index is a buffer the graph reads, so replays
     follow the sampler's steps), ``"max-autotune"`` also tunes Inductor's kernels.
+
+    ``skip_guards`` (default): after the first call of each input signature, Dynamo's guards are
+    not re-evaluated on the model (:mod:`.guards`; a converted denoiser's guard check costs
+    milliseconds of host time a call, as much as the GPU's work at small batches). The denoiser
+    must not be changed afterwards (load it again instead); ``skip_guards=False`` keeps the full
+    check on every call.
     """
     if mode is not None and mode not in COMPILE_MODES:
         raise ValueError(f"unknown torch.compile mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
@@ -215,7 +225,8 @@ def compile_denoiser(denoiser: nn.Module, mode: str | None = None) -> nn.Module:
             raise ValueError(f"this denoiser is already compiled with mode "
                              f"{getattr(denoiser, '_tfmq_compile_mode', None)!r}; load it again to use {mode!r}")
         return denoiser
-    denoiser.forward = torch.compile(denoiser.forward, fullgraph=True, mode=mode)
+    compiled = torch.compile(denoiser.forward, fullgraph=True, mode=mode)
+    denoiser.forward = SkipGuardsAfterFirstCall(compiled) if skip_guards else compiled
     denoiser._tfmq_compiled = True
     denoiser._tfmq_compile_mode = mode
     return denoiser

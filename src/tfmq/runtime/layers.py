@@ -18,6 +18,7 @@ from torch import nn
 
 from ..quant.layers import QuantAttnProcessor
 from .backends import get_backend
+from .guards import register_frozen
 from .packed import PackedWeight
 from .steps import StepIndex
 
@@ -39,8 +40,8 @@ class ActQuant(nn.Module):
             raise ValueError(f"{scale.numel()} activation parameter sets need a step index of as many steps")
         self.bits = int(bits)
         self.symmetric = bool(symmetric)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", zero_point)
+        register_frozen(self, "scale", scale)
+        register_frozen(self, "zero_point", zero_point)
         self._steps = [steps] if scale.numel() > 1 else []   # a list: not a submodule
 
     @property

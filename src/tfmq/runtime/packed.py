@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..quant.packing import packed_nbytes
+from .guards import register_frozen
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -40,7 +41,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 class PackedWeight(nn.Module):
     """A quantized weight: packed codes + per-output-channel scale / zero-point, no FP copy.
 
-    Buffers: ``packed`` (uint8), ``scale`` and ``zero_point`` (float32, one per output channel).
+    Tensors (frozen parameters, :func:`~tfmq.runtime.guards.frozen`): ``packed`` (uint8), ``scale``
+    and ``zero_point`` (float32, one per output channel).
     ``qmin`` is the grid's lowest code (0 for unsigned grids, ``-2**(bits-1)`` for symmetric
     ones): a stored byte value ``u`` stands for the code ``u + qmin``.
     """
@@ -57,9 +59,9 @@ class PackedWeight(nn.Module):
         self.shape = tuple(int(s) for s in shape)
         self.bits = int(bits)
         self.qmin = int(qmin)
-        self.register_buffer("packed", packed.reshape(-1).to(torch.uint8))
-        self.register_buffer("scale", scale.reshape(-1).float())
-        self.register_buffer("zero_point", zero_point.reshape(-1).float())
+        register_frozen(self, "packed", packed.reshape(-1).to(torch.uint8))
+        register_frozen(self, "scale", scale.reshape(-1).float())
+        register_frozen(self, "zero_point", zero_point.reshape(-1).float())
 
     @property
     def qmax(self) -> int:
@@ -80,7 +82,7 @@ class PackedWeight(nn.Module):
         return w if dtype is None else w.to(dtype)
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return sum(t.numel() * t.element_size() for t in self.parameters())
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits}, packed={self.packed.numel()} B"

@@ -7,6 +7,8 @@ layers that run the backend's own kernels and those on the reference math.
 
 from __future__ import annotations
 
+import itertools
+
 from torch import nn
 
 from .backends import BackendUnavailable, get_backend
@@ -21,8 +23,8 @@ def set_backend(denoiser: nn.Module, name: str) -> nn.Module:
     if not layers:
         raise ValueError("this denoiser has no quantized runtime layers: convert it first "
                          "(tfmq.runtime.convert) or load a checkpoint with tfmq.load")
-    device = next(iter(next(iter(layers.values())).buffers()), None)
-    device = device.device if device is not None else next(denoiser.parameters()).device
+    first = next(iter(layers.values()))
+    device = next(itertools.chain(first.parameters(), first.buffers(), denoiser.parameters())).device
     reason = backend.available(device)
     if reason is not None:
         raise BackendUnavailable(reason)

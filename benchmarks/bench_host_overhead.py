@@ -1,0 +1,110 @@
+"""Host time a compiled denoiser call spends before its graph runs: Dynamo's guard check and argument
+gathering, with every call checked vs the runtime's ``SkipGuardsAfterFirstCall``.
+
+The compiled graph is replaced by a function returning precomputed outputs (a custom
+``torch.compile`` backend), so a timed call is host work only, on any device. Model: a UNet with
+Stable Diffusion v1.5's block structure (same modules, layers and tensors as SD v1.5; channel
+widths times ``--scale``, RANDOM weights, 16x16 latents: the guard tree depends on the structure,
+not the widths), its naive W8A8 checkpoint (calibration: 1 prompt, DDIM 2) loaded with the
+``reference`` backend and with the ``w8a8`` backend's kernel tables (on a CPU the tables are built
+by the backend's ``prepare`` directly and the one real run of the graph goes through Triton's
+interpreter; the kernels are never timed here). Prints a table and writes JSON::
+
+    python benchmarks/bench_host_overhead.py --json benchmarks/results/inference/host_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")       # CPU: the w8a8 graph's one real run
+
+import torch  # noqa: E402
+
+import tfmq  # noqa: E402
+from sd_random import random_sd_pipeline  # noqa: E402
+from tfmq.runtime.backends import BACKENDS  # noqa: E402
+from tfmq.runtime.guards import CAN_SKIP_GUARDS, SkipGuardsAfterFirstCall  # noqa: E402
+from tfmq.runtime.layers import runtime_layers  # noqa: E402
+from tfmq.sampling import SamplerConfig  # noqa: E402
+
+
+def per_call_us(fn, iters: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def measure(denoiser, inputs, iters: int) -> dict:
+    """Per-call host microseconds of the compiled forward, guards checked on every call and
+    skipped after the first call; the number of graph inputs."""
+    info = {}
+
+    def precomputed(gm, example_inputs):
+        outs = gm(*example_inputs)
+        info["graph_inputs"] = len(example_inputs)
+        return lambda *args: outs
+
+    torch._dynamo.reset()
+    plain = torch.compile(denoiser.forward, backend=precomputed, fullgraph=True)
+    with torch.no_grad():
+        denoiser.forward = plain
+        full = per_call_us(lambda: denoiser(*inputs), iters)
+        denoiser.forward = SkipGuardsAfterFirstCall(plain)
+        skip = per_call_us(lambda: denoiser(*inputs), iters)
+        skipped = denoiser.forward.skipped
+    del denoiser.forward
+    return {"full_guards_us": full, "skip_guards_us": skip, "skipped_calls": skipped, **info}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--scale", type=float, default=0.1, help="channel widths times this (structure unchanged)")
+    p.add_argument("--iters", type=int, default=100)
+    args = p.parse_args(argv)
+    if not CAN_SKIP_GUARDS:
+        print("error: this PyTorch has no torch.compiler.set_stance(skip_guard_eval_unsafe=...)", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    out = {"device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+           "torch": torch.__version__, "settings": vars(args) | {"json": str(args.json)},
+           "model": f"UNet2DConditionModel, SD v1.5 block structure, widths x{args.scale}, RANDOM weights, "
+                    "batch 2, 16x16 latents, 77 tokens, fp32", "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pipe = random_sd_pipeline(work, scale=args.scale, sample_size=16)
+        inputs = (torch.randn(2, 4, 16, 16), torch.tensor(500), torch.randn(2, 77, 768))
+        rows = [("full precision", measure(pipe.unet, inputs, args.iters))]
+        cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=1,
+                                          sampler=SamplerConfig("ddim", 2), prompts=["a photo"])
+        tfmq.quantize(pipe, cfg, progress=False)
+        ckpt = tfmq.save(pipe, work / "ckpt")
+        rows.append(("naive W8A8, reference backend", measure(tfmq.load(ckpt).unet, inputs, args.iters)))
+        unet = tfmq.load(ckpt).unet
+        for layer in runtime_layers(unet).values():   # the w8a8 backend's tables, without its device check
+            BACKENDS["w8a8"].prepare(layer)
+            layer.backend = "w8a8"
+        rows.append(("naive W8A8, w8a8 backend's tables", measure(unet, inputs, args.iters)))
+    print(f"\n{out['model']}; {out['device']}, torch {torch.__version__}")
+    print(f"{'denoiser':36s} {'graph inputs':>12s} {'guards every call us':>21s} {'guards skipped us':>18s}")
+    for name, r in rows:
+        print(f"{name:36s} {r['graph_inputs']:12d} {r['full_guards_us']:21.1f} {r['skip_guards_us']:18.1f}")
+        out["rows"].append({"denoiser": name, **r})
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2))
+    print("written", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
