@@ -69,7 +69,11 @@ def measure(denoiser, inputs, iters: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, required=True)
-    p.add_argument("--scale", type=float, default=0.1, help="channel widths times this (structure unchanged)")
+    p.add_argument("--model", default="sd", choices=["sd", "bundled"],
+                   help="sd: the SD v1.5 block structure (random weights, narrow); bundled: the bundled model "
+                        "(trained) at batch 8 and its tfmq W8A8 checkpoint (per-step parameters, DDIM 100, "
+                        "timing-only calibration settings, middle step held)")
+    p.add_argument("--scale", type=float, default=0.1, help="sd: channel widths times this (structure unchanged)")
     p.add_argument("--iters", type=int, default=100)
     args = p.parse_args(argv)
     if not CAN_SKIP_GUARDS:
@@ -78,27 +82,46 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     out = {"device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
            "torch": torch.__version__, "settings": vars(args) | {"json": str(args.json)},
-           "model": f"UNet2DConditionModel, SD v1.5 block structure, widths x{args.scale}, RANDOM weights, "
-                    "batch 2, 16x16 latents, 77 tokens, fp32", "rows": []}
+           "model": (f"UNet2DConditionModel, SD v1.5 block structure, widths x{args.scale}, RANDOM weights, "
+                     "batch 2, 16x16 latents, 77 tokens, fp32" if args.model == "sd" else
+                     "bundled Fashion-MNIST DDPM (trained), batch 8, fp32"), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pipe = random_sd_pipeline(work, scale=args.scale, sample_size=16)
-        inputs = (torch.randn(2, 4, 16, 16), torch.tensor(500), torch.randn(2, 77, 768))
+        if args.model == "sd":
+            pipe = random_sd_pipeline(work, scale=args.scale, sample_size=16)
+            inputs = (torch.randn(2, 4, 16, 16), torch.tensor(500), torch.randn(2, 77, 768))
+            cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=1,
+                                              sampler=SamplerConfig("ddim", 2), prompts=["a photo"])
+        else:
+            pipe = tfmq.load_pipeline(tfmq.default_model_path())
+            c = pipe.unet.config
+            inputs = (torch.randn(8, c.in_channels, c.sample_size, c.sample_size), None)
+            cfg = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, calib_size=2, sampler=SamplerConfig("ddim", 100),
+                                              recon_iters=0, act_learn_iters=0, tiar_iters=0)
+        if inputs[1] is None:                          # the bundled model: a timestep of its sampler's middle step
+            ts = [int(v) for v in tfmq.sampling.sampler_timesteps(pipe, cfg.sampler)]
+            inputs = (inputs[0], torch.full((inputs[0].shape[0],), ts[len(ts) // 2]))
         rows = [("full precision", measure(pipe.unet, inputs, args.iters))]
-        cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=1,
-                                          sampler=SamplerConfig("ddim", 2), prompts=["a photo"])
         tfmq.quantize(pipe, cfg, progress=False)
         ckpt = tfmq.save(pipe, work / "ckpt")
-        rows.append(("naive W8A8, reference backend", measure(tfmq.load(ckpt).unet, inputs, args.iters)))
-        unet = tfmq.load(ckpt).unet
+        method = f"{cfg.method} W8A8"
+
+        def loaded():
+            unet = tfmq.load(ckpt).unet
+            if getattr(unet, "tfmq_steps", None) is not None and len(unet.tfmq_steps) > 1:
+                unet.tfmq_steps.set(len(unet.tfmq_steps) // 2)      # repeated calls at the middle step
+                unet.tfmq_steps.paused = True
+            return unet
+        rows.append((f"{method}, reference backend", measure(loaded(), inputs, args.iters)))
+        unet = loaded()
         for layer in runtime_layers(unet).values():   # the w8a8 backend's tables, without its device check
             BACKENDS["w8a8"].prepare(layer)
             layer.backend = "w8a8"
-        rows.append(("naive W8A8, w8a8 backend's tables", measure(unet, inputs, args.iters)))
+        rows.append((f"{method}, w8a8 backend's tables", measure(unet, inputs, args.iters)))
     print(f"\n{out['model']}; {out['device']}, torch {torch.__version__}")
-    print(f"{'denoiser':36s} {'graph inputs':>12s} {'guards every call us':>21s} {'guards skipped us':>18s}")
+    print(f"{'denoiser':40s} {'graph inputs':>12s} {'guards every call us':>21s} {'guards skipped us':>18s}")
     for name, r in rows:
-        print(f"{name:36s} {r['graph_inputs']:12d} {r['full_guards_us']:21.1f} {r['skip_guards_us']:18.1f}")
+        print(f"{name:40s} {r['graph_inputs']:12d} {r['full_guards_us']:21.1f} {r['skip_guards_us']:18.1f}")
         out["rows"].append({"denoiser": name, **r})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
