@@ -322,6 +322,7 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
         if PARTIAL is not None:
             PARTIAL[1].write_text(json.dumps(PARTIAL[0], indent=2))
         del pipe, den
+        torch._dynamo.reset()        # the next configuration's calls check no guards of this one's graphs
         torch.cuda.empty_cache()
     n = min(256, args.num_images)
     for r in samp:
