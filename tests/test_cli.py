@@ -51,12 +51,15 @@ def test_sample_compile_flag(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
     import torch
 
     from tfmq.runtime import backends
-    modes = []
+    from tfmq.runtime.guards import SkipGuardsAfterFirstCall
+    modes, wrappers = [], []
     real = backends.compile_denoiser
 
     def record(denoiser, mode=None):
-        modes.append(mode)
-        denoiser.forward = torch.compile(denoiser.forward, backend="aot_eager", fullgraph=True)
+        modes.append(mode)            # as compile_denoiser does, guards skipped after a signature's first call
+        denoiser.forward = SkipGuardsAfterFirstCall(torch.compile(denoiser.forward, backend="aot_eager",
+                                                                  fullgraph=True))
+        wrappers.append(denoiser.forward)
         return denoiser
     monkeypatch.setattr(backends, "compile_denoiser", record)
     common = ["--num-images", "2", "--steps", "2", "--seed", "3"]
@@ -66,6 +69,7 @@ def test_sample_compile_flag(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
                  "--out", str(tmp_path / "comp")]) == 0
     assert json.loads(capsys.readouterr().out)["compile"] == "reduce-overhead"
     assert modes == ["reduce-overhead"]
+    assert wrappers[0].skipped > 0                 # later sampling steps ran without the guard check
     a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("eager", "comp"))
     assert np.array_equal(a, b)
     monkeypatch.setattr(backends, "compile_denoiser", real)
