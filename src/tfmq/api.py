@@ -214,7 +214,9 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     parameters. ``compile=True`` compiles the denoiser's forward (``torch.compile``,
     fullgraph; see :func:`tfmq.runtime.compile_denoiser`): the first call of each input shape
     compiles, later calls run fused kernels; a string is the ``torch.compile`` mode, e.g.
-    ``compile="reduce-overhead"`` to replay every call as a CUDA graph."""
+    ``compile="reduce-overhead"`` to replay every call as a CUDA graph. A compiled denoiser
+    skips Dynamo's per-call guard check after each input signature's first call
+    (:mod:`tfmq.runtime.guards`): do not change its modules afterwards, load it again."""
     ckpt_dir = Path(ckpt_dir)
     cfg = checkpoint.read_config(ckpt_dir)
     mode = _compile_mode(compile)                                    # fail before any work
