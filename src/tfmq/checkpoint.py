@@ -200,8 +200,9 @@ def load_denoiser(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, back
     except ConversionError as exc:
         raise CheckpointError(f"{ckpt_dir}: {exc}") from exc
     if getattr(denoiser, "dtype", dtype) != dtype:   # diffusers: the first floating parameter's dtype
+        first = next((n for n, p in denoiser.named_parameters() if p.dtype == denoiser.dtype), "a buffer")
         raise CheckpointError(f"the loaded denoiser reports dtype {denoiser.dtype}, not {dtype}: its first "
-                              "floating-point parameter is a float32 quantization scale")
+                              f"floating-point parameter is {first} ({denoiser.dtype})")
     denoiser.tfmq_info = info
     denoiser.to(device)
     if backend != "reference":

@@ -135,7 +135,7 @@ class W8A8Backend(Backend):
         # (frozen parameters, as every runtime tensor: see .guards.frozen)
         layer.prepared = {"parts": [tuple(frozen(t) for t in int8.prepare_weight(p.contiguous(), q.zero_point, ow))
                                     for p in parts],
-                          "ca": [frozen((int8.offset_for(a.qmin, a.qmax) - a.zero_point).to(torch.int32).detach())
+                          "ca": [frozen((int8.offset_for(a.qmin, a.qmax) - a.zero_point).to(torch.int32))
                                  for a in acts]}
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
