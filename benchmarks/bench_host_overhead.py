@@ -8,7 +8,8 @@ widths times ``--scale``, RANDOM weights, 16x16 latents: the guard tree depends 
 not the widths), its naive W8A8 checkpoint (calibration: 1 prompt, DDIM 2) loaded with the
 ``reference`` backend and with the ``w8a8`` backend's kernel tables (on a CPU the tables are built
 by the backend's ``prepare`` directly and the one real run of the graph goes through Triton's
-interpreter; the kernels are never timed here). Prints a table and writes JSON::
+interpreter; the kernels are never timed here), each also with its temporal block replaced by
+the table of its outputs (``tfmq.load(..., temporal_table=True)``). Prints a table and writes JSON::
 
     python benchmarks/bench_host_overhead.py --json benchmarks/results/inference/host_overhead_cpu.json
 """
@@ -106,22 +107,24 @@ def main(argv=None) -> int:
         ckpt = tfmq.save(pipe, work / "ckpt")
         method = f"{cfg.method} W8A8"
 
-        def loaded():
-            unet = tfmq.load(ckpt).unet
+        def loaded(table=False):
+            unet = tfmq.load(ckpt, temporal_table=table).unet
             if getattr(unet, "tfmq_steps", None) is not None and len(unet.tfmq_steps) > 1:
                 unet.tfmq_steps.set(len(unet.tfmq_steps) // 2)      # repeated calls at the middle step
                 unet.tfmq_steps.paused = True
             return unet
-        rows.append((f"{method}, reference backend", measure(loaded(), inputs, args.iters)))
-        unet = loaded()
-        for layer in runtime_layers(unet).values():   # the w8a8 backend's tables, without its device check
-            BACKENDS["w8a8"].prepare(layer)
-            layer.backend = "w8a8"
-        rows.append((f"{method}, w8a8 backend's tables", measure(unet, inputs, args.iters)))
+        for table in (False, True):
+            how = ", temporal table" if table else ""
+            rows.append((f"{method}, reference{how}", measure(loaded(table), inputs, args.iters)))
+            unet = loaded(table)
+            for layer in runtime_layers(unet).values():   # the w8a8 backend's tables, without its device check
+                BACKENDS["w8a8"].prepare(layer)
+                layer.backend = "w8a8"
+            rows.append((f"{method}, w8a8 tables{how}", measure(unet, inputs, args.iters)))
     print(f"\n{out['model']}; {out['device']}, torch {torch.__version__}")
-    print(f"{'denoiser':40s} {'graph inputs':>12s} {'guards every call us':>21s} {'guards skipped us':>18s}")
+    print(f"{'denoiser':48s} {'graph inputs':>12s} {'guards every call us':>21s} {'guards skipped us':>18s}")
     for name, r in rows:
-        print(f"{name:40s} {r['graph_inputs']:12d} {r['full_guards_us']:21.1f} {r['skip_guards_us']:18.1f}")
+        print(f"{name:48s} {r['graph_inputs']:12d} {r['full_guards_us']:21.1f} {r['skip_guards_us']:18.1f}")
         out["rows"].append({"denoiser": name, **r})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))

@@ -231,7 +231,8 @@ def bundled_compiled(args, out: dict, work: Path) -> None:
                 if comp:
                     compile_denoiser(pipe.unet)
             else:
-                pipe = tfmq.load(ckpts[ck], dev, dtype, backend=backend, compile=comp)
+                pipe = tfmq.load(ckpts[ck], dev, dtype, backend=backend, compile=comp,
+                                 temporal_table=label.endswith("temporal table"))
             tfmq.generate(pipe, sampler, args.sample_batch, args.sample_batch, seed=0, progress=False)  # warm
             r, imgs[label] = timed_sampling(pipe, sampler, args.num_images, args.sample_batch, label,
                                             "after one warm-up batch (compilation excluded)")
@@ -270,14 +271,16 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
     rows = out["rows"]
     print(f"(a'') bundled model, CUDA graphs (reduce-overhead), batch {bsz}; sampling {args.num_images} images, "
           f"DDIM {args.steps}")
+    ro = "reduce-overhead"
     configs = [c for c in [("fp32 eager", None, None, torch.float32, False),
                ("bf16 compiled", None, None, torch.bfloat16, True),
-               ("fp32 reduce-overhead", None, None, torch.float32, "reduce-overhead"),
-               ("bf16 reduce-overhead", None, None, torch.bfloat16, "reduce-overhead"),
+               ("fp32 reduce-overhead", None, None, torch.float32, ro),
+               ("bf16 reduce-overhead", None, None, torch.bfloat16, ro),
                ("w8a8 reference fp32 eager", "w8a8", "reference", torch.float32, False),
-               ("w8a8 w8a8 bf16 reduce-overhead", "w8a8", "w8a8", torch.bfloat16, "reduce-overhead"),
-               ("w8a8 reference bf16 reduce-overhead", "w8a8", "reference", torch.bfloat16, "reduce-overhead"),
-               ("w4a8 weight-only bf16 reduce-overhead", "w4a8", "weight-only", torch.bfloat16, "reduce-overhead")]
+               ("w8a8 w8a8 bf16 reduce-overhead", "w8a8", "w8a8", torch.bfloat16, ro),
+               ("w8a8 w8a8 bf16 reduce-overhead temporal table", "w8a8", "w8a8", torch.bfloat16, ro),
+               ("w8a8 reference bf16 reduce-overhead", "w8a8", "reference", torch.bfloat16, ro),
+               ("w4a8 weight-only bf16 reduce-overhead", "w4a8", "weight-only", torch.bfloat16, ro)]
                if args.graph_configs is None or c[0] in args.graph_configs.split(",")]
     imgs, samp = {}, []
     out["sampling_graphs"] = samp                      # in the partial JSON as it grows
@@ -290,7 +293,8 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
                 if comp:
                     compile_denoiser(pipe.unet, None if comp is True else comp)
             else:
-                pipe = tfmq.load(ckpts[ck], dev, dtype, backend=backend, compile=comp)
+                pipe = tfmq.load(ckpts[ck], dev, dtype, backend=backend, compile=comp,
+                                 temporal_table=label.endswith("temporal table"))
             den, xx = pipe.unet, x.to(dtype)
             # one warm-up batch through the sampler compiles (and records the graph) at this shape
             tfmq.generate(pipe, sampler, bsz, bsz, seed=0, progress=False)

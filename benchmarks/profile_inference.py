@@ -253,6 +253,10 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="tfmq-official", choices=sorted(POLICIES),
                    help="layer policy of the W8A8 checkpoint: tfmq-official keeps resnet conv1 inputs in full "
                         "precision (those convs then run the reference path); 'all' makes every layer int8")
+    p.add_argument("--temporal-table", action="store_true",
+                   help="load the quantized denoisers with their temporal block replaced by the table of its "
+                        "outputs (tfmq.load(..., temporal_table=True)): the time embedding and temporal "
+                        "projections leave the graph")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for every configuration, e.g. "
                                                          "reduce-overhead (CUDA graphs); default: torch's default")
     args = p.parse_args(argv)
@@ -304,12 +308,13 @@ def main(argv=None) -> int:
             if label not in wanted:
                 continue
             backend.fuse_quantize = fuse
-            q = tfmq.load(ckpt, dev, torch.bfloat16, backend=backend_name).unet
+            q = tfmq.load(ckpt, dev, torch.bfloat16, backend=backend_name, temporal_table=args.temporal_table).unet
             if case["channels_last"]:
                 q = q.to(memory_format=torch.channels_last)
-            if case["mid_step"] is not None:          # repeated mid-trajectory calls: hold the step index
-                q.tfmq_steps.set(case["mid_step"])
-                q.tfmq_steps.paused = True
+            steps = getattr(q, "tfmq_steps", None)
+            if steps is not None:                     # repeated mid-trajectory calls: hold the step index
+                steps.set(case["mid_step"] if case["mid_step"] is not None else len(steps) // 2)
+                steps.paused = True
             summary = backend_summary(q)
             fallback = [f"{n}: {l}" for n, l in runtime_layers(q).items() if not BACKENDS[backend_name].handles(l)]
             print(f"   {summary}; layers on the reference math: {len(fallback)}\n     " + "\n     ".join(fallback),
@@ -328,7 +333,8 @@ def main(argv=None) -> int:
                 save(out, args.json)
                 name = {"w8a8-fused": "w8a8 compiled, quantize fused in the graph",
                         "w8a8-pass": "w8a8 compiled, quantize as Triton passes",
-                        "reference": "reference backend compiled"}[label] + (", full guards" if args.full_guards else "")
+                        "reference": "reference backend compiled"}[label] + (", full guards" if args.full_guards else "") \
+                    + (", temporal table" if args.temporal_table else "")
                 out["rows"].pop()
                 out["rows"].append(summarise(name, wall, kernel_times(fn, args.calls), args.calls)
                                    | {"backend_summary": summary, "reference_math_layers": fallback,

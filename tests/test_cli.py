@@ -85,6 +85,27 @@ def test_sample_compile_flag(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
+def test_sample_temporal_table_flag(tiny_pipe_dir, tmp_path, capsys):
+    """``tfmq sample CKPT --temporal-table`` samples with the temporal block tabulated at load;
+    the flag is refused for a full-precision pipeline and for onnxruntime, before any work."""
+    import tfmq
+    from tfmq.models.adapter import load_pipeline
+    pipe = load_pipeline(str(tiny_pipe_dir))
+    tfmq.quantize(pipe, tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, calib_size=2, recon_iters=0,
+                                                    act_learn_iters=0, tiar_iters=0,
+                                                    sampler=tfmq.SamplerConfig("ddim", 2)), progress=False)
+    ckpt = tfmq.save(pipe, tmp_path / "ckpt")
+    assert main(["sample", str(ckpt), "--num-images", "2", "--temporal-table", "--out", str(tmp_path / "t")]) == 0
+    assert json.loads(capsys.readouterr().out)["temporal_table"] is True
+    assert np.load(tmp_path / "t" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
+    assert main(["sample", str(ckpt), "--steps", "3", "--temporal-table", "--out", str(tmp_path / "s3")]) == 2
+    assert "calibrated" in capsys.readouterr().err and not (tmp_path / "s3" / "samples.npz").exists()
+    for source, extra in ((tiny_pipe_dir, []), (ckpt, ["--backend", "onnxruntime"])):
+        r = run_cli("sample", source, "--temporal-table", *extra, "--out", tmp_path / "o")
+        assert r.returncode == 2 and "--temporal-table applies to a quantized checkpoint" in r.stderr
+        assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("flags,msg", [
     (["--wbits", "1"], "unsupported bit width 1"),
     (["--abits", "9"], "unsupported bit width 9"),

@@ -21,6 +21,7 @@ from .runtime.backends import COMPILE_MODES, BackendUnavailable, compile_denoise
 from .runtime.selection import set_backend
 from .runtime.convert import convert as runtime_convert
 from .runtime.pipeline import bind_quantized
+from .runtime.temporal_cache import tabulate_temporal
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = "fmnist-ddpm"
@@ -204,7 +205,7 @@ def save(pipe, out_dir, overwrite: bool = False) -> Path:
 
 
 def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         backend: str = "reference", compile: bool | str = False):
+         backend: str = "reference", compile: bool | str = False, temporal_table: bool = False):
     """Load a compact checkpoint as a diffusers pipeline whose denoiser is made of runtime modules
     (:mod:`tfmq.runtime`): packed weights, no FP copy of a quantized weight, computing with
     ``backend`` (``reference``, ``weight-only`` or ``w8a8``; see :mod:`tfmq.runtime.backends`).
@@ -216,7 +217,14 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     compiles, later calls run fused kernels; a string is the ``torch.compile`` mode, e.g.
     ``compile="reduce-overhead"`` to replay every call as a CUDA graph. A compiled denoiser
     skips Dynamo's per-call guard check after each input signature's first call
-    (:mod:`tfmq.runtime.guards`): do not change its modules afterwards, load it again."""
+    (:mod:`tfmq.runtime.guards`): do not change its modules afterwards, load it again.
+
+    ``temporal_table=True`` replaces the quantized temporal information block (time and class
+    embeddings, every temporal projection) by the table of its outputs for the calibrated
+    timesteps, computed once at load with ``backend`` (:func:`tfmq.runtime.tabulate_temporal`):
+    those layers then leave every call. The outputs equal the block's up to the last-bit rounding
+    of its matrix products; the pipeline is then tied to the calibrated sampler and step count,
+    and cannot be saved again."""
     ckpt_dir = Path(ckpt_dir)
     cfg = checkpoint.read_config(ckpt_dir)
     mode = _compile_mode(compile)                                    # fail before any work
@@ -234,6 +242,8 @@ def load(ckpt_dir, device: str | torch.device = "cpu", dtype: torch.dtype = torc
     pipe = pipe.to(device)
     if backend != "reference":
         set_backend(denoiser, backend)
+    if temporal_table:
+        tabulate_temporal(denoiser)
     if compile is not False:
         compile_denoiser(denoiser, mode)
     bind_quantized(pipe, denoiser)

@@ -101,6 +101,10 @@ def save(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
     info = getattr(denoiser, "tfmq_info", None)
     if info is None:
         raise ValueError("this pipeline is not quantized (use tfmq.quantize first)")
+    if getattr(getattr(denoiser, "tfmq_temporal_cache", None), "derived", False):
+        raise ValueError("this denoiser's temporal block was replaced by a table at load (temporal_table=True): "
+                         "its layers are gone, so it cannot be written as a checkpoint; save the "
+                         "checkpoint loaded without the table")
     out_dir = Path(out_dir)
     refuse_nonempty(out_dir, overwrite)
     with written_whole(out_dir) as tmp:

@@ -377,6 +377,11 @@ def build_sample(sub) -> None:
                    help="compile the denoiser's forward with torch.compile in this mode: "
                         f"{', '.join(COMPILE_MODES)} (reduce-overhead replays each call as a CUDA graph "
                         "on a GPU); the first batch compiles (default: not compiled)")
+    p.add_argument("--temporal-table", action="store_true",
+                   help="quantized checkpoint, PyTorch runtime: replace the temporal block (time / class "
+                        "embeddings and every temporal projection) by the table of its outputs for the "
+                        "calibrated timesteps, computed once at load (tfmq.runtime.tabulate_temporal); "
+                        "sampling is then tied to the calibrated sampler and step count")
     add_sampler_flags(p, steps_default=None)
     p.set_defaults(func=run_sample, on_interrupt=lambda args: "no samples were written")
 
@@ -441,6 +446,9 @@ def _sample_source(args) -> str:
         raise UsageError("--threads applies to --backend onnxruntime / openvino")
     if args.compile is not None and (kind == "export" or args.backend in ONNX_BACKENDS):
         raise UsageError("--compile applies to the PyTorch denoiser, not to onnxruntime / openvino")
+    if args.temporal_table and (kind != "checkpoint" or args.backend in ONNX_BACKENDS):
+        raise UsageError("--temporal-table applies to a quantized checkpoint sampled with the PyTorch runtime "
+                         "(an ONNX export holds its own table)")
     return kind
 
 
@@ -465,8 +473,11 @@ def _sampling_denoiser(args, kind: str):
         from .api import load
         from .models.adapter import get_denoiser
         from .runtime.backends import compile_denoiser
-        pipe = load_any(args.model, args.device) if args.backend is None else load(args.model, args.device,
-                                                                                    backend=args.backend)
+        if args.backend is None and not args.temporal_table:
+            pipe = load_any(args.model, args.device)
+        else:
+            pipe = load(args.model, args.device, backend=args.backend or "reference",
+                        temporal_table=args.temporal_table)
         if args.compile is not None:
             compile_denoiser(get_denoiser(pipe), args.compile)
         yield pipe, None
@@ -499,7 +510,8 @@ def run_sample(args) -> int:
     paths = save_samples(images, args.out)
     backend = args.backend or ("onnxruntime" if kind == "export" else None)
     print(json.dumps({"out": str(args.out), "num_images": len(images), "sampler": sampler.to_dict(),
-                      "backend": backend, "compile": args.compile, "grid": str(paths["grid"]),
+                      "backend": backend, "compile": args.compile, "temporal_table": args.temporal_table,
+                      "grid": str(paths["grid"]),
                       "npz": str(paths["npz"])}, indent=2))
     return 0
 

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models.temporal import find_temporal_block, model_classes, temporal_features
+from ..models.temporal import find_temporal_block, model_classes
 from ..runtime.steps import step_index_of
-from ..runtime.temporal_cache import TemporalFeatureCache, info_features
+from ..runtime.temporal_cache import TemporalFeatureCache, compute_table, info_features
 from .qdq import ExportError
 
 
@@ -58,21 +58,7 @@ def feature_table(denoiser: nn.Module, timesteps: list[int], sampler: dict | Non
         classes = model_classes(denoiser)
         if classes is None:
             raise ExportError("the class embedding is not a finite table: cannot tabulate its features")
-    table = TemporalFeatureCache(timesteps, classes, block.feature_dims, block.projections, sampler)
-    steps = step_index_of(denoiser)
-    device = next(denoiser.parameters()).device
-    labels = None if classes is None else torch.tensor(classes, dtype=torch.long, device=device)
-    n_c = 1 if classes is None else len(classes)
-    for i, t in enumerate(timesteps):
-        if steps is not None:           # per-step parameters of the temporal block (FSC)
-            steps.set(i)
-        t_rows = torch.full((n_c,), t, dtype=torch.long, device=device)
-        feats = temporal_features(denoiser, t_rows, labels, block=block)
-        for j, f in enumerate(feats):
-            table.feature_table(j)[i] = f.float().cpu()
-    if steps is not None:
-        steps.reset()
-    return table
+    return compute_table(denoiser, block, timesteps, classes, sampler, step_index_of(denoiser))
 
 
 def save_table(table: TemporalFeatureCache, path: str | Path) -> None:

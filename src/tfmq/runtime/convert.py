@@ -296,8 +296,8 @@ def runtime_nbytes(denoiser: nn.Module) -> dict[str, int]:
     """Resident bytes of a converted denoiser: packed weights (codes + scales), activation
     parameters and everything else (FP layers, biases, norms, caches)."""
     packed = sum(m.nbytes() for m in denoiser.modules() if isinstance(m, PackedWeight))
-    act = sum(b.numel() * b.element_size() for m in denoiser.modules()
-              if isinstance(m, ActQuant) for b in m.buffers(recurse=False))
+    act = sum(t.numel() * t.element_size() for m in denoiser.modules() if isinstance(m, ActQuant)
+              for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
     total = sum(t.numel() * t.element_size() for t in list(denoiser.parameters()) + list(denoiser.buffers()))
     prepared = 0
     for layer in runtime_layers(denoiser).values():

@@ -235,9 +235,10 @@ def step_index_of(denoiser: nn.Module) -> StepIndex | None:
 
 def is_step_dependent(denoiser: nn.Module) -> bool:
     """Whether a quantized denoiser holds per-step parameters (FSC) or per-step cached temporal
-    features, i.e. is tied to its calibration sampler."""
+    features (stored, or tabulated at load), i.e. is tied to its calibration sampler."""
     info = getattr(denoiser, "tfmq_info", None) or {}
-    return info.get("fsc", {}).get("n_sets", 1) > 1 or info.get("temporal", {}).get("mode") == "cache"
+    return (info.get("fsc", {}).get("n_sets", 1) > 1 or info.get("temporal", {}).get("mode") == "cache"
+            or getattr(denoiser, "tfmq_temporal_cache", None) is not None)
 
 
 def check_timesteps(denoiser: nn.Module, sampler: dict, timesteps: list[int]) -> None:

@@ -11,6 +11,12 @@ UNet resnet's ``time_emb_proj``, a DiT block's adaLN ``norm1.linear``, ...) is a
 zero-width tensors. While compiling or capturing a CUDA graph the lookup is tensor-only (no check
 that the timestep is in the table: :func:`tfmq.runtime.steps.check_timesteps` checked the
 sampler before the first step).
+
+:func:`tabulate_temporal` builds such a table at load time from a quantized runtime block (a
+``tiar`` checkpoint): the block's outputs over the calibrated finite set, computed once, replace
+the block, whose layers then leave every call. Its rows are read at the step index
+(:class:`tfmq.runtime.steps.StepIndex`), which the step's pre-hook has already checked, so a
+call looks nothing up on the host.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ from torch import nn
 
 from ..models.adapter import adapter_for
 from ..models.fingerprint import denoiser_fingerprint
-from .steps import _tracing, argument_picker, timestep_key
+from .steps import StepIndex, _tracing, argument_picker, attach_step_index, step_index_of, timestep_key
+
+#: The largest table :func:`tabulate_temporal` builds unless told otherwise (float32 entries).
+TABLE_LIMIT_BYTES = 512 * 2**20
 
 
 class CacheMissError(ValueError):
@@ -39,10 +48,16 @@ class TemporalFeatureCache(nn.Module):
         self.register_buffer("classes", None if classes is None else torch.tensor(classes, dtype=torch.long))
         n_c = 1 if classes is None else len(classes)
         for i, d in enumerate(dims):
-            self.register_buffer(f"feature_{i}", torch.zeros(len(timesteps), n_c, d))
+            # frozen parameters, not buffers: a compiled call's Dynamo guards check every
+            # non-parameter tensor it reads, even when the guard check is otherwise skipped
+            self.register_parameter(f"feature_{i}", nn.Parameter(torch.zeros(len(timesteps), n_c, d),
+                                                                 requires_grad=False))
         self.dims = list(dims)
         self.rows: torch.Tensor | None = None
+        self.batch = 0                           # the call's batch (step-indexed tables)
+        self.derived = False                     # built at load from the quantized block: not saved
         self._pickers: dict = {}                 # forward-argument readers, set by install_cache
+        self._steps: list[StepIndex] = []        # rows read at this step index (tabulate_temporal)
 
     def feature_table(self, i: int) -> torch.Tensor:
         return getattr(self, f"feature_{i}")
@@ -92,6 +107,12 @@ class TemporalFeatureCache(nn.Module):
         return [self.feature_table(i).flatten(0, 1)[rows.to(self.timesteps.device)] for i in range(len(self.dims))]
 
     def feature(self, i: int) -> torch.Tensor:
+        if self._steps:                  # step-indexed: the table's row at the step index (a buffer)
+            if not self.batch:
+                raise RuntimeError("temporal feature table used outside a denoiser call")
+            # index_select with a 1-element index, not t[index]: a 0-d index reads as an int
+            at_step = self.feature_table(i).index_select(0, self._steps[0].index.reshape(1))[0]   # [classes, dim]
+            return at_step.expand(self.batch, -1) if self.rows is None else at_step[self.rows]
         if self.rows is None:
             raise RuntimeError("temporal feature cache used outside a denoiser call")
         return self.feature_table(i).flatten(0, 1)[self.rows]
@@ -99,12 +120,28 @@ class TemporalFeatureCache(nn.Module):
     def pre_hook(self, denoiser: nn.Module, args: tuple, kwargs: dict):
         pickers = self._pickers
         batch = pickers["sample"](args, kwargs).shape[0]
+        if self._steps:
+            # the step index's own pre-hook (registered first) has checked and selected the step;
+            # only class labels are looked up here
+            self.batch = batch
+            labels = pickers["class_labels"](args, kwargs)
+            if self.classes is None:
+                if labels is not None:
+                    raise ValueError("this model is not class-conditional: class labels do not apply")
+                self.rows = None
+            else:
+                if labels is None:
+                    raise ValueError("this model is class-conditional: class labels are needed")
+                labels = labels.reshape(-1).long()
+                self.rows = self._index(labels.expand(batch) if labels.numel() == 1 else labels, self.classes,
+                                        "class label(s)", lambda: f"classes {self.classes.tolist()[:8]}...")
+            return None
         self.rows = self.lookup_rows(pickers["timestep"](args, kwargs), pickers["class_labels"](args, kwargs),
                                      batch).to(self.timesteps.device)
         return None
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return sum(t.numel() * t.element_size() for t in list(self.parameters()) + list(self.buffers()))
 
 
 def _float_dtype(args: tuple, kwargs: dict) -> torch.dtype:
@@ -155,8 +192,11 @@ def _check_cacheable(denoiser: nn.Module):
     return block
 
 
-def install_cache(denoiser: nn.Module, cache: TemporalFeatureCache) -> TemporalFeatureCache:
-    """Put ``cache`` in the denoiser's runtime path (in place): the TIB modules are replaced."""
+def install_cache(denoiser: nn.Module, cache: TemporalFeatureCache,
+                  steps: StepIndex | None = None) -> TemporalFeatureCache:
+    """Put ``cache`` in the denoiser's runtime path (in place): the TIB modules are replaced.
+    ``steps``: read the table's rows at this step index (its timesteps must be the table's)
+    instead of looking each call's timestep up."""
     if getattr(denoiser, "tfmq_temporal_cache", None) is not None:
         raise RuntimeError("this denoiser already uses a temporal feature cache")
     block = _check_cacheable(denoiser)
@@ -168,6 +208,10 @@ def install_cache(denoiser: nn.Module, cache: TemporalFeatureCache) -> TemporalF
         _set_submodule(denoiser, name, RemovedEmbedding())
     for i, name in enumerate(block.projections):
         _set_submodule(denoiser, name, CachedProjection(cache, i))
+    if steps is not None:
+        if steps.timesteps.tolist() != cache.timesteps.tolist():
+            raise ValueError("the step index and the temporal feature table hold different timesteps")
+        cache._steps = [steps]         # a list: the step index stays the denoiser's submodule only
     cache._pickers = {n: argument_picker(denoiser, n) for n in ("sample", "timestep", "class_labels")}
     denoiser.tfmq_temporal_cache = cache
     denoiser._tfmq_cache_hook = denoiser.register_forward_pre_hook(cache.pre_hook, with_kwargs=True)
@@ -188,3 +232,93 @@ def install_from_info(denoiser: nn.Module, info: dict) -> TemporalFeatureCache:
                                  info.get("sampler"))
     device = next(denoiser.parameters()).device
     return install_cache(denoiser, cache.to(device))
+
+
+# ---- tabulating a quantized temporal block --------------------------------------------------------
+def table_nbytes(n_steps: int, n_classes: int, dims: list[int]) -> int:
+    """Bytes of a float32 table of ``n_steps x n_classes`` rows of every feature."""
+    return 4 * n_steps * n_classes * sum(int(d) for d in dims)
+
+
+@torch.no_grad()
+def compute_table(denoiser: nn.Module, block, timesteps: list[int], classes: list[int] | None,
+                  sampler: dict | None = None, steps: StepIndex | None = None) -> TemporalFeatureCache:
+    """Every temporal feature of ``denoiser``'s block ``block`` for ``timesteps`` (x every class
+    of ``classes``), computed by the block as it runs now, one step at a time with the step's
+    parameters selected in ``steps`` (per-step FSC parameters of the block); on the CPU.
+
+    Each step's rows are computed as one batch of ``len(classes)`` (or 1): the same arithmetic as a
+    call's, whose matrix products may round the last bit differently for another batch size."""
+    timesteps = [int(t) for t in timesteps]
+    table = TemporalFeatureCache(timesteps, classes, block.feature_dims, block.projections, sampler)
+    device = next(denoiser.parameters()).device
+    labels = None if classes is None else torch.tensor(classes, dtype=torch.long, device=device)
+    n_c = 1 if classes is None else len(classes)
+    adapter = adapter_for(denoiser)
+    was_paused = steps.paused if steps is not None else False
+    try:
+        if steps is not None:
+            steps.paused = True               # the index is driven here, not by the calls' timesteps
+        for i, t in enumerate(timesteps):
+            if steps is not None:
+                steps.set(i)
+            t_rows = torch.full((n_c,), t, dtype=torch.long, device=device)
+            feats = adapter.temporal_features(denoiser, t_rows, labels, {}, block)
+            for j, f in enumerate(feats):
+                table.feature_table(j)[i] = f.float().reshape(n_c, -1).cpu()
+    finally:
+        if steps is not None:
+            steps.paused = was_paused
+            steps.reset()
+            steps.index.zero_()
+    return table
+
+
+def tabulate_temporal(denoiser: nn.Module, max_bytes: int = TABLE_LIMIT_BYTES) -> TemporalFeatureCache:
+    """Replace a quantized runtime denoiser's temporal information block by the table of its
+    outputs over the calibrated finite set (in place); returns the table.
+
+    Every temporal feature depends on the timestep and the class only, so the block's outputs for
+    the calibrated sampler's timesteps (x every class of a class-conditional model) are computed
+    once, with the block's quantized layers and per-step parameters as they run now (the
+    denoiser's current backend), and looked up at the step index afterwards: the time embedding,
+    the class embedding and every temporal projection (a resnet's ``time_emb_proj``, a DiT block's
+    modulation) leave each call. The denoiser is then tied to the calibrated sampler and step count
+    (it gets a step index if it had none; other samplers are refused like per-step parameters are)
+    and cannot be saved again (load the checkpoint without the table for that). A denoiser that
+    already has a table (a ``--temporal cache`` checkpoint) is returned as is.
+
+    Raises ValueError for a model whose block reads more than (timestep, class) (SDXL's added
+    conditioning, PixArt-alpha's size conditions), for a class-conditional model without a finite
+    class table, and for a table larger than ``max_bytes``, before computing anything."""
+    cache = getattr(denoiser, "tfmq_temporal_cache", None)
+    if cache is not None:
+        return cache
+    info = getattr(denoiser, "tfmq_info", None)
+    if info is None or not info.get("timesteps"):
+        raise ValueError("tabulating the temporal block needs a quantized denoiser with its calibrated "
+                         "timesteps (tfmq.load or tfmq.quantize)")
+    block = _check_cacheable(denoiser)
+    classes = None
+    if block.class_conditional:
+        classes = adapter_for(denoiser).class_table(denoiser)
+        if classes is None:
+            raise ValueError("this model's class labels are not a finite table: its temporal features "
+                             "cannot be tabulated")
+    timesteps = [int(t) for t in info["timesteps"]]
+    n_c = 1 if classes is None else len(classes)
+    nbytes = table_nbytes(len(timesteps), n_c, block.feature_dims)
+    if nbytes > max_bytes:
+        raise ValueError(f"the temporal feature table would take {nbytes / 2**20:.1f} MiB ({len(timesteps)} "
+                         f"steps x {n_c} classes x {sum(block.feature_dims)} features, float32), more than "
+                         f"the limit of {max_bytes / 2**20:.1f} MiB: raise the limit or run without the table")
+    steps = step_index_of(denoiser)
+    if steps is None:
+        steps = attach_step_index(denoiser, timesteps, info["sampler"])
+    elif steps.timesteps.tolist() != timesteps:
+        raise ValueError("the denoiser's step index holds other timesteps than its calibration info")
+    device = next(denoiser.parameters()).device
+    table = compute_table(denoiser, block, timesteps, classes, info["sampler"], steps).to(device)
+    install_cache(denoiser, table, steps)
+    table.derived = True
+    return table
