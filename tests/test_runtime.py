@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import tfmq
 from tfmq.quant.layers import QuantLayer
-from tfmq.runtime import (BackendUnavailable, CalibrationMismatchError, PackedWeight, backend_summary,
+from tfmq.runtime import (ActQuant, BackendUnavailable, CalibrationMismatchError, PackedWeight, backend_summary,
                           runtime_layers, runtime_nbytes, set_backend)
 from tfmq.sampling import SamplerConfig
 
@@ -81,6 +81,9 @@ def test_no_fp_copy_of_quantized_weights_and_memory(one_thread, tmp_path):
     sizes = runtime_nbytes(loaded.unet)
     packed = sum(m.nbytes() for m in loaded.unet.modules() if isinstance(m, PackedWeight))
     assert sizes["packed_weights"] == packed
+    acts = [m for m in loaded.unet.modules() if isinstance(m, ActQuant)]     # layers' and attention's
+    assert acts and sizes["activation_params"] == sum(t.numel() * t.element_size() for a in acts
+                                                      for t in list(a.parameters()) + list(a.buffers()))
     fp32 = sum(p.numel() * 4 for p in tiny_ddpm_pipeline().unet.parameters())
     assert sizes["total"] < 0.5 * fp32                   # tiny model: FP-kept layers weigh a lot
 
