@@ -38,7 +38,6 @@ A CPU smoke run with tiny settings::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import signal
 import sys
@@ -53,6 +52,7 @@ import tfmq.recipes
 from tfmq.calib.reconstruction import RECON_PRESETS
 from tfmq.models.adapter import get_denoiser
 from tfmq.sampling import SamplerConfig
+from results_io import write_results
 
 #: google/ddpm-cifar10-32's unet/config.json (35.7M parameters).
 CIFAR10_UNET_CONFIG = {
@@ -306,9 +306,7 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "python": sys.version.split()[0], "method": args.method, "wbits": 4,
            "abits": 8, "results": results}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
-        print(f"wrote {args.json}")
+        write_results(out, args.json)
     return 0
 
 

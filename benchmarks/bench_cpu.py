@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from sd_random import random_sd_pipeline
+from results_io import write_results
 
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
@@ -371,8 +372,7 @@ def main(argv=None) -> int:
     out["load_average_end"] = os.getloadavg()
     out["load_average"] = [round(x, 2) for x in out["load_average_end"]]
     out["wall_s"] = round(time.perf_counter() - t_start, 1)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(out, indent=2))
+    write_results(out, json_path, quiet=True)
     print_table(out)
     print("written", json_path)
     return 0

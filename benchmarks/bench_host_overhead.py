@@ -17,7 +17,6 @@ the table of its outputs (``tfmq.load(..., temporal_table=True)``). Prints a tab
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,6 +34,7 @@ from tfmq.runtime.backends import BACKENDS  # noqa: E402
 from tfmq.runtime.guards import CAN_SKIP_GUARDS, SkipGuardsAfterFirstCall  # noqa: E402
 from tfmq.runtime.layers import runtime_layers  # noqa: E402
 from tfmq.sampling import SamplerConfig  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 
 def per_call_us(fn, iters: int) -> float:
@@ -126,9 +126,7 @@ def main(argv=None) -> int:
     for name, r in rows:
         print(f"{name:48s} {r['graph_inputs']:12d} {r['full_guards_us']:21.1f} {r['skip_guards_us']:18.1f}")
         out["rows"].append({"denoiser": name, **r})
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
-    print("written", args.json)
+    write_results(out, args.json)
     return 0
 
 

@@ -33,6 +33,7 @@ import tfmq
 from tfmq.runtime import backend_summary, runtime_nbytes
 from tfmq.sampling import SamplerConfig
 from sd_random import SD15_UNET_CONFIG, random_sd_pipeline
+from results_io import pooled_psnr, write_results
 
 PARTIAL: tuple | None = None      # (report, path) while a run is in progress
 
@@ -98,11 +99,6 @@ def timed_sampling(pipe, sampler: SamplerConfig, num_images: int, batch: int, la
     torch.cuda.synchronize()
     row = {"config": label, "images": num_images, "seconds": time.perf_counter() - t0}
     return (row | {"note": note} if note else row), im
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def ckpt_tensor_bytes(path: Path) -> int:
@@ -187,8 +183,8 @@ def bundled(args, out: dict, work: Path) -> None:
         if lab in imgs and lab != "fp32":
             ref = "w8a8 reference fp32" if lab.startswith("w8a8") else "w4a8 reference fp32"
             if ref in imgs and ref != lab:
-                r["psnr_vs_reference_db_first_256"] = psnr(imgs[lab][:n], imgs[ref][:n])
-            r["psnr_vs_fp32_db"] = psnr(imgs[lab], imgs["fp32"]) if "fp32" in imgs else None
+                r["psnr_vs_reference_db_first_256"] = pooled_psnr(imgs[lab][:n], imgs[ref][:n])
+            r["psnr_vs_fp32_db"] = pooled_psnr(imgs[lab], imgs["fp32"]) if "fp32" in imgs else None
     out["sampling"] = samp
 
 
@@ -245,9 +241,9 @@ def bundled_compiled(args, out: dict, work: Path) -> None:
     for r in samp:
         lab = r["config"]
         if lab in imgs and ref in imgs and lab.startswith("w8a8"):
-            r["psnr_vs_w8a8_reference_db_first_256"] = psnr(imgs[lab][:n], imgs[ref][:n])
+            r["psnr_vs_w8a8_reference_db_first_256"] = pooled_psnr(imgs[lab][:n], imgs[ref][:n])
         if lab in imgs and "fp32 eager" in imgs:
-            r["psnr_vs_fp32_db"] = psnr(imgs[lab], imgs["fp32 eager"])
+            r["psnr_vs_fp32_db"] = pooled_psnr(imgs[lab], imgs["fp32 eager"])
     out["sampling_compiled"] = samp
 
 
@@ -334,10 +330,10 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
         if lab not in imgs:
             continue
         if "fp32 eager" in imgs and lab != "fp32 eager":
-            r["psnr_vs_fp32_eager_db"] = psnr(imgs[lab], imgs["fp32 eager"])
+            r["psnr_vs_fp32_eager_db"] = pooled_psnr(imgs[lab], imgs["fp32 eager"])
         ref = "w8a8 reference fp32 eager"
         if lab.startswith("w8a8") and lab != ref and ref in imgs:
-            r["psnr_vs_w8a8_reference_fp32_db_first_256"] = psnr(imgs[lab][:n], imgs[ref][:n])
+            r["psnr_vs_w8a8_reference_fp32_db_first_256"] = pooled_psnr(imgs[lab][:n], imgs[ref][:n])
             d = np.abs(imgs[lab][:n].astype(np.int16) - imgs[ref][:n].astype(np.int16))
             r["max_abs_diff_vs_w8a8_reference_fp32_first_256"] = int(d.max())
     print(f"\n{'sampling config':40s} {'seconds':>8s} {'PSNR vs ref':>12s}")
@@ -441,8 +437,7 @@ def main(argv=None) -> int:
             bundled_graphs(args, out, work)
         if "sd" in parts:
             sd_unet(args, out, work)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
+    write_results(out, args.json, quiet=True)
     print(f"\n{'model':10s} {'config':40s} {'median ms':>10s} {'peak MB':>9s}")
     for r in out["rows"]:
         print(f"{r['model']:10s} {r['config']:40s} " + (f"{r['median_ms']:10.3f} {r['peak_mb']:9.1f}"

@@ -14,7 +14,6 @@ memory at most 1.1x the checkpoint's tensors. Prints a table, writes JSON::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 import tfmq
 from tfmq.runtime import runtime_nbytes
 from tfmq.sampling import SamplerConfig
+from results_io import write_results
 
 
 def main(argv=None) -> int:
@@ -59,9 +59,7 @@ def main(argv=None) -> int:
                     out["rows"].append(row)
                     print(f"{bits:5s} {backend:12s} {row['dtype']:9s} {nb['total']:11d} {ckpt_bytes:13d} "
                           f"{row['ratio']:6.3f}", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
-    print("written", args.json)
+    write_results(out, args.json)
     return 0
 
 

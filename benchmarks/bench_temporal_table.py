@@ -15,7 +15,6 @@ Prints a table and writes JSON::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,7 @@ import torch
 import tfmq
 from tfmq.runtime import runtime_layers, runtime_nbytes
 from tfmq.sampling import SamplerConfig
+from results_io import pooled_psnr, write_results
 
 
 def trajectory_ms(unet, x: torch.Tensor, timesteps: list[int], repeats: int) -> float:
@@ -46,11 +46,6 @@ def trajectory_ms(unet, x: torch.Tensor, timesteps: list[int], repeats: int) -> 
                 torch.cuda.synchronize()
             per.append((time.perf_counter() - t0) / len(timesteps) * 1e3)
     return float(np.median(per[1:]))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
 def main(argv=None) -> int:
@@ -103,7 +98,7 @@ def main(argv=None) -> int:
             out["rows"].append(row)
             del loaded, unet
         diff = np.abs(images[True].astype(np.int16) - images[False].astype(np.int16))
-        out["rows"][1].update({"psnr_vs_block_db": psnr(images[True], images[False]),
+        out["rows"][1].update({"psnr_vs_block_db": pooled_psnr(images[True], images[False]),
                                "max_abs_pixel_diff": int(diff.max()),
                                "pixels_differing": float((diff > 0).mean())})
     print(f"\n{out['model']}; backend {args.backend}; {device}; DDIM {args.steps}, batch {args.batch}")
@@ -111,9 +106,7 @@ def main(argv=None) -> int:
     for r in out["rows"]:
         print(f"{r['temporal']:18s} {r['runtime_layers']:7d} {r['quantized_layers']:9d} {r['runtime_bytes']:9d} "
               f"{r['call_ms']:8.1f} {r.get('psnr_vs_block_db', float('nan')):8.2f} {r.get('max_abs_pixel_diff', 0):8d}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
-    print("written", args.json)
+    write_results(out, args.json)
     return 0
 
 

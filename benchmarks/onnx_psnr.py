@@ -16,7 +16,6 @@ the PSNR of every image set vs the reference's (and the worst single image).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,11 +29,7 @@ import tfmq
 from tfmq.api import BUNDLED_MODELS, bundled_model_path
 from tfmq.models.adapter import adapter_for, get_denoiser
 from tfmq.sampling import SamplerConfig
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+from results_io import pooled_psnr, write_results
 
 
 def main(argv=None) -> int:
@@ -94,16 +89,14 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 got = tfmq.generate(opipe, sampler, args.num_images, args.batch, args.seed, class_labels=classes,
                                     progress=False, denoiser=opipe.onnx_denoiser)
-                per_image = [psnr(got[i], ref[i]) for i in range(len(ref))]
-                row["runners"][runner] = {"psnr_db": round(psnr(got, ref), 2), "min_image_psnr_db": round(min(per_image), 2),
+                per_image = [pooled_psnr(got[i], ref[i]) for i in range(len(ref))]
+                row["runners"][runner] = {"psnr_db": round(pooled_psnr(got, ref), 2), "min_image_psnr_db": round(min(per_image), 2),
                                           "identical_images": int(sum(np.isinf(per_image))),
                                           "sampling_s": round(time.perf_counter() - t0, 1)}
                 print(f"{label:28s} {runner:12s} PSNR {row['runners'][runner]['psnr_db']:6.2f} dB "
                       f"(worst image {row['runners'][runner]['min_image_psnr_db']:6.2f} dB)", flush=True)
             out["results"].append(row)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
-    print("written", args.json)
+    write_results(out, args.json)
     return 0
 
 

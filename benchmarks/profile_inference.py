@@ -23,7 +23,6 @@ and compiling the SD w8a8 one 270-350 s: run one SD w8a8 configuration a call.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from tfmq.runtime.guards import SkipGuardsAfterFirstCall
 from tfmq.runtime.selection import backend_summary
 from tfmq.runtime.layers import runtime_layers
 from tfmq.sampling import SamplerConfig
+from results_io import write_results
 
 KINDS = [  # (kind, substrings of the kernel name), first match wins
     ("int8 conv GEMM", ("_int8_conv",)),
@@ -170,8 +170,7 @@ def stage(msg: str) -> None:
 
 
 def save(out: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    write_results(out, path, quiet=True)
 
 
 def sd_case(args, work: Path) -> dict:
