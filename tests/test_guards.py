@@ -93,9 +93,16 @@ def test_per_step_denoiser_follows_the_step_index_without_guard_checks(tmp_path)
     pipe = tiny_ddpm_pipeline()
     tfmq.quantize(pipe, CONFIGS["tfmq-fsc-all"](), progress=False)
     unet = tfmq.load(tfmq.save(pipe, tmp_path / "ckpt")).unet
-    ts = unet.tfmq_info["timesteps"]
     assert any(layer.act is not None and getattr(layer.act, "n_sets", 1) > 1
                for layer in runtime_layers(unet).values())
+    assert_compiled_follows_the_steps(unet)
+
+
+def assert_compiled_follows_the_steps(unet):
+    """Compile a loaded tiny-DDPM denoiser's forward (aot_eager: no C++ compiler needed) behind
+    SkipGuardsAfterFirstCall and call it at every calibrated timestep in order: each call equals
+    eager mode at that step and every call after the first skipped the guard check."""
+    ts = unet.tfmq_info["timesteps"]
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         eager = [unet(x, torch.full((2,), t)).sample for t in ts]

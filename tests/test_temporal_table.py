@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_ddpm_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline, tiny_sdxl_pipeline
+from test_guards import assert_compiled_follows_the_steps
 
 import tfmq
 from tfmq.models.adapter import get_denoiser
 from tfmq.models.temporal import find_temporal_block, temporal_features
 from tfmq.runtime import CalibrationMismatchError, runtime_layers, tabulate_temporal
-from tfmq.runtime.guards import CAN_SKIP_GUARDS, SkipGuardsAfterFirstCall
+from tfmq.runtime.guards import CAN_SKIP_GUARDS
 from tfmq.runtime.temporal_cache import CachedProjection
 from tfmq.sampling import SamplerConfig, generate
 
@@ -117,12 +118,4 @@ def test_compiled_table_follows_the_step_index(one_thread, tfmq_ckpt):
     tabulated denoiser reads each step's row from the step index and equals eager mode."""
     torch._dynamo.reset()
     unet = tfmq.load(tfmq_ckpt, temporal_table=True).unet
-    ts = unet.tfmq_info["timesteps"]
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        eager = [unet(x, torch.full((2,), t)).sample for t in ts]
-        unet.tfmq_steps.reset()
-        unet.forward = SkipGuardsAfterFirstCall(torch.compile(unet.forward, backend="aot_eager", fullgraph=True))
-        for t, want in zip(ts, eager):
-            torch.testing.assert_close(unet(x, torch.full((2,), t)).sample, want, rtol=0, atol=1e-5)
-    assert unet.forward.skipped == len(ts) - 1
+    assert_compiled_follows_the_steps(unet)
