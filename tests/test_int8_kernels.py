@@ -438,34 +438,119 @@ def test_custom_ops_equal_the_kernels_and_compile_opaquely():
 
 
 @needs_kernels
-def test_w8a8_denoiser_compiles_fullgraph_around_the_custom_ops(tmp_path, monkeypatch):
+@pytest.mark.parametrize("weight_symmetric", [False, True])
+def test_w8a8_denoiser_compiles_fullgraph_around_the_custom_ops(tmp_path, monkeypatch, weight_symmetric):
     """A whole W8A8 denoiser (every layer int8) under torch.compile(fullgraph=True): the GEMMs are
     the custom operators and the quantizers torch operations in one captured graph; the output
-    equals the eager w8a8 call's (same codes, same kernels)."""
+    equals the eager w8a8 call's (same codes, same kernels). With symmetric weights no layer keeps
+    a ``cb`` table (its GEMMs take no activation sums) and the call stays within 1e-5 of the
+    reference backend's."""
     import tfmq
     from conftest import tiny_ddpm_pipeline
-    from tfmq.runtime import backend_summary
-    from tfmq.runtime.backends import W8A8Backend
+    from tfmq.runtime import backend_summary, runtime_layers
+    from tfmq.runtime.backends import BACKENDS, W8A8Backend
 
     if INTERPRET:
         monkeypatch.setattr(W8A8Backend, "available", lambda self, device: None)
     pipe = tiny_ddpm_pipeline()
     config = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, layer_policy="all", calib_size=2,
-                                         sampler=tfmq.SamplerConfig("ddim", 4))
+                                         sampler=tfmq.SamplerConfig("ddim", 4), weight_symmetric=weight_symmetric)
     tfmq.quantize(pipe, config, progress=False)
-    unet = tfmq.load(tfmq.save(pipe, tmp_path / "ckpt"), DEV, backend="w8a8").unet
+    ckpt = tfmq.save(pipe, tmp_path / "ckpt")
+    unet = tfmq.load(ckpt, DEV, backend="w8a8").unet
     summary = backend_summary(unet)
     assert summary["reference_math"] == 0 and summary["backend_kernels"] == summary["layers"], summary
+    cbs = [cb for layer in runtime_layers(unet).values() for _, cb, _ in layer.prepared["parts"]]
+    assert all((cb is None) == weight_symmetric for cb in cbs), weight_symmetric
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)).to(DEV)
     t = torch.full((1,), 500, device=DEV)
     with torch.no_grad():
         eager = unet(x, t).sample
+        if weight_symmetric:          # layer by layer on the reference model's inputs (the whole
+            ref_unet = tfmq.load(ckpt, DEV).unet  # model would compound single-code flips)
+            seen = {}
+            hooks = [m.register_forward_pre_hook(lambda m, args, n=n: seen.setdefault(n, args[0]))
+                     for n, m in runtime_layers(ref_unet).items()]
+            ref_unet(x, t)
+            for h in hooks:
+                h.remove()
+            w8 = runtime_layers(unet)
+            for n, layer in runtime_layers(ref_unet).items():
+                want = BACKENDS["reference"].run(layer, seen[n]).double()
+                err = float((BACKENDS["w8a8"].run(w8[n], seen[n]).double() - want).abs().max() / want.abs().max())
+                assert err < 1e-4, (n, err)
         # Dynamo's graph capture without AOT tracing (the ops' fakes are checked above): one graph,
         # no break, run as captured
         unet.forward = torch.compile(unet.forward, backend="eager", fullgraph=True)
         compiled = unet(x, t).sample
     assert torch.isfinite(eager).all()
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("grid", ["unsigned", "signed"])
+def test_symmetric_weights_need_no_activation_sums(grid):
+    """Symmetric weight codes (zero-points 0, so ``cb = 0``) with ``cb=None``: the GEMMs form and
+    read no activation sums and give, bit for bit, what the same kernels give with ``cb`` zeros and
+    the sums; every mode (int8 codes, fused quantize, padded conv, split-K) and the custom
+    operators, eager and compiled (the quantizer then elementwise only)."""
+    from tfmq.runtime.kernels import ops
+    gen = torch.Generator().manual_seed(31)
+    qmin, qmax = GRIDS[grid]
+    ox = K.offset_for(qmin, qmax)
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, 36, (36, 70), asym_w=False)
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    assert not cb.any()
+    x = torch.randn(2, 9, 70, generator=gen) * sx * 60
+    bias = torch.randn(36, generator=gen)
+    ca = torch.tensor([float(ox)]) - zx
+    x, sx, zx, sw, bias, b, cb, bsum, ca = _dev(x, sx, zx, sw, bias, b, cb, bsum, ca)
+    a, asum = K.quantize_act(x, sx, zx, qmin, qmax, return_sums=True)
+    assert torch.equal(K.quantize_act_ops(x, sx, zx, qmin, qmax, return_sums=False), a)
+    ref = K.ref_linear(a, b, sx, ca, sw, None, bias)
+    for split in (None, 3):
+        want = K.int8_linear(a, b, sx, ca, sw, cb, bsum, bias, torch.float32, asum=asum, split_k=split)
+        got = K.int8_linear(a, b, sx, ca, sw, None, bsum, bias, torch.float32, split_k=split)
+        assert torch.equal(got, want) and _rel_err(got, ref) < _tol(torch.float32)
+        fused = K.int8_linear(x, b, sx, None, sw, None, bsum, bias, torch.float32, zx=zx, qmin=qmin, qmax=qmax,
+                              split_k=split)
+        assert torch.equal(fused, want)
+    args = (a, b, sx, ca, sw, None, bsum, bias, torch.float32, None)
+    assert torch.equal(ops.int8_linear(*args), want)
+    torch.library.opcheck(ops.int8_linear, args)
+
+    def lin(x):
+        return ops.int8_linear(K.quantize_act_ops(x, sx, zx, qmin, qmax, return_sums=False), b, sx, ca, sw, None,
+                               bsum, bias, torch.float32, None)
+    assert torch.equal(torch.compile(lin, backend="aot_eager", fullgraph=True)(x), want)
+    with pytest.raises(ValueError, match="asum is only used with cb"):
+        K.int8_linear(a, b, sx, ca, sw, None, bsum, bias, torch.float32, asum=asum)
+    # convolutions: 3x3 stride 2 (padded, unpadded, fused) and 1x1
+    for ks, stride, pad in ((3, 2, 1), (1, 1, 0)):
+        sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, 20, (20, 16, ks, ks), asym_w=False)
+        if grid == "unsigned":
+            zx = torch.tensor([190.0])      # far from the offset: a wrong padding code would show
+        b, cb, bsum = K.prepare_weight(wq, zw, ow)
+        x = (torch.randn(2, 16, 7, 6, generator=gen) * sx * 50).contiguous(memory_format=torch.channels_last)
+        ca = torch.tensor([float(ox)]) - zx
+        x, sx, zx, sw, b, cb, bsum, ca = _dev(x, sx, zx, sw, b, cb, bsum, ca)
+        ap, pp = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True, pad=pad)
+        assert torch.equal(K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, pad=pad), ap)
+        a, _ = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True)
+        ref = K.ref_conv2d(a, b, stride, pad, sx, ca, sw, None, None)
+        for split in (None, 3):
+            want = K.int8_conv2d(ap, b, stride, pad, sx, ca, sw, cb, bsum, None, torch.float32, asum=pp,
+                                 padded=True, split_k=split)
+            assert _rel_err(want, ref) < _tol(torch.float32)
+            for got in (K.int8_conv2d(ap, b, stride, pad, sx, ca, sw, None, bsum, None, torch.float32, padded=True,
+                                      split_k=split),
+                        K.int8_conv2d(a, b, stride, pad, sx, ca, sw, None, bsum, None, torch.float32, split_k=split),
+                        K.int8_conv2d(x, b, stride, pad, sx, None, sw, None, bsum, None, torch.float32, zx=zx,
+                                      qmin=qmin, qmax=qmax, split_k=split)):
+                assert torch.equal(got, want)
+        args = (ap, b, (stride, stride), (pad, pad), sx, ca, sw, None, bsum, None, torch.float32, None)
+        assert torch.equal(ops.int8_conv2d_padded(*args), want)
+        torch.library.opcheck(ops.int8_conv2d_padded, args)
 
 
 @needs_kernels

@@ -133,8 +133,11 @@ class W8A8Backend(Backend):
         # per-step tables the GEMM kernels index with the step-index buffer themselves: sx and
         # ca = offset - zero_point (an integer), so a compiled graph computes no scalars per layer
         # (frozen parameters, as every runtime tensor: see .guards.frozen)
-        layer.prepared = {"parts": [tuple(frozen(t) for t in int8.prepare_weight(p.contiguous(), q.zero_point, ow))
-                                    for p in parts],
+        # cb = offset - zero point is 0 for a symmetric weight grid: the GEMMs then need no
+        # activation sums (cb None), and the quantizer feeding them is elementwise only
+        prepared = [int8.prepare_weight(p.contiguous(), q.zero_point, ow) for p in parts]
+        layer.prepared = {"parts": [(frozen(w8), frozen(cb) if bool(cb.any()) else None, frozen(bsum))
+                                    for w8, cb, bsum in prepared],
                           "ca": [frozen((int8.offset_for(a.qmin, a.qmax) - a.zero_point).to(torch.int32))
                                  for a in acts]}
 
@@ -161,13 +164,16 @@ class W8A8Backend(Backend):
             s_tab, ca_tab = (aq.scale, ca) if step is not None else (aq.scale[:1], ca[:1])
             bias = layer.bias if i == 0 else None
             fused = self.fuse_quantize and in_graph
-            quantize = int8.quantize_act_ops if fused else functools.partial(int8.quantize_act, return_sums=True)
+            sums = cb is not None                 # symmetric weights (cb None): no activation sums
+            quantize = functools.partial(int8.quantize_act_ops if fused else int8.quantize_act, return_sums=sums)
             if layer.kind == "conv":
-                a, asum = quantize(xi, sx, zx, aq.qmin, aq.qmax, nhwc=True, pad=layer.padding)
+                out_q = quantize(xi, sx, zx, aq.qmin, aq.qmax, nhwc=True, pad=layer.padding)
+                a, asum = out_q if sums else (out_q, None)
                 y = conv(a, w8, layer.stride, layer.padding, s_tab, ca_tab, layer.qweight.scale, cb, bsum, bias,
                          x.dtype, asum, step)
             else:
-                a, asum = quantize(xi, sx, zx, aq.qmin, aq.qmax)
+                out_q = quantize(xi, sx, zx, aq.qmin, aq.qmax)
+                a, asum = out_q if sums else (out_q, None)
                 y = linear(a, w8, s_tab, ca_tab, layer.qweight.scale, cb, bsum, bias, x.dtype, asum, step)
             out = y if out is None else out + y
         return out

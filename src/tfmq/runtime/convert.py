@@ -302,6 +302,6 @@ def runtime_nbytes(denoiser: nn.Module) -> dict[str, int]:
     prepared = 0
     for layer in runtime_layers(denoiser).values():
         for part in layer.prepared.get("parts", []):
-            prepared += sum(x.numel() * x.element_size() for x in part)
+            prepared += sum(x.numel() * x.element_size() for x in part if x is not None)
     return {"packed_weights": packed, "activation_params": act, "other": total - packed - act,
             "backend_extra": prepared, "total": total + prepared}

@@ -20,7 +20,9 @@ Kernels:
 The linear and the unpadded conv kernel take either int8 activations (``A_FLOAT=False``) or the float activation itself
 (``A_FLOAT=True``), quantizing each loaded tile in registers, which saves the separate quantize pass.
 ``asum`` comes either precomputed (``HAS_ASUM``: row sums for linear, per-pixel channel sums for
-conv, both from the quantize kernel) or is summed from the loaded tiles. With ``HAS_SEL`` the
+conv, both from the quantize kernel) or is summed from the loaded tiles; without ``HAS_CB``
+(``cb = 0``: a symmetric weight grid, whose codes need no offset) the ``cb * asum`` term vanishes
+and no sum is formed or read at all. With ``HAS_SEL`` the
 scalar parameters (``sx``, ``zx`` / ``ca``) are per-step tables read at the index ``sel_ptr``
 points to (the denoiser's step index), so a compiled graph launches no indexing kernel before
 each GEMM.
@@ -132,18 +134,22 @@ def _param(ptr, sel_ptr, HAS_SEL: tl.constexpr):
 
 @triton.jit
 def _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, stride_om, sw_ptr, cb_ptr,
-            bsum_ptr, bias_ptr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+            bsum_ptr, bias_ptr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, HAS_CB: tl.constexpr):
     """Add this K-split's integer corrections, then write ``out`` (one split) or the int32 partial.
 
     All correction terms are linear in the sums, so each split adds ``cb[n] * asum_split[m]`` and
     split 0 also adds ``ca*bsum[n] + K*ca*cb[n]``; the partials add up to the exact ``acc``.
-    ``asum`` passed here is already this split's share.
+    ``asum`` passed here is already this split's share. Without ``HAS_CB`` (``cb = 0``: a
+    symmetric weight grid) only ``ca*bsum[n]`` is added and ``asum`` is not read.
     """
     nmask = rn < N
     bsum = tl.load(bsum_ptr + rn, mask=nmask, other=0)
-    cb = tl.load(cb_ptr + rn, mask=nmask, other=0)
-    col = (ca * bsum + (K * ca) * cb) * (pid_k == 0).to(tl.int32)
-    acc = acc + col[None, :] + cb[None, :] * asum[:, None]
+    if HAS_CB:
+        cb = tl.load(cb_ptr + rn, mask=nmask, other=0)
+        col = (ca * bsum + (K * ca) * cb) * (pid_k == 0).to(tl.int32)
+        acc = acc + col[None, :] + cb[None, :] * asum[:, None]
+    else:
+        acc = acc + (ca * bsum * (pid_k == 0).to(tl.int32))[None, :]
     mask = (rm[:, None] < M) & nmask[None, :]
     if SPLIT_K == 1:
         sw = tl.load(sw_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
@@ -185,8 +191,8 @@ def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, s
                         bsum_ptr, bias_ptr, asum_ptr, M, N, K, stride_am, stride_bn, stride_om,
                         A_FLOAT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_SEL: tl.constexpr, HAS_ASUM: tl.constexpr, SPLIT_K: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr):
+                        HAS_CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -218,18 +224,19 @@ def _int8_linear_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, s
             x = tl.load(a_ptrs, mask=kmask[None, :], other=0.0).to(tl.float32)
             a32 = tl.where(kmask[None, :], _quant_codes(x, sx, zx, QMIN, QMAX), 0)
             a = a32.to(tl.int8)
-            asum_acc += tl.sum(a32, axis=1)
+            if HAS_CB:
+                asum_acc += tl.sum(a32, axis=1)
         else:
             a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
-            if not HAS_ASUM:
+            if HAS_CB and not HAS_ASUM:
                 asum_acc += tl.sum(a.to(tl.int32), axis=1)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-    if HAS_ASUM and not A_FLOAT:
+    if HAS_CB and HAS_ASUM and not A_FLOAT:
         asum = tl.load(asum_ptr + ram) * (pid_k == 0).to(tl.int32)
     else:
         asum = asum_acc
     _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, stride_om, sw_ptr, cb_ptr,
-            bsum_ptr, bias_ptr, HAS_BIAS, SPLIT_K)
+            bsum_ptr, bias_ptr, HAS_BIAS, SPLIT_K, HAS_CB)
 
 
 @triton.jit
@@ -239,8 +246,8 @@ def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sel
                       STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
                       A_FLOAT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_SEL: tl.constexpr, HAS_ASUM: tl.constexpr, SPLIT_K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      HAS_CB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     M = Bsz * HO * WO
     K = KH * KW * CIN
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -284,13 +291,14 @@ def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sel
             x = tl.load(a_ptrs, mask=lmask, other=0.0).to(tl.float32)
             a32 = tl.where(cmask[None, :], _quant_codes(x, sx, zx, QMIN, QMAX), 0)
             a = a32.to(tl.int8)
-            asum_acc += tl.sum(a32, axis=1)
+            if HAS_CB:
+                asum_acc += tl.sum(a32, axis=1)
         else:
             a = tl.load(a_ptrs, mask=lmask, other=pad)
-            if not HAS_ASUM:
+            if HAS_CB and not HAS_ASUM:
                 asum_acc += tl.sum(tl.where(cmask[None, :], a.to(tl.int32), 0), axis=1)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-    if HAS_ASUM and not A_FLOAT:
+    if HAS_CB and HAS_ASUM and not A_FLOAT:
         # window sums of the per-pixel channel sums; padded taps contribute CIN * pad each
         asum = tl.zeros([BLOCK_M], dtype=tl.int32)
         for tap in tl.static_range(KH * KW):
@@ -304,7 +312,7 @@ def _int8_conv_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, zx_ptr, ca_ptr, sel
     else:
         asum = asum_acc
     _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, N, sw_ptr, cb_ptr, bsum_ptr,
-            bias_ptr, HAS_BIAS, SPLIT_K)
+            bias_ptr, HAS_BIAS, SPLIT_K, HAS_CB)
 
 
 @triton.jit
@@ -312,13 +320,14 @@ def _int8_conv_padded_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, ca_ptr, sel_
                              bsum_ptr, bias_ptr, psum_ptr, Bsz, HP, WP, CIN, HO, WO, N,
                              KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr,
                              STRIDE_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEL: tl.constexpr, SPLIT_K: tl.constexpr,
-                             EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                             HAS_CB: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Implicit-GEMM conv over an already padded NHWC int8 input ``[B, HP, WP, CIN]`` (padding in
     the buffer: see ``_quant_kernel``) and its padded per-pixel sums ``psum``. Output pixel
     ``m`` reads, at tap ``(r, s)``, pixel ``base[m] + r*WP + s``: one scalar offset per K step for
     the whole tile, so the A loads need no index arithmetic or bounds masks (rows past ``M`` are
-    clamped and never stored); with ``EVEN_K`` (``CIN % BLOCK_K == 0``) no channel mask either."""
+    clamped and never stored); with ``EVEN_K`` (``CIN % BLOCK_K == 0``) no channel mask either.
+    Without ``HAS_CB`` (symmetric weights) the sums are not read (``psum`` may be any tensor)."""
     M = Bsz * HO * WO
     K = KH * KW * CIN
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -353,11 +362,12 @@ def _int8_conv_padded_kernel(a_ptr, b_ptr, out_ptr, ws_ptr, sx_ptr, ca_ptr, sel_
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
     # window sums of the padded per-pixel sums (padded pixels hold CIN codes of a real zero)
     asum = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for tap in tl.static_range(KH * KW):
-        asum += tl.load(psum_ptr + base + (tap // KW) * WP + tap % KW)
-    asum = asum * (pid_k == 0).to(tl.int32)
+    if HAS_CB:
+        for tap in tl.static_range(KH * KW):
+            asum += tl.load(psum_ptr + base + (tap // KW) * WP + tap % KW)
+        asum = asum * (pid_k == 0).to(tl.int32)
     _finish(acc, asum, rm, rn, M, N, K, ca, sx, pid_k, out_ptr, ws_ptr, N, sw_ptr, cb_ptr, bsum_ptr,
-            bias_ptr, HAS_BIAS, SPLIT_K)
+            bias_ptr, HAS_BIAS, SPLIT_K, HAS_CB)
 
 
 def _configs():
@@ -390,8 +400,9 @@ def _tuned(fn, key: list[str]):
     return triton.autotune(configs=_configs(), key=key, **extra)(fn)
 
 
-int8_linear_tuned = _tuned(_int8_linear_kernel, ["M", "N", "K", "A_FLOAT", "HAS_ASUM", "SPLIT_K"])
-int8_conv_tuned = _tuned(_int8_conv_kernel,
-                         ["Bsz", "H", "W", "CIN", "N", "KH", "KW", "STRIDE_H", "A_FLOAT", "HAS_ASUM", "SPLIT_K"])
+int8_linear_tuned = _tuned(_int8_linear_kernel, ["M", "N", "K", "A_FLOAT", "HAS_ASUM", "SPLIT_K", "HAS_CB"])
+int8_conv_tuned = _tuned(_int8_conv_kernel, ["Bsz", "H", "W", "CIN", "N", "KH", "KW", "STRIDE_H", "A_FLOAT",
+                                             "HAS_ASUM", "SPLIT_K", "HAS_CB"])
 int8_conv_padded = triton.heuristics({"EVEN_K": lambda a: a["CIN"] % a["BLOCK_K"] == 0})(_int8_conv_padded_kernel)
-int8_conv_padded_tuned = _tuned(int8_conv_padded, ["Bsz", "HP", "WP", "CIN", "N", "KH", "KW", "STRIDE_H", "SPLIT_K"])
+int8_conv_padded_tuned = _tuned(int8_conv_padded, ["Bsz", "HP", "WP", "CIN", "N", "KH", "KW", "STRIDE_H", "SPLIT_K",
+                                                   "HAS_CB"])

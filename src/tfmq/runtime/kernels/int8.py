@@ -171,10 +171,11 @@ def quantize_act(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int,
 
 
 def quantize_act_ops(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: int, qmax: int, *,
-                     nhwc: bool = False, pad=0):
-    """``quantize_act(..., return_sums=True)`` written in torch operations: the same codes and sums,
-    bit for bit, on any device. Inside ``torch.compile`` the compiler fuses them into the kernel that
-    produces ``x`` (a GroupNorm / SiLU / LayerNorm epilogue) instead of a separate quantize pass."""
+                     nhwc: bool = False, pad=0, return_sums: bool = True):
+    """``quantize_act(..., return_sums=return_sums)`` written in torch operations: the same codes
+    (and sums), bit for bit, on any device. Inside ``torch.compile`` the compiler fuses them into the
+    kernel that produces ``x`` (a GroupNorm / SiLU / LayerNorm epilogue) instead of a separate
+    quantize pass; without the sums that fusion is elementwise only (no extra reduction)."""
     ox = offset_for(qmin, qmax)
     ph, pw = _pair(pad, "pad")
     xf = x.float()
@@ -187,6 +188,8 @@ def quantize_act_ops(x: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qmin: 
     elif ph or pw:
         raise ValueError("pad is only used with nhwc=True (a convolution's input)")
     q = torch.clamp(torch.round(xf / sx.reshape(())) + zx.reshape(()), qmin, qmax) - ox
+    if not return_sums:
+        return q.to(torch.int8).contiguous()
     return q.to(torch.int8).contiguous(), q.sum(-1).to(torch.int32).contiguous()
 
 
@@ -315,7 +318,8 @@ def _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, n, step=
     else:
         _check_step(step, sx, c, cname)
     _check_channel(sw, n, "sw", (torch.float32,))
-    _check_channel(cb, n, "cb", (torch.int32,))
+    if cb is not None:
+        _check_channel(cb, n, "cb", (torch.int32,))
     _check_channel(bsum, n, "bsum", (torch.int32,))
     if bias is not None:
         _check_channel(bias, n, "bias", _OUT_DTYPES)
@@ -324,7 +328,7 @@ def _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, n, step=
 
 
 def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca: Optional[torch.Tensor],
-                sw: torch.Tensor, cb: torch.Tensor, bsum: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                sw: torch.Tensor, cb: Optional[torch.Tensor], bsum: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 out_dtype: torch.dtype = torch.bfloat16, *, asum: Optional[torch.Tensor] = None,
                 zx: Optional[torch.Tensor] = None, qmin: Optional[int] = None,
                 qmax: Optional[int] = None, split_k: Optional[int] = None,
@@ -336,7 +340,9 @@ def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca
     ``ca = ox - zx``: 1-element tensor (any dtype, integer value); ``sw`` ``[N]`` float32; ``cb``,
     ``bsum`` ``[N]`` int32; ``bias`` ``[N]`` or None. Returns ``[..., N]`` in ``out_dtype``.
     ``asum`` (optional, ``[...]`` int32 row sums of ``a``, from ``quantize_act(return_sums=True)``)
-    skips the in-kernel row sums.
+    skips the in-kernel row sums. ``cb=None`` means ``cb = 0`` (a symmetric weight grid: codes in
+    ``[-128, 127]``, zero-points 0): the ``cb*asum`` terms vanish, so no row sum is formed or read
+    (``asum`` must then be None).
 
     Fused-quantize mode: pass the float activation as ``a_int8`` together with ``zx``, ``qmin`` and
     ``qmax`` (and ``ca=None``): each tile is quantized in registers, bit-identical to
@@ -368,8 +374,10 @@ def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca
     if k > MAX_K:
         raise ValueError(f"K={k} > {MAX_K}: the int32 accumulator could overflow")
     _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, n, step)
-    _check_device(a_int8, w_int8, sx, zx if fused else ca, sw, cb, bsum,
-                  *(t for t in (bias, asum, step) if t is not None))
+    if cb is None and asum is not None:
+        raise ValueError("asum is only used with cb (cb=None: a symmetric weight grid needs no activation sums)")
+    _check_device(a_int8, w_int8, sx, zx if fused else ca, sw, bsum,
+                  *(t for t in (cb, bias, asum, step) if t is not None))
     lead = a_int8.shape[:-1]
     a2 = a_int8.reshape(-1, k)
     if a2.stride(-1) != 1:
@@ -385,10 +393,11 @@ def int8_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca
     if k == 0:
         raise ValueError("K must be positive")
     args = (a2, w_int8, out, sx, zx if fused else sx, ca if not fused else sx, step if step is not None else sx,
-            sw, cb, bsum, bias if bias is not None else sw, asum if asum is not None else cb,
-            m, n, k, a2.stride(0), w_int8.stride(0), out.stride(0))
+            sw, cb if cb is not None else bsum, bsum, bias if bias is not None else sw,
+            asum if asum is not None else bsum, m, n, k, a2.stride(0), w_int8.stride(0), out.stride(0))
     flags = dict(A_FLOAT=fused, QMIN=qmin if fused else 0, QMAX=qmax if fused else 255,
-                 HAS_BIAS=bias is not None, HAS_ASUM=asum is not None, HAS_SEL=step is not None)
+                 HAS_BIAS=bias is not None, HAS_ASUM=asum is not None, HAS_SEL=step is not None,
+                 HAS_CB=cb is not None)
     _launch(tm, tm.int8_linear_tuned, tm._int8_linear_kernel, args, flags, m, n, _split_k(m, n, k, split_k),
             out, sx, sw, bias, step)
     return out.reshape(*lead, n)
@@ -403,7 +412,7 @@ def _pair(v, name) -> tuple:
 
 
 def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx: torch.Tensor,
-                ca: Optional[torch.Tensor], sw: torch.Tensor, cb: torch.Tensor, bsum: torch.Tensor,
+                ca: Optional[torch.Tensor], sw: torch.Tensor, cb: Optional[torch.Tensor], bsum: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16, *,
                 asum: Optional[torch.Tensor] = None, zx: Optional[torch.Tensor] = None,
                 qmin: Optional[int] = None, qmax: Optional[int] = None,
@@ -426,7 +435,8 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
     ``padded=True`` (the runtime's path, fastest): ``a_int8`` is already padded by ``padding``,
     ``[B, H + 2*ph, W + 2*pw, Cin]``, and ``asum`` (required) its padded per-pixel sums, both from
     ``quantize_act(x, ..., nhwc=True, return_sums=True, pad=padding)``; the kernel then reads the
-    input with one offset per K step and no bounds checks.
+    input with one offset per K step and no bounds checks. ``cb=None`` (symmetric weights) as in
+    :func:`int8_linear`: no sums, so ``asum`` is None, padded or not.
 
     ``step``: per-step parameter tables read in the kernel, as in :func:`int8_linear`.
     """
@@ -436,7 +446,9 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
     ph, pw = _pair(padding, "padding")
     if sh < 1 or sw_ < 1 or ph < 0 or pw < 0:
         raise ValueError(f"need stride >= 1 and padding >= 0, got stride={stride}, padding={padding}")
-    if padded and (fused or asum is None):
+    if cb is None and asum is not None:
+        raise ValueError("asum is only used with cb (cb=None: a symmetric weight grid needs no activation sums)")
+    if padded and (fused or (asum is None and cb is not None)):
         raise ValueError("padded=True takes int8 codes padded by quantize_act(..., pad=padding) and their "
                          "sums as asum (no fused-quantize mode)")
     if fused:
@@ -473,8 +485,8 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
     if ho < 1 or wo < 1:
         raise ValueError(f"empty output for input {h}x{w}, kernel {kh}x{kw}, stride {stride}, padding {padding}")
     _check_gemm_args(w_int8, sx, ca, zx, sw, cb, bsum, bias, out_dtype, cout, step)
-    _check_device(a, w_int8, sx, zx if fused else ca, sw, cb, bsum,
-                  *(t for t in (bias, asum, step) if t is not None))
+    _check_device(a, w_int8, sx, zx if fused else ca, sw, bsum,
+                  *(t for t in (cb, bias, asum, step) if t is not None))
     sel = step if step is not None else sx
     if asum is not None:
         if asum.dtype != torch.int32 or tuple(asum.shape) != (bsz, hp, wp) or not asum.is_contiguous():
@@ -483,19 +495,21 @@ def int8_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx:
     out = torch.empty((bsz, ho, wo, cout), dtype=out_dtype, device=a.device)
     m = bsz * ho * wo
     if m and padded:
-        args = (a, w_int8, out, sx, ca, sel, sw, cb, bsum, bias if bias is not None else sw, asum,
+        args = (a, w_int8, out, sx, ca, sel, sw, cb if cb is not None else bsum, bsum,
+                bias if bias is not None else sw, asum if asum is not None else bsum,
                 bsz, hp, wp, cin, ho, wo, cout)
         flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, HAS_BIAS=bias is not None,
-                     HAS_SEL=step is not None)
+                     HAS_SEL=step is not None, HAS_CB=cb is not None)
         _launch(tm, tm.int8_conv_padded_tuned, tm.int8_conv_padded, args, flags, m, cout,
                 _split_k(m, cout, kh * kw * cin, split_k), out, sx, sw, bias, step)
     elif m:
-        args = (a, w_int8, out, sx, zx if fused else sx, ca if not fused else sx, sel, sw, cb, bsum,
-                bias if bias is not None else sw, asum if asum is not None else cb,
-                bsz, h, w, cin, ho, wo, cout)
+        args = (a, w_int8, out, sx, zx if fused else sx, ca if not fused else sx, sel, sw,
+                cb if cb is not None else bsum, bsum, bias if bias is not None else sw,
+                asum if asum is not None else bsum, bsz, h, w, cin, ho, wo, cout)
         flags = dict(KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw_, PAD_H=ph, PAD_W=pw, A_FLOAT=fused,
                      QMIN=qmin if fused else 0, QMAX=qmax if fused else 255,
-                     HAS_BIAS=bias is not None, HAS_ASUM=asum is not None, HAS_SEL=step is not None)
+                     HAS_BIAS=bias is not None, HAS_ASUM=asum is not None, HAS_SEL=step is not None,
+                     HAS_CB=cb is not None)
         _launch(tm, tm.int8_conv_tuned, tm._int8_conv_kernel, args, flags, m, cout,
                 _split_k(m, cout, kh * kw * cin, split_k), out, sx, sw, bias, step)
     return out.permute(0, 3, 1, 2)
@@ -520,7 +534,7 @@ def _ref_epilogue(acc, sx, sw, bias):
 
 
 def ref_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca: torch.Tensor,
-               sw: torch.Tensor, cb: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+               sw: torch.Tensor, cb: Optional[torch.Tensor], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float64 reference of :func:`int8_linear`, through the same integer decomposition (int64 exact).
 
     ``acc = a @ b.T + ca*bsum + cb*asum + K*ca*cb`` with ``bsum``/``asum`` summed here; returns
@@ -530,7 +544,7 @@ def ref_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca:
     a = a_int8.reshape(-1, k).to(torch.int64)
     b = w_int8.reshape(w_int8.shape[0], -1).to(torch.int64)
     c = ca.to(torch.int64).reshape(())
-    cbl = cb.to(torch.int64)
+    cbl = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device) if cb is None else cb.to(torch.int64)
     # exact: the int64 values stay far below 2**53, so the float64 matmul is exact too
     dot = (a.double() @ b.double().T).to(torch.int64)
     acc = dot + c * b.sum(1)[None, :] + cbl[None, :] * a.sum(1)[:, None] + k * c * cbl[None, :]
@@ -538,7 +552,7 @@ def ref_linear(a_int8: torch.Tensor, w_int8: torch.Tensor, sx: torch.Tensor, ca:
 
 
 def ref_conv2d(a_int8: torch.Tensor, w_int8: torch.Tensor, stride, padding, sx: torch.Tensor,
-               ca: torch.Tensor, sw: torch.Tensor, cb: torch.Tensor,
+               ca: torch.Tensor, sw: torch.Tensor, cb: Optional[torch.Tensor],
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float64 reference of :func:`int8_conv2d` (NHWC int8 input, ``[Cout, kh, kw, Cin]`` weight).
 

@@ -29,10 +29,11 @@ if not hasattr(torch.library, "custom_op"):
 
 @torch.library.custom_op("tfmq::int8_linear", mutates_args=())
 def int8_linear(a: torch.Tensor, w: torch.Tensor, sx: torch.Tensor, ca: torch.Tensor, sw: torch.Tensor,
-                cb: torch.Tensor, bsum: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
-                asum: torch.Tensor, step: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`tfmq.runtime.kernels.int8.int8_linear` with precomputed row sums ``asum`` (and, with
-    ``step``, per-step ``sx`` / ``ca`` tables read in the kernel)."""
+                cb: Optional[torch.Tensor], bsum: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+                asum: Optional[torch.Tensor], step: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`tfmq.runtime.kernels.int8.int8_linear` with precomputed row sums ``asum`` (None with
+    ``cb=None``, symmetric weights), and, with ``step``, per-step ``sx`` / ``ca`` tables read in
+    the kernel."""
     return int8.int8_linear(a, w, sx, ca, sw, cb, bsum, bias, out_dtype, asum=asum, step=step)
 
 
@@ -43,11 +44,12 @@ def _int8_linear_fake(a, w, sx, ca, sw, cb, bsum, bias, out_dtype, asum, step=No
 
 @torch.library.custom_op("tfmq::int8_conv2d_padded", mutates_args=())
 def int8_conv2d_padded(a: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
-                       sx: torch.Tensor, ca: torch.Tensor, sw: torch.Tensor, cb: torch.Tensor,
+                       sx: torch.Tensor, ca: torch.Tensor, sw: torch.Tensor, cb: Optional[torch.Tensor],
                        bsum: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
-                       asum: torch.Tensor, step: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       asum: Optional[torch.Tensor], step: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``int8_conv2d(..., padded=True)``: ``a`` and ``asum`` from
-    ``quantize_act(x, ..., nhwc=True, return_sums=True, pad=padding)``."""
+    ``quantize_act(x, ..., nhwc=True, return_sums=True, pad=padding)`` (no sums: ``asum`` and
+    ``cb`` None, symmetric weights)."""
     return int8.int8_conv2d(a, w, tuple(stride), tuple(padding), sx, ca, sw, cb, bsum, bias, out_dtype,
                             asum=asum, padded=True, step=step)
 
