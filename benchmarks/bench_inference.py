@@ -106,14 +106,17 @@ def ckpt_tensor_bytes(path: Path) -> int:
     return sum(t.numel() * t.element_size() for t in load_file(str(path / "tfmq_denoiser.safetensors")).values())
 
 
-def bundled_checkpoints(args, work: Path, sampler: SamplerConfig) -> dict[str, Path]:
+def bundled_checkpoints(args, work: Path, sampler: SamplerConfig, names=("w8a8", "w4a8")) -> dict[str, Path]:
     """tfmq W8A8 and W4A8 checkpoints of the bundled model at timing-only settings (no
-    reconstruction iterations: a layer's speed does not depend on how its codes were chosen)."""
+    reconstruction iterations: a layer's speed does not depend on how its codes were chosen);
+    ``w8a8-symw``: W8A8 with symmetric weight grids (the w8a8 GEMMs then need no activation sums)."""
     ckpts = {}
-    for name, w, a in (("w8a8", 8, 8), ("w4a8", 4, 8)):
+    for name in names:
+        w = 4 if name.startswith("w4") else 8
         pipe = tfmq.load_pipeline(tfmq.default_model_path(), args.device)
-        cfg = tfmq.QuantConfig.for_method("tfmq", wbits=w, abits=a, calib_size=args.calib_size, sampler=sampler,
-                                          recon_iters=0, act_learn_iters=0, tiar_iters=0)
+        cfg = tfmq.QuantConfig.for_method("tfmq", wbits=w, abits=8, calib_size=args.calib_size, sampler=sampler,
+                                          recon_iters=0, act_learn_iters=0, tiar_iters=0,
+                                          weight_symmetric=name.endswith("symw"))
         tfmq.quantize(pipe, cfg, progress=False)
         ckpts[name] = tfmq.save(pipe, work / f"bundled-{name}", overwrite=True)
         del pipe
@@ -256,7 +259,6 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
     eager (the calibrated numbers) and vs FP32 eager."""
     dev = args.device
     sampler = SamplerConfig("ddim", args.steps)
-    ckpts = bundled_checkpoints(args, work, sampler)
     fp = tfmq.load_pipeline(tfmq.default_model_path(), dev)
     c = fp.unet.config
     bsz = args.sample_batch
@@ -275,9 +277,11 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
                ("w8a8 reference fp32 eager", "w8a8", "reference", torch.float32, False),
                ("w8a8 w8a8 bf16 reduce-overhead", "w8a8", "w8a8", torch.bfloat16, ro),
                ("w8a8 w8a8 bf16 reduce-overhead temporal table", "w8a8", "w8a8", torch.bfloat16, ro),
+               ("w8a8-symw w8a8 bf16 reduce-overhead", "w8a8-symw", "w8a8", torch.bfloat16, ro),
                ("w8a8 reference bf16 reduce-overhead", "w8a8", "reference", torch.bfloat16, ro),
                ("w4a8 weight-only bf16 reduce-overhead", "w4a8", "weight-only", torch.bfloat16, ro)]
                if args.graph_configs is None or c[0] in args.graph_configs.split(",")]
+    ckpts = bundled_checkpoints(args, work, sampler, names=sorted({c[1] for c in configs if c[1]}))
     imgs, samp = {}, []
     out["sampling_graphs"] = samp                      # in the partial JSON as it grows
     from tfmq.runtime import compile_denoiser
@@ -332,7 +336,7 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
         if "fp32 eager" in imgs and lab != "fp32 eager":
             r["psnr_vs_fp32_eager_db"] = pooled_psnr(imgs[lab], imgs["fp32 eager"])
         ref = "w8a8 reference fp32 eager"
-        if lab.startswith("w8a8") and lab != ref and ref in imgs:
+        if lab.startswith("w8a8 ") and lab != ref and ref in imgs:      # the same checkpoint's images
             r["psnr_vs_w8a8_reference_fp32_db_first_256"] = pooled_psnr(imgs[lab][:n], imgs[ref][:n])
             d = np.abs(imgs[lab][:n].astype(np.int16) - imgs[ref][:n].astype(np.int16))
             r["max_abs_diff_vs_w8a8_reference_fp32_first_256"] = int(d.max())

@@ -190,7 +190,7 @@ def sd_case(args, work: Path) -> dict:
         return ub.to(memory_format=torch.channels_last)
     cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=2,
                                       sampler=SamplerConfig("ddim", 4), prompts=["a photo"],
-                                      layer_policy=args.policy)
+                                      layer_policy=args.policy, weight_symmetric=args.weight_symmetric)
     return {"model": "UNet2DConditionModel, SD v1.5 config, RANDOM weights, batch 2, 64x64 latents, 77 tokens, "
                      "bf16, channels_last", "pipe": pipe, "fp_bf16": fp_bf16, "config": cfg,
             "inputs": (x, t, ctx), "channels_last": True, "mid_step": None}
@@ -209,7 +209,8 @@ def bundled_case(args, work: Path) -> dict:
     x = torch.randn(args.batch, c.in_channels, c.sample_size, c.sample_size, device=dev, dtype=torch.bfloat16)
     t = torch.full((args.batch,), ts[len(ts) // 2], device=dev, dtype=torch.long)
     cfg = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, calib_size=32, sampler=sampler, recon_iters=0,
-                                      act_learn_iters=0, tiar_iters=0, layer_policy=args.policy)
+                                      act_learn_iters=0, tiar_iters=0, layer_policy=args.policy,
+                                      weight_symmetric=args.weight_symmetric)
     return {"model": f"bundled Fashion-MNIST DDPM (trained), batch {args.batch}, bf16", "pipe": pipe,
             "fp_bf16": lambda: tfmq.load_pipeline(tfmq.default_model_path(), dev, torch.bfloat16).unet,
             "config": cfg, "inputs": (x, t), "channels_last": False, "mid_step": len(ts) // 2}
@@ -252,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="tfmq-official", choices=sorted(POLICIES),
                    help="layer policy of the W8A8 checkpoint: tfmq-official keeps resnet conv1 inputs in full "
                         "precision (those convs then run the reference path); 'all' makes every layer int8")
+    p.add_argument("--weight-symmetric", action="store_true",
+                   help="calibrate the W8A8 checkpoint with symmetric weight grids (zero-points 0): the w8a8 "
+                        "GEMMs then need no activation sums, so their quantizers are elementwise")
     p.add_argument("--temporal-table", action="store_true",
                    help="load the quantized denoisers with their temporal block replaced by the table of its "
                         "outputs (tfmq.load(..., temporal_table=True)): the time embedding and temporal "
@@ -333,7 +337,8 @@ def main(argv=None) -> int:
                 name = {"w8a8-fused": "w8a8 compiled, quantize fused in the graph",
                         "w8a8-pass": "w8a8 compiled, quantize as Triton passes",
                         "reference": "reference backend compiled"}[label] + (", full guards" if args.full_guards else "") \
-                    + (", temporal table" if args.temporal_table else "")
+                    + (", temporal table" if args.temporal_table else "") \
+                    + (", symmetric weights" if args.weight_symmetric else "")
                 out["rows"].pop()
                 out["rows"].append(summarise(name, wall, kernel_times(fn, args.calls), args.calls)
                                    | {"backend_summary": summary, "reference_math_layers": fallback,

@@ -5,16 +5,15 @@
 #                                               alone (~8 min cold: compile + autotune fill the caches)
 #   bash scripts/gpu_w8a8_check.sh OUT sd        then, caches warm: bf16, bf16 and w8a8 with guards
 #                                               skipped, w8a8 with full guards (~6 min)
-#   bash scripts/gpu_w8a8_check.sh OUT sd-table  caches warm: w8a8 with the temporal block tabulated
-#                                               at load (~3 min), then the bundled model's: profile and
-#                                               1000-image sampling with graphs (~4 min)
-#   bash scripts/gpu_w8a8_check.sh OUT bundled   bundled model: bf16 / w8a8 / reference profile
-#                                               (~3.5 min), 1000-image sampling with graphs
-#                                               (bench_inference bundled-graphs, ~3.5 min), the
-#                                               runtime's CUDA tests
+#   bash scripts/gpu_w8a8_check.sh OUT sd-next   w8a8 with symmetric weight grids and the temporal
+#                                               table (new kernel variants: cold, ~8 min)
+#   bash scripts/gpu_w8a8_check.sh OUT bundled   bundled model: bf16 / w8a8 profile, w8a8 with
+#                                               symmetric weights + temporal table, 1000-image
+#                                               sampling with graphs (~8 min)
+#   bash scripts/gpu_w8a8_check.sh OUT tests     the runtime's CUDA tests (~3 min)
 # (carry .whl: the diffusers wheel). Every step has its own time limit; what finished is in OUT.
 set -u
-OUT=${1:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-table|bundled}; PART=${2:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-table|bundled}
+OUT=${1:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|bundled|tests}; PART=${2:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|bundled|tests}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 GPU_OMP_THREADS=8 source scripts/gpu_env.sh
@@ -37,32 +36,33 @@ case "$PART" in
         > "$OUT/profile_sd_full_guards.txt" 2>&1)
     echo "profile sd full guards rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
-  sd-table)  # warm caches: w8a8 with the temporal block replaced by its table (tfmq.load temporal_table=True)
-    (cd benchmarks && timeout 300 python3 profile_inference.py --model sd --policy all --compile-mode reduce-overhead \
-        --configs w8a8-fused --temporal-table --iters 30 --calls 3 --json "$OUT/profile_sd_table.json" \
-        > "$OUT/profile_sd_table.txt" 2>&1)
-    echo "profile sd temporal table rc=$?" | tee -a "$OUT/gpu.txt"
-    (cd benchmarks && timeout 120 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
-        --configs w8a8-fused --temporal-table --json "$OUT/profile_bundled_table.json" > "$OUT/profile_bundled_table.txt" 2>&1)
-    echo "profile bundled temporal table rc=$?" | tee -a "$OUT/gpu.txt"
-    (cd benchmarks && timeout 150 python3 bench_inference.py --device cuda --parts bundled-graphs --graph-configs \
-        "bf16 reduce-overhead,w8a8 w8a8 bf16 reduce-overhead,w8a8 w8a8 bf16 reduce-overhead temporal table" \
-        --json "$OUT/bundled_graphs_table.json" > "$OUT/bundled_graphs_table.txt" 2>&1)
-    echo "bench bundled-graphs temporal table rc=$?" | tee -a "$OUT/gpu.txt"
+  sd-next)   # the kernel variants of session 15 (cold: their compile + autotune fill the caches, ~8 min):
+             # symmetric weight grids (no activation sums) and the temporal block tabulated at load
+    (cd benchmarks && timeout 540 python3 profile_inference.py --model sd --policy all --compile-mode reduce-overhead \
+        --configs w8a8-fused --weight-symmetric --temporal-table --iters 30 --calls 3 \
+        --json "$OUT/profile_sd_next.json" > "$OUT/profile_sd_next.txt" 2>&1)
+    echo "profile sd symmetric weights + temporal table rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
   bundled)
-    (cd benchmarks && timeout 230 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
-        --configs bf16,w8a8-fused,reference --json "$OUT/profile_bundled_ro.json" > "$OUT/profile_bundled_ro.txt" 2>&1)
+    (cd benchmarks && timeout 200 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
+        --configs bf16,w8a8-fused --json "$OUT/profile_bundled_ro.json" > "$OUT/profile_bundled_ro.txt" 2>&1)
     echo "profile bundled rc=$?" | tee -a "$OUT/gpu.txt"
-    (cd benchmarks && timeout 230 python3 bench_inference.py --device cuda --parts bundled-graphs --graph-configs \
-        "bf16 reduce-overhead,w8a8 reference fp32 eager,w8a8 w8a8 bf16 reduce-overhead,w8a8 reference bf16 reduce-overhead,w4a8 weight-only bf16 reduce-overhead" \
+    (cd benchmarks && timeout 150 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
+        --configs w8a8-fused --weight-symmetric --temporal-table --json "$OUT/profile_bundled_next.json" \
+        > "$OUT/profile_bundled_next.txt" 2>&1)
+    echo "profile bundled symmetric weights + temporal table rc=$?" | tee -a "$OUT/gpu.txt"
+    (cd benchmarks && timeout 200 python3 bench_inference.py --device cuda --parts bundled-graphs --graph-configs \
+        "bf16 reduce-overhead,w8a8 reference fp32 eager,w8a8 w8a8 bf16 reduce-overhead,w8a8 w8a8 bf16 reduce-overhead temporal table,w8a8-symw w8a8 bf16 reduce-overhead" \
         --json "$OUT/bundled_graphs.json" > "$OUT/bundled_graphs.txt" 2>&1)
     echo "bench bundled-graphs rc=$?" | tee -a "$OUT/gpu.txt"
-    TFMQ_INT8_AUTOTUNE=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_int8_kernels.py \
-        tests/test_runtime.py -k "step or host_value or cuda_graph or reduce_overhead" > "$OUT/cuda_tests.txt" 2>&1
+    ;;
+  tests)
+    TFMQ_INT8_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_int8_kernels.py \
+        tests/test_runtime.py tests/test_temporal_table.py -k "step or host_value or cuda_graph or reduce_overhead or symmetric or table" \
+        > "$OUT/cuda_tests.txt" 2>&1
     echo "cuda tests rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
-  *) echo "unknown part $PART (sd-w8a8, sd, sd-table or bundled)"; exit 2 ;;
+  *) echo "unknown part $PART (sd-w8a8, sd, sd-next, bundled or tests)"; exit 2 ;;
 esac
 # the caches, for a later session's .kernel_carry/ (files back from OUT: at most 16 MiB each)
 for _c in triton_cache:$TRITON_CACHE_DIR inductor_cache:$TORCHINDUCTOR_CACHE_DIR; do

@@ -85,6 +85,21 @@ def test_sample_compile_flag(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
+def test_quantize_weight_symmetric_flag(tiny_pipe_dir, tmp_path, capsys):
+    """--weight-symmetric: every quantized weight of the checkpoint has zero-point 0 and signed
+    codes (the w8a8 GEMMs then take no activation sums); without it the grids are asymmetric."""
+    import tfmq
+    from tfmq.runtime import runtime_layers
+    for flag, symmetric in (["--weight-symmetric"], True), ([], False):
+        out = tmp_path / f"q{symmetric}"
+        assert main(["quantize", str(tiny_pipe_dir), "--wbits", "8", "--abits", "8", "--steps", "2", "--calib-size",
+                     "2", *flag, "--out", str(out)]) == 0
+        capsys.readouterr()
+        weights = [m.qweight for m in runtime_layers(tfmq.load(out).unet).values() if m.qweight is not None]
+        assert weights and all(bool((w.zero_point == 0).all()) == symmetric for w in weights)
+        assert all((w.qmin < 0) == symmetric for w in weights)
+
+
 def test_sample_temporal_table_flag(tiny_pipe_dir, tmp_path, capsys):
     """``tfmq sample CKPT --temporal-table`` samples with the temporal block tabulated at load;
     the flag is refused for a full-precision pipeline and for onnxruntime, before any work."""

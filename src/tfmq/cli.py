@@ -225,6 +225,9 @@ def build_quantize(sub) -> None:
                    help="bits of the attention softmax output (default: --abits)")
     p.add_argument("--layer-policy", choices=sorted(POLICIES), default="tfmq-official",
                    help="; ".join(f"{p.name}: {p.description}" for p in POLICIES.values()))
+    p.add_argument("--weight-symmetric", action="store_true", default=None,
+                   help="symmetric per-channel weight grids (zero-points 0; default asymmetric): W8A8 "
+                        "checkpoints then run the w8a8 backend's GEMMs without activation sums")
     p.add_argument("--calib-size", type=_positive, default=None,
                    help="number of calibration trajectories (default: the method's, 256)")
     p.add_argument("--calib-batch-size", type=_positive, default=None,
@@ -268,7 +271,8 @@ def quantize_overrides(args) -> dict:
                       ("recon_lr", "recon_lr"), ("recon_units", "recon_units"), ("recon_bf16", "recon_bf16"),
                       ("recon_parallel", "recon_parallel"),
                       ("act_learn_iters", "act_learn_iters"), ("calib_steps", "calib_steps"),
-                      ("act_ema", "act_ema"), ("split_shortcut", "split_shortcut")):
+                      ("act_ema", "act_ema"), ("split_shortcut", "split_shortcut"),
+                      ("weight_symmetric", "weight_symmetric")):
         if getattr(args, flag) is not None:
             o[key] = getattr(args, flag)
     return o
