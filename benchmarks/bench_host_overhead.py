@@ -8,7 +8,8 @@ widths times ``--scale``, RANDOM weights, 16x16 latents: the guard tree depends 
 not the widths), its naive W8A8 checkpoint (calibration: 1 prompt, DDIM 2) loaded with the
 ``reference`` backend and with the ``w8a8`` backend's kernel tables (on a CPU the tables are built
 by the backend's ``prepare`` directly and the one real run of the graph goes through Triton's
-interpreter; the kernels are never timed here), each also with its temporal block replaced by
+interpreter; the kernels are never timed here; attention projections fused as ``set_backend``
+fuses them), each also with its temporal block replaced by
 the table of its outputs (``tfmq.load(..., temporal_table=True)``). Prints a table and writes JSON::
 
     python benchmarks/bench_host_overhead.py --json benchmarks/results/inference/host_overhead_cpu.json
@@ -33,6 +34,7 @@ from sd_random import random_sd_pipeline  # noqa: E402
 from tfmq.runtime.backends import BACKENDS  # noqa: E402
 from tfmq.runtime.guards import CAN_SKIP_GUARDS, SkipGuardsAfterFirstCall  # noqa: E402
 from tfmq.runtime.layers import runtime_layers  # noqa: E402
+from tfmq.runtime.projections import fuse_attention_projections  # noqa: E402
 from tfmq.sampling import SamplerConfig  # noqa: E402
 from results_io import write_results  # noqa: E402
 
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
             for layer in runtime_layers(unet).values():   # the w8a8 backend's tables, without its device check
                 BACKENDS["w8a8"].prepare(layer)
                 layer.backend = "w8a8"
+            fuse_attention_projections(unet, BACKENDS["w8a8"])     # as set_backend does
             rows.append((f"{method}, w8a8 tables{how}", measure(unet, inputs, args.iters)))
     print(f"\n{out['model']}; {out['device']}, torch {torch.__version__}")
     print(f"{'denoiser':48s} {'graph inputs':>12s} {'guards every call us':>21s} {'guards skipped us':>18s}")

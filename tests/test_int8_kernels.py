@@ -554,6 +554,55 @@ def test_symmetric_weights_need_no_activation_sums(grid):
 
 
 @needs_kernels
+@pytest.mark.parametrize("model", ["ddpm-self-attention", "sd-cross-attention"])
+def test_fused_attention_projections_equal_the_separate_ones(tmp_path, monkeypatch, model):
+    """Projections of one input with one calibrated input grid (q/k/v of a self-attention, k/v of
+    a cross-attention) run as one W8A8 GEMM: the denoiser's output equals, bit for bit, the one
+    with every projection on its own GEMM, eager and compiled; switching backends drops them."""
+    import tfmq
+    from conftest import tiny_ddpm_pipeline, tiny_sd_pipeline
+    from tfmq.models.adapter import get_denoiser
+    from tfmq.runtime import backend_summary, set_backend
+    from tfmq.runtime.backends import W8A8Backend
+
+    if INTERPRET:
+        monkeypatch.setattr(W8A8Backend, "available", lambda self, device: None)
+    kw = {}
+    if model.startswith("sd"):
+        (tmp_path / "tok").mkdir()
+        pipe = tiny_sd_pipeline(tmp_path / "tok")
+        kw = {"prompts": ["a photo"]}
+    else:
+        pipe = tiny_ddpm_pipeline()
+    config = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, layer_policy="all", calib_size=2,
+                                         sampler=tfmq.SamplerConfig("ddim", 2), weight_symmetric=True, **kw)
+    tfmq.quantize(pipe, config, progress=False)
+    den = get_denoiser(tfmq.load(tfmq.save(pipe, tmp_path / "ckpt"), DEV, backend="w8a8"))
+    groups = backend_summary(den)["fused_projection_groups"]
+    kinds = {m._tfmq_fused.kind for m in den.modules() if getattr(m, "_tfmq_fused", None) is not None}
+    assert groups > 0 and kinds == ({"qkv", "kv"} if model.startswith("sd") else {"qkv"}), (groups, kinds)
+    gen = torch.Generator().manual_seed(2)
+    c = den.config
+    args = [torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=gen).to(DEV),
+            torch.full((2,), 500, device=DEV)]
+    if model.startswith("sd"):
+        args.append(torch.randn(2, 5, c.cross_attention_dim, generator=gen).to(DEV))
+    with torch.no_grad():
+        fused = den(*args).sample
+        compiled = torch.compile(den.forward, backend="eager", fullgraph=True)(*args).sample
+        monkeypatch.setattr(W8A8Backend, "fuse_projections", False)
+        set_backend(den, "w8a8")
+        assert backend_summary(den)["fused_projection_groups"] == 0
+        separate = den(*args).sample
+    assert torch.equal(fused, separate) and torch.equal(compiled, separate)
+    monkeypatch.setattr(W8A8Backend, "fuse_projections", True)
+    set_backend(den, "w8a8")
+    assert backend_summary(den)["fused_projection_groups"] == groups
+    set_backend(den, "reference")
+    assert backend_summary(den)["fused_projection_groups"] == 0
+
+
+@needs_kernels
 def test_int8_kernels_reject_bad_input():
     a = torch.zeros(4, 16, dtype=torch.int8, device=DEV)
     w = torch.zeros(8, 16, dtype=torch.int8, device=DEV)

@@ -77,6 +77,8 @@ class W8A8Backend(Backend):
     #: same codes bit for bit) that the compiler fuses into the producing kernel, instead of the
     #: separate Triton quantize pass; eager calls always use the Triton pass
     fuse_quantize: bool = True
+    #: run attention projections of one input with one input grid as one GEMM (:mod:`.projections`)
+    fuse_projections: bool = True
 
     def available(self, device: torch.device) -> str | None:
         if device.type != "cuda":
@@ -149,34 +151,42 @@ class W8A8Backend(Backend):
         parts = layer.prepared.get("parts")
         if parts is None:                                    # not a W8A8 layer: reference math
             return Backend.run(self, layer, x)
-        from .kernels import int8
-        in_graph = torch.compiler.is_compiling()
-        linear, conv = self._int8_linear, self._int8_conv2d
-        if in_graph:       # the GEMMs as custom operators: opaque to the compiler, Triton tunes each shape
-            from .kernels import ops
-            linear, conv = ops.int8_linear, ops.int8_conv2d_padded
         quants = self._act_groups(layer)
         inputs = layer.act.chunks(x) if len(quants) > 1 else [x]
+        conv = (layer.stride, layer.padding) if layer.kind == "conv" else None
         out = None
         for i, (aq, xi, (w8, cb, bsum), ca) in enumerate(zip(quants, inputs, parts, layer.prepared["ca"])):
-            sx, zx = aq.params()                  # this step's: for the quantizer
-            step = aq.step_index                  # the GEMM reads its sx / ca (= offset - zx) tables at it
-            s_tab, ca_tab = (aq.scale, ca) if step is not None else (aq.scale[:1], ca[:1])
-            bias = layer.bias if i == 0 else None
-            fused = self.fuse_quantize and in_graph
-            sums = cb is not None                 # symmetric weights (cb None): no activation sums
-            quantize = functools.partial(int8.quantize_act_ops if fused else int8.quantize_act, return_sums=sums)
-            if layer.kind == "conv":
-                out_q = quantize(xi, sx, zx, aq.qmin, aq.qmax, nhwc=True, pad=layer.padding)
-                a, asum = out_q if sums else (out_q, None)
-                y = conv(a, w8, layer.stride, layer.padding, s_tab, ca_tab, layer.qweight.scale, cb, bsum, bias,
-                         x.dtype, asum, step)
-            else:
-                out_q = quantize(xi, sx, zx, aq.qmin, aq.qmax)
-                a, asum = out_q if sums else (out_q, None)
-                y = linear(a, w8, s_tab, ca_tab, layer.qweight.scale, cb, bsum, bias, x.dtype, asum, step)
+            y = self.int8_product(aq, xi, w8, cb, bsum, ca, layer.qweight.scale, layer.bias if i == 0 else None,
+                                  x.dtype, conv)
             out = y if out is None else out + y
         return out
+
+    def int8_product(self, aq, x: torch.Tensor, w8, cb, bsum, ca, sw, bias, out_dtype: torch.dtype,
+                     conv: tuple | None = None) -> torch.Tensor:
+        """``x`` quantized to the grid of its input quantizer ``aq`` times a prepared int8 weight
+        (``w8``, ``cb`` (None: symmetric weights), ``bsum``; ``ca`` the per-step ``offset - zx``
+        table), scaled by ``sx * sw`` plus ``bias``: one quantize pass and one int8 GEMM (an
+        implicit-GEMM convolution for ``conv = (stride, padding)``)."""
+        from .kernels import int8
+        in_graph = torch.compiler.is_compiling()
+        linear, conv_fn = self._int8_linear, self._int8_conv2d
+        if in_graph:       # the GEMMs as custom operators: opaque to the compiler, Triton tunes each shape
+            from .kernels import ops
+            linear, conv_fn = ops.int8_linear, ops.int8_conv2d_padded
+        sx, zx = aq.params()                  # this step's: for the quantizer
+        step = aq.step_index                  # the GEMM reads its sx / ca (= offset - zx) tables at it
+        s_tab, ca_tab = (aq.scale, ca) if step is not None else (aq.scale[:1], ca[:1])
+        sums = cb is not None                 # symmetric weights (cb None): no activation sums
+        fused = self.fuse_quantize and in_graph
+        quantize = functools.partial(int8.quantize_act_ops if fused else int8.quantize_act, return_sums=sums)
+        if conv is not None:
+            stride, padding = conv
+            q = quantize(x, sx, zx, aq.qmin, aq.qmax, nhwc=True, pad=padding)
+            a, asum = q if sums else (q, None)
+            return conv_fn(a, w8, stride, padding, s_tab, ca_tab, sw, cb, bsum, bias, out_dtype, asum, step)
+        q = quantize(x, sx, zx, aq.qmin, aq.qmax)
+        a, asum = q if sums else (q, None)
+        return linear(a, w8, s_tab, ca_tab, sw, cb, bsum, bias, out_dtype, asum, step)
 
     @staticmethod
     def _int8_linear(a, w8, sx, ca, sw, cb, bsum, bias, out_dtype, asum, step):

@@ -225,6 +225,21 @@ class RuntimeAttnProcessor(QuantAttnProcessor):
     states the measured output difference)."""
 
     @staticmethod
+    def project(attn, hidden_states, encoder_hidden_states):
+        """As the fake-quant processor's, but projections of one input fused by the ``w8a8``
+        backend (:mod:`tfmq.runtime.projections`) run as one GEMM."""
+        fused = getattr(attn, "_tfmq_fused", None)
+        if fused is not None and fused.kind == "qkv" and encoder_hidden_states is None:
+            query, key, value = fused(hidden_states)
+            return query, key, value
+        if fused is not None and fused.kind == "kv" and encoder_hidden_states is not None:
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key, value = fused(encoder_hidden_states)
+            return attn.to_q(hidden_states), key, value
+        return QuantAttnProcessor.project(attn, hidden_states, encoder_hidden_states)
+
+    @staticmethod
     def attend(attn, query, key, value, attention_mask):
         quant = getattr(attn, "tfmq_attn", None)
         if (quant is None or quant.backend != "w8a8" or quant.softmax.bits < 16

@@ -1,8 +1,9 @@
 """Choosing the backend of a converted denoiser, and saying how its layers compute.
 
 :func:`set_backend` checks that the backend can run where the model is, then lets it prepare each
-quantized layer (its own weight layouts, from the packed codes); :func:`backend_summary` counts the
-layers that run the backend's own kernels and those on the reference math.
+quantized layer (its own weight layouts, from the packed codes; ``w8a8`` also fuses attention
+projections of one input, :mod:`.projections`); :func:`backend_summary` counts the layers that run
+the backend's own kernels and those on the reference math, and the fused projection groups.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from .backends import BackendUnavailable, get_backend
 from .layers import runtime_layers
+from .projections import fuse_attention_projections, unfuse_attention_projections
 
 
 def set_backend(denoiser: nn.Module, name: str) -> nn.Module:
@@ -28,9 +30,12 @@ def set_backend(denoiser: nn.Module, name: str) -> nn.Module:
     reason = backend.available(device)
     if reason is not None:
         raise BackendUnavailable(reason)
+    unfuse_attention_projections(denoiser)
     for layer in layers.values():
         backend.prepare(layer)
         layer.backend = name
+    if name == "w8a8" and backend.fuse_projections:
+        fuse_attention_projections(denoiser, backend)
     for m in denoiser.modules():
         if hasattr(m, "quantizers") and hasattr(m, "softmax") and hasattr(m, "backend"):
             m.backend = name                                  # attention parameters
@@ -45,5 +50,6 @@ def backend_summary(denoiser: nn.Module) -> dict:
     name = getattr(denoiser, "tfmq_backend", "reference")
     backend = get_backend(name)
     own = sum(1 for l in layers.values() if backend.handles(l))
+    fused = sum(1 for m in denoiser.modules() if getattr(m, "_tfmq_fused", None) is not None)
     return {"backend": name, "layers": len(layers), "backend_kernels": own,
-            "reference_math": len(layers) - own}
+            "reference_math": len(layers) - own, "fused_projection_groups": fused}
