@@ -174,15 +174,17 @@ def save(out: dict, path: Path) -> None:
 
 
 def sd_case(args, work: Path) -> dict:
-    """The SD-v1.5-config UNet (RANDOM weights), batch 2, 64x64, bf16, channels_last; naive W8A8
-    with 16-bit softmax outputs (as bench_inference makes it)."""
+    """The SD-v1.5-config UNet (RANDOM weights), batch ``--sd-batch`` (2), ``--sd-latent``
+    (64x64) latents, bf16, channels_last; naive W8A8 with 16-bit softmax outputs (as
+    bench_inference makes it)."""
     from diffusers import UNet2DConditionModel
     dev = args.device
     pipe = random_sd_pipeline(work).to(dev)
     stage("random SD-v1.5-config pipeline built")
-    ctx = torch.randn(2, 77, 768, device=dev, dtype=torch.bfloat16)
-    x = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    t = torch.full((2,), 500, device=dev, dtype=torch.long)
+    b, size = args.sd_batch, args.sd_latent
+    ctx = torch.randn(b, 77, 768, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(b, 4, size, size, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    t = torch.full((b,), 500, device=dev, dtype=torch.long)
 
     def fp_bf16():
         ub = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().to(dev, torch.bfloat16)
@@ -191,8 +193,8 @@ def sd_case(args, work: Path) -> dict:
     cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=2,
                                       sampler=SamplerConfig("ddim", 4), prompts=["a photo"],
                                       layer_policy=args.policy, weight_symmetric=args.weight_symmetric)
-    return {"model": "UNet2DConditionModel, SD v1.5 config, RANDOM weights, batch 2, 64x64 latents, 77 tokens, "
-                     "bf16, channels_last", "pipe": pipe, "fp_bf16": fp_bf16, "config": cfg,
+    return {"model": f"UNet2DConditionModel, SD v1.5 config, RANDOM weights, batch {b}, {size}x{size} latents, "
+                     "77 tokens, bf16, channels_last", "pipe": pipe, "fp_bf16": fp_bf16, "config": cfg,
             "inputs": (x, t, ctx), "channels_last": True, "mid_step": None}
 
 
@@ -241,6 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="sd", choices=["sd", "bundled"],
                    help="sd: the SD-v1.5-config UNet (random weights, batch 2); bundled: the bundled model")
     p.add_argument("--batch", type=int, default=250, help="batch of the bundled model")
+    p.add_argument("--sd-batch", type=int, default=2, help="batch of the SD UNet (default 2: one image with guidance)")
+    p.add_argument("--sd-latent", type=int, default=64,
+                   help="latent size of the SD UNet's input (default 64: 512 px; 128: 1024 px, SDXL's resolution)")
     p.add_argument("--device", default="cuda", help="a CUDA device (the timings are CUDA events)")
     p.add_argument("--calls", type=int, default=5, help="profiled calls per configuration")
     p.add_argument("--iters", type=int, default=30, help="timed calls per configuration")

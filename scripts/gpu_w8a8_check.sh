@@ -7,13 +7,15 @@
 #                                               skipped, w8a8 with full guards (~6 min)
 #   bash scripts/gpu_w8a8_check.sh OUT sd-next   w8a8 with symmetric weight grids and the temporal
 #                                               table (new kernel variants: cold, ~8 min)
+#   bash scripts/gpu_w8a8_check.sh OUT sd-large  bf16 vs w8a8 (symmetric weights, table) at batch 8,
+#                                               128x128 latents: where int8 may pay (cold, ~9 min)
 #   bash scripts/gpu_w8a8_check.sh OUT bundled   bundled model: bf16 / w8a8 profile, w8a8 with
 #                                               symmetric weights + temporal table, 1000-image
 #                                               sampling with graphs (~8 min)
 #   bash scripts/gpu_w8a8_check.sh OUT tests     the runtime's CUDA tests (~3 min)
 # (carry .whl: the diffusers wheel). Every step has its own time limit; what finished is in OUT.
 set -u
-OUT=${1:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|bundled|tests}; PART=${2:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|bundled|tests}
+OUT=${1:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|sd-large|bundled|tests}; PART=${2:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|sd-large|bundled|tests}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 GPU_OMP_THREADS=8 source scripts/gpu_env.sh
@@ -43,6 +45,12 @@ case "$PART" in
         --json "$OUT/profile_sd_next.json" > "$OUT/profile_sd_next.txt" 2>&1)
     echo "profile sd symmetric weights + temporal table rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
+  sd-large)  # where int8 throughput may count: the same UNet at batch 8, 128x128 latents (cold, ~9 min)
+    (cd benchmarks && timeout 560 python3 profile_inference.py --model sd --policy all --compile-mode reduce-overhead \
+        --sd-batch 8 --sd-latent 128 --configs bf16,w8a8-fused --weight-symmetric --temporal-table --iters 20 \
+        --calls 3 --json "$OUT/profile_sd_large.json" > "$OUT/profile_sd_large.txt" 2>&1)
+    echo "profile sd batch 8 128x128 rc=$?" | tee -a "$OUT/gpu.txt"
+    ;;
   bundled)
     (cd benchmarks && timeout 200 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
         --configs bf16,w8a8-fused --json "$OUT/profile_bundled_ro.json" > "$OUT/profile_bundled_ro.txt" 2>&1)
@@ -62,7 +70,7 @@ case "$PART" in
         > "$OUT/cuda_tests.txt" 2>&1
     echo "cuda tests rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
-  *) echo "unknown part $PART (sd-w8a8, sd, sd-next, bundled or tests)"; exit 2 ;;
+  *) echo "unknown part $PART (sd-w8a8, sd, sd-next, sd-large, bundled or tests)"; exit 2 ;;
 esac
 # the caches, for a later session's .kernel_carry/ (files back from OUT: at most 16 MiB each)
 for _c in triton_cache:$TRITON_CACHE_DIR inductor_cache:$TORCHINDUCTOR_CACHE_DIR; do
