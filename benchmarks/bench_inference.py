@@ -276,6 +276,7 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
                ("bf16 reduce-overhead", None, None, torch.bfloat16, ro),
                ("w8a8 reference fp32 eager", "w8a8", "reference", torch.float32, False),
                ("w8a8 w8a8 bf16 reduce-overhead", "w8a8", "w8a8", torch.bfloat16, ro),
+               ("w8a8 w8a8 fp32 reduce-overhead", "w8a8", "w8a8", torch.float32, ro),
                ("w8a8 w8a8 bf16 reduce-overhead temporal table", "w8a8", "w8a8", torch.bfloat16, ro),
                ("w8a8-symw w8a8 bf16 reduce-overhead", "w8a8-symw", "w8a8", torch.bfloat16, ro),
                ("w8a8 reference bf16 reduce-overhead", "w8a8", "reference", torch.bfloat16, ro),

@@ -52,15 +52,16 @@ case "$PART" in
     echo "profile sd batch 8 128x128 rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
   bundled)
-    (cd benchmarks && timeout 200 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
+    (cd benchmarks && timeout 180 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
         --configs bf16,w8a8-fused --json "$OUT/profile_bundled_ro.json" > "$OUT/profile_bundled_ro.txt" 2>&1)
     echo "profile bundled rc=$?" | tee -a "$OUT/gpu.txt"
     (cd benchmarks && timeout 150 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
         --configs w8a8-fused --weight-symmetric --temporal-table --json "$OUT/profile_bundled_next.json" \
         > "$OUT/profile_bundled_next.txt" 2>&1)
     echo "profile bundled symmetric weights + temporal table rc=$?" | tee -a "$OUT/gpu.txt"
-    (cd benchmarks && timeout 200 python3 bench_inference.py --device cuda --parts bundled-graphs --graph-configs \
-        "bf16 reduce-overhead,w8a8 reference fp32 eager,w8a8 w8a8 bf16 reduce-overhead,w8a8 w8a8 bf16 reduce-overhead temporal table,w8a8-symw w8a8 bf16 reduce-overhead" \
+    # w8a8 in fp32 vs the fp32 reference: issue 9's PSNR >= 40 dB question without bf16's own rounding
+    (cd benchmarks && timeout 230 python3 bench_inference.py --device cuda --parts bundled-graphs --graph-configs \
+        "bf16 reduce-overhead,w8a8 reference fp32 eager,w8a8 w8a8 fp32 reduce-overhead,w8a8 w8a8 bf16 reduce-overhead,w8a8 w8a8 bf16 reduce-overhead temporal table,w8a8-symw w8a8 bf16 reduce-overhead" \
         --json "$OUT/bundled_graphs.json" > "$OUT/bundled_graphs.txt" 2>&1)
     echo "bench bundled-graphs rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
