@@ -66,7 +66,7 @@ def _same_grid(layers: list, backend) -> bool:
     """All int8 linears of one input quantizer each (no split), with identical grids: bits, range,
     scale and zero-point (per-step tables included), step index and dtype."""
     if not all(isinstance(m, QuantizedLinear) and backend._int8(m) and "parts" in m.prepared
-               and len(m.prepared["parts"]) == 1 and not hasattr(m.act, "groups") for m in layers):
+               and len(backend._act_groups(m)) == 1 for m in layers):
         return False
     a0 = layers[0].act
     for m in layers[1:]:

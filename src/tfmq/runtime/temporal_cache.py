@@ -88,16 +88,20 @@ class TemporalFeatureCache(nn.Module):
             t = t.long() if _tracing() else torch.tensor([timestep_key(v) for v in t.tolist()], device=t.device)
         t = t.long().expand(batch) if t.numel() == 1 else t.long()
         step = self._index(t, self.timesteps, "timestep(s)", self._describe)
+        c = self.class_rows(class_labels, batch)
+        return step if c is None else step * len(self.classes) + c
+
+    def class_rows(self, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """Each sample's class index in the table (None for an unconditional model)."""
         if self.classes is None:
             if class_labels is not None:
                 raise ValueError("this model is not class-conditional: class labels do not apply")
-            return step
+            return None
         if class_labels is None:
             raise ValueError("this model is class-conditional: class labels are needed")
-        c = self._index(class_labels.reshape(-1).long().expand(batch) if class_labels.numel() == 1
-                        else class_labels.reshape(-1).long(), self.classes, "class label(s)",
-                        lambda: f"classes {self.classes.tolist()[:8]}...")
-        return step * len(self.classes) + c
+        labels = class_labels.reshape(-1).long()
+        return self._index(labels.expand(batch) if labels.numel() == 1 else labels, self.classes, "class label(s)",
+                           lambda: f"classes {self.classes.tolist()[:8]}...")
 
     def features_for(self, timesteps, class_labels: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The cached ``[g_0, ..., g_n]`` for a batch of timesteps (and class labels)."""
@@ -124,17 +128,7 @@ class TemporalFeatureCache(nn.Module):
             # the step index's own pre-hook (registered first) has checked and selected the step;
             # only class labels are looked up here
             self.batch = batch
-            labels = pickers["class_labels"](args, kwargs)
-            if self.classes is None:
-                if labels is not None:
-                    raise ValueError("this model is not class-conditional: class labels do not apply")
-                self.rows = None
-            else:
-                if labels is None:
-                    raise ValueError("this model is class-conditional: class labels are needed")
-                labels = labels.reshape(-1).long()
-                self.rows = self._index(labels.expand(batch) if labels.numel() == 1 else labels, self.classes,
-                                        "class label(s)", lambda: f"classes {self.classes.tolist()[:8]}...")
+            self.rows = self.class_rows(pickers["class_labels"](args, kwargs), batch)
             return None
         self.rows = self.lookup_rows(pickers["timestep"](args, kwargs), pickers["class_labels"](args, kwargs),
                                      batch).to(self.timesteps.device)
@@ -255,22 +249,15 @@ def compute_table(denoiser: nn.Module, block, timesteps: list[int], classes: lis
     labels = None if classes is None else torch.tensor(classes, dtype=torch.long, device=device)
     n_c = 1 if classes is None else len(classes)
     adapter = adapter_for(denoiser)
-    was_paused = steps.paused if steps is not None else False
-    try:
-        if steps is not None:
-            steps.paused = True               # the index is driven here, not by the calls' timesteps
-        for i, t in enumerate(timesteps):
-            if steps is not None:
-                steps.set(i)
-            t_rows = torch.full((n_c,), t, dtype=torch.long, device=device)
-            feats = adapter.temporal_features(denoiser, t_rows, labels, {}, block)
-            for j, f in enumerate(feats):
-                table.feature_table(j)[i] = f.float().reshape(n_c, -1).cpu()
-    finally:
-        if steps is not None:
-            steps.paused = was_paused
-            steps.reset()
-            steps.index.zero_()
+    for i, t in enumerate(timesteps):
+        if steps is not None:                 # the block's per-step parameters (FSC) of step i
+            steps.set(i)
+        t_rows = torch.full((n_c,), t, dtype=torch.long, device=device)
+        feats = adapter.temporal_features(denoiser, t_rows, labels, {}, block)
+        for j, f in enumerate(feats):
+            table.feature_table(j)[i] = f.float().reshape(n_c, -1).cpu()
+    if steps is not None:
+        steps.reset()
     return table
 
 
