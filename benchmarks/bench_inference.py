@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -250,6 +251,51 @@ def bundled_compiled(args, out: dict, work: Path) -> None:
     out["sampling_compiled"] = samp
 
 
+def compare_images(samp: list, imgs: dict, n: int) -> None:
+    """Fill in each sampled configuration's PSNR vs the FP32 eager images and, for the w8a8 checkpoint's
+    configurations, its PSNR and largest pixel difference vs that checkpoint's ``reference`` fp32 images
+    on the first ``n`` (the same noise), for the images sampled so far."""
+    ref = "w8a8 reference fp32 eager"
+    for r in samp:
+        lab = r["config"]
+        if lab not in imgs:
+            continue
+        if "fp32 eager" in imgs and lab != "fp32 eager":
+            r["psnr_vs_fp32_eager_db"] = pooled_psnr(imgs[lab], imgs["fp32 eager"])
+        if lab.startswith("w8a8 ") and lab != ref and ref in imgs:
+            r["psnr_vs_w8a8_reference_fp32_db_first_256"] = pooled_psnr(imgs[lab][:n], imgs[ref][:n])
+            d = np.abs(imgs[lab][:n].astype(np.int16) - imgs[ref][:n].astype(np.int16))
+            r["max_abs_diff_vs_w8a8_reference_fp32_first_256"] = int(d.max())
+
+
+_RO = "reduce-overhead"
+# bundled-graphs: (label, checkpoint, backend, dtype, torch.compile: False / True / a mode)
+GRAPH_CONFIGS = [("fp32 eager", None, None, torch.float32, False),
+                 ("bf16 compiled", None, None, torch.bfloat16, True),
+                 ("fp32 reduce-overhead", None, None, torch.float32, _RO),
+                 ("bf16 reduce-overhead", None, None, torch.bfloat16, _RO),
+                 ("w8a8 reference fp32 eager", "w8a8", "reference", torch.float32, False),
+                 ("w8a8 w8a8 bf16 reduce-overhead", "w8a8", "w8a8", torch.bfloat16, _RO),
+                 ("w8a8 w8a8 fp32 reduce-overhead", "w8a8", "w8a8", torch.float32, _RO),
+                 ("w8a8 w8a8 bf16 reduce-overhead temporal table", "w8a8", "w8a8", torch.bfloat16, _RO),
+                 ("w8a8-symw w8a8 bf16 reduce-overhead", "w8a8-symw", "w8a8", torch.bfloat16, _RO),
+                 ("w8a8 reference bf16 reduce-overhead", "w8a8", "reference", torch.bfloat16, _RO),
+                 ("w4a8 weight-only bf16 reduce-overhead", "w4a8", "weight-only", torch.bfloat16, _RO)]
+
+
+def graph_configs(asked: Optional[str]) -> list:
+    """The bundled-graphs configurations named in ``asked`` (comma-separated), in that order; all of
+    them when None. Unknown names raise ``SystemExit`` (checked in ``main`` before any work)."""
+    if asked is None:
+        return list(GRAPH_CONFIGS)
+    names = asked.split(",")
+    known = {c[0]: c for c in GRAPH_CONFIGS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown --graph-configs {unknown}; known: {sorted(known)}")
+    return [known[n] for n in dict.fromkeys(names)]
+
+
 def bundled_graphs(args, out: dict, work: Path) -> None:
     """CUDA graphs on both sides: the bundled model's FP and quantized forwards compiled with
     ``mode="reduce-overhead"`` (every call a CUDA-graph replay), per call at the sampling batch and
@@ -269,19 +315,7 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
     rows = out["rows"]
     print(f"(a'') bundled model, CUDA graphs (reduce-overhead), batch {bsz}; sampling {args.num_images} images, "
           f"DDIM {args.steps}")
-    ro = "reduce-overhead"
-    configs = [c for c in [("fp32 eager", None, None, torch.float32, False),
-               ("bf16 compiled", None, None, torch.bfloat16, True),
-               ("fp32 reduce-overhead", None, None, torch.float32, ro),
-               ("bf16 reduce-overhead", None, None, torch.bfloat16, ro),
-               ("w8a8 reference fp32 eager", "w8a8", "reference", torch.float32, False),
-               ("w8a8 w8a8 bf16 reduce-overhead", "w8a8", "w8a8", torch.bfloat16, ro),
-               ("w8a8 w8a8 fp32 reduce-overhead", "w8a8", "w8a8", torch.float32, ro),
-               ("w8a8 w8a8 bf16 reduce-overhead temporal table", "w8a8", "w8a8", torch.bfloat16, ro),
-               ("w8a8-symw w8a8 bf16 reduce-overhead", "w8a8-symw", "w8a8", torch.bfloat16, ro),
-               ("w8a8 reference bf16 reduce-overhead", "w8a8", "reference", torch.bfloat16, ro),
-               ("w4a8 weight-only bf16 reduce-overhead", "w4a8", "weight-only", torch.bfloat16, ro)]
-               if args.graph_configs is None or c[0] in args.graph_configs.split(",")]
+    configs = graph_configs(args.graph_configs)
     ckpts = bundled_checkpoints(args, work, sampler, names=sorted({c[1] for c in configs if c[1]}))
     imgs, samp = {}, []
     out["sampling_graphs"] = samp                      # in the partial JSON as it grows
@@ -323,24 +357,13 @@ def bundled_graphs(args, out: dict, work: Path) -> None:
         except Exception as exc:
             sr = {"config": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         samp.append(sr)
+        compare_images(samp, imgs, min(256, args.num_images))   # now: a run cut short keeps its PSNRs
         print("  ", sr, flush=True)
         if PARTIAL is not None:
             PARTIAL[1].write_text(json.dumps(PARTIAL[0], indent=2))
         del pipe, den
         torch._dynamo.reset()        # the next configuration's calls check no guards of this one's graphs
         torch.cuda.empty_cache()
-    n = min(256, args.num_images)
-    for r in samp:
-        lab = r["config"]
-        if lab not in imgs:
-            continue
-        if "fp32 eager" in imgs and lab != "fp32 eager":
-            r["psnr_vs_fp32_eager_db"] = pooled_psnr(imgs[lab], imgs["fp32 eager"])
-        ref = "w8a8 reference fp32 eager"
-        if lab.startswith("w8a8 ") and lab != ref and ref in imgs:      # the same checkpoint's images
-            r["psnr_vs_w8a8_reference_fp32_db_first_256"] = pooled_psnr(imgs[lab][:n], imgs[ref][:n])
-            d = np.abs(imgs[lab][:n].astype(np.int16) - imgs[ref][:n].astype(np.int16))
-            r["max_abs_diff_vs_w8a8_reference_fp32_first_256"] = int(d.max())
     print(f"\n{'sampling config':40s} {'seconds':>8s} {'PSNR vs ref':>12s}")
     for r in samp:
         print(f"{r['config']:40s} " + (f"{r['seconds']:8.2f} {r.get('psnr_vs_w8a8_reference_fp32_db_first_256', float('nan')):12.2f}"
@@ -415,7 +438,7 @@ def main(argv=None) -> int:
     p.add_argument("--sd-lean", action="store_true", help="SD part without fp32 eager, the CUDA-graph row and "
                                                           "the compiled reference (fits one 10-minute call)")
     p.add_argument("--graph-configs", default=None, help="bundled-graphs: comma-separated subset of its "
-                                                          "configurations (default: all)")
+                                                          "configurations, run in this order (default: all)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--calib-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=1000)
@@ -423,6 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default="bundled,sd", help="comma-separated: bundled, bundled-compiled, "
                                                          "bundled-graphs, sd")
     args = p.parse_args(argv)
+    graph_configs(args.graph_configs)                  # bad names fail here, before any work
     if not torch.cuda.is_available():
         print("error: this benchmark times CUDA calls; no CUDA GPU here", file=sys.stderr)
         return 2

@@ -9,13 +9,15 @@
 #                                               table (new kernel variants: cold, ~8 min)
 #   bash scripts/gpu_w8a8_check.sh OUT sd-large  bf16 vs w8a8 (symmetric weights, table) at batch 8,
 #                                               128x128 latents: where int8 may pay (cold, ~9 min)
-#   bash scripts/gpu_w8a8_check.sh OUT bundled   bundled model: bf16 / w8a8 profile, w8a8 with
-#                                               symmetric weights + temporal table, 1000-image
-#                                               sampling with graphs (~8 min)
-#   bash scripts/gpu_w8a8_check.sh OUT tests     the runtime's CUDA tests (~3 min)
+#   bash scripts/gpu_w8a8_check.sh OUT bundled   bundled model, 1000-image sampling with graphs: w8a8
+#                                               vs reference PSNR in fp32 first, then FP32 / bf16 /
+#                                               w8a8 variants in one process (~8 min)
+#   bash scripts/gpu_w8a8_check.sh OUT bundled-profile  bundled model, bf16 vs w8a8 kernels (~5 min)
+#   bash scripts/gpu_w8a8_check.sh OUT tests     the runtime's CUDA tests (28 passed in the first
+#                                               220 s in session 16: ~6-8 min; names logged)
 # (carry .whl: the diffusers wheel). Every step has its own time limit; what finished is in OUT.
 set -u
-OUT=${1:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|sd-large|bundled|tests}; PART=${2:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|sd-large|bundled|tests}
+OUT=${1:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|sd-large|bundled|bundled-profile|tests}; PART=${2:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|sd-large|bundled|bundled-profile|tests}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 GPU_OMP_THREADS=8 source scripts/gpu_env.sh
@@ -51,27 +53,26 @@ case "$PART" in
         --calls 3 --json "$OUT/profile_sd_large.json" > "$OUT/profile_sd_large.txt" 2>&1)
     echo "profile sd batch 8 128x128 rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
-  bundled)
-    (cd benchmarks && timeout 180 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
-        --configs bf16,w8a8-fused --json "$OUT/profile_bundled_ro.json" > "$OUT/profile_bundled_ro.txt" 2>&1)
-    echo "profile bundled rc=$?" | tee -a "$OUT/gpu.txt"
-    (cd benchmarks && timeout 150 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
-        --configs w8a8-fused --weight-symmetric --temporal-table --json "$OUT/profile_bundled_next.json" \
-        > "$OUT/profile_bundled_next.txt" 2>&1)
-    echo "profile bundled symmetric weights + temporal table rc=$?" | tee -a "$OUT/gpu.txt"
-    # w8a8 in fp32 vs the fp32 reference: issue 9's PSNR >= 40 dB question without bf16's own rounding
-    (cd benchmarks && timeout 230 python3 bench_inference.py --device cuda --parts bundled-graphs --graph-configs \
-        "bf16 reduce-overhead,w8a8 reference fp32 eager,w8a8 w8a8 fp32 reduce-overhead,w8a8 w8a8 bf16 reduce-overhead,w8a8 w8a8 bf16 reduce-overhead temporal table,w8a8-symw w8a8 bf16 reduce-overhead" \
+  bundled)   # the PSNR question first (w8a8 vs reference, fp32), then the sampling times, one process:
+             # FP32 and bf16 graphs beside w8a8 (symmetric weights; temporal table) (~8 min cold)
+    (cd benchmarks && timeout 560 python3 bench_inference.py --device cuda --parts bundled-graphs --graph-configs \
+        "w8a8 reference fp32 eager,w8a8 w8a8 fp32 reduce-overhead,fp32 reduce-overhead,bf16 reduce-overhead,w8a8-symw w8a8 bf16 reduce-overhead,w8a8 w8a8 bf16 reduce-overhead temporal table,w8a8 w8a8 bf16 reduce-overhead" \
         --json "$OUT/bundled_graphs.json" > "$OUT/bundled_graphs.txt" 2>&1)
     echo "bench bundled-graphs rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
+  bundled-profile)  # where the bundled model's time goes: bf16 vs w8a8 (symmetric weights + table) (~5 min)
+    (cd benchmarks && timeout 300 python3 profile_inference.py --model bundled --batch 250 --compile-mode reduce-overhead \
+        --configs bf16,w8a8-fused --weight-symmetric --temporal-table --json "$OUT/profile_bundled.json" \
+        > "$OUT/profile_bundled.txt" 2>&1)
+    echo "profile bundled rc=$?" | tee -a "$OUT/gpu.txt"
+    ;;
   tests)
-    TFMQ_INT8_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_int8_kernels.py \
+    TFMQ_INT8_AUTOTUNE=0 timeout 540 python3 -m pytest -v -p no:cacheprovider tests/test_int8_kernels.py \
         tests/test_runtime.py tests/test_temporal_table.py -k "step or host_value or cuda_graph or reduce_overhead or symmetric or table" \
         > "$OUT/cuda_tests.txt" 2>&1
     echo "cuda tests rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
-  *) echo "unknown part $PART (sd-w8a8, sd, sd-next, sd-large, bundled or tests)"; exit 2 ;;
+  *) echo "unknown part $PART (sd-w8a8, sd, sd-next, sd-large, bundled, bundled-profile or tests)"; exit 2 ;;
 esac
 # the caches, for a later session's .kernel_carry/ (files back from OUT: at most 16 MiB each)
 for _c in triton_cache:$TRITON_CACHE_DIR inductor_cache:$TORCHINDUCTOR_CACHE_DIR; do
