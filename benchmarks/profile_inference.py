@@ -175,8 +175,8 @@ def save(out: dict, path: Path) -> None:
 
 def sd_case(args, work: Path) -> dict:
     """The SD-v1.5-config UNet (RANDOM weights), batch ``--sd-batch`` (2), ``--sd-latent``
-    (64x64) latents, bf16, channels_last; naive W8A8 with 16-bit softmax outputs (as
-    bench_inference makes it)."""
+    (64x64) latents, bf16, channels_last; naive W8A8 with ``--softmax-bits`` probabilities (16 as
+    bench_inference makes it: flash attention; 8: the fused quantized-probability kernel)."""
     from diffusers import UNet2DConditionModel
     dev = args.device
     pipe = random_sd_pipeline(work).to(dev)
@@ -190,7 +190,7 @@ def sd_case(args, work: Path) -> dict:
         ub = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().to(dev, torch.bfloat16)
         ub.load_state_dict(pipe.unet.state_dict())
         return ub.to(memory_format=torch.channels_last)
-    cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=16, calib_size=2,
+    cfg = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, softmax_bits=args.softmax_bits, calib_size=2,
                                       sampler=SamplerConfig("ddim", 4), prompts=["a photo"],
                                       layer_policy=args.policy, weight_symmetric=args.weight_symmetric)
     return {"model": f"UNet2DConditionModel, SD v1.5 config, RANDOM weights, batch {b}, {size}x{size} latents, "
@@ -258,6 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="tfmq-official", choices=sorted(POLICIES),
                    help="layer policy of the W8A8 checkpoint: tfmq-official keeps resnet conv1 inputs in full "
                         "precision (those convs then run the reference path); 'all' makes every layer int8")
+    p.add_argument("--softmax-bits", type=int, default=16, choices=[8, 16],
+                   help="SD: bits of the attention probabilities (16, the default here: flash attention; 8, "
+                        "calibration's default: the fused quantized-probability kernel)")
     p.add_argument("--weight-symmetric", action="store_true",
                    help="calibrate the W8A8 checkpoint with symmetric weight grids (zero-points 0): the w8a8 "
                         "GEMMs then need no activation sums, so their quantizers are elementwise")
@@ -343,7 +346,8 @@ def main(argv=None) -> int:
                         "w8a8-pass": "w8a8 compiled, quantize as Triton passes",
                         "reference": "reference backend compiled"}[label] + (", full guards" if args.full_guards else "") \
                     + (", temporal table" if args.temporal_table else "") \
-                    + (", symmetric weights" if args.weight_symmetric else "")
+                    + (", symmetric weights" if args.weight_symmetric else "") \
+                    + (f", {args.softmax_bits}-bit probabilities" if args.model == "sd" and args.softmax_bits != 16 else "")
                 out["rows"].pop()
                 out["rows"].append(summarise(name, wall, kernel_times(fn, args.calls), args.calls)
                                    | {"backend_summary": summary, "reference_math_layers": fallback,

@@ -13,11 +13,13 @@
 #                                               vs reference PSNR in fp32 first, then FP32 / bf16 /
 #                                               w8a8 variants in one process (~8 min)
 #   bash scripts/gpu_w8a8_check.sh OUT bundled-profile  bundled model, bf16 vs w8a8 kernels (~5 min)
+#   bash scripts/gpu_w8a8_check.sh OUT attention fused attention (8-bit probabilities) vs explicit (~2 min)
+#   bash scripts/gpu_w8a8_check.sh OUT sd-softmax8  SD w8a8 with 8-bit probabilities vs bf16 (cold, ~9 min)
 #   bash scripts/gpu_w8a8_check.sh OUT tests     the runtime's CUDA tests (28 passed in the first
 #                                               220 s in session 16: ~6-8 min; names logged)
 # (carry .whl: the diffusers wheel). Every step has its own time limit; what finished is in OUT.
 set -u
-OUT=${1:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|sd-large|bundled|bundled-profile|tests}; PART=${2:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|sd-large|bundled|bundled-profile|tests}
+OUT=${1:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|sd-large|sd-softmax8|bundled|bundled-profile|attention|tests}; PART=${2:?usage: gpu_w8a8_check.sh OUT sd-w8a8|sd|sd-next|sd-large|sd-softmax8|bundled|bundled-profile|attention|tests}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 GPU_OMP_THREADS=8 source scripts/gpu_env.sh
@@ -66,13 +68,25 @@ case "$PART" in
         > "$OUT/profile_bundled.txt" 2>&1)
     echo "profile bundled rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
+  attention) # the fused attention with 8-bit probabilities vs the explicit computation, per shape (~2 min)
+    (cd benchmarks && timeout 300 python3 bench_quant_attention.py --json "$OUT/quant_attention.json" \
+        > "$OUT/quant_attention.txt" 2>&1)
+    echo "bench quant attention rc=$?" | tee -a "$OUT/gpu.txt"
+    ;;
+  sd-softmax8)  # SD w8a8 with calibration's default 8-bit probabilities (the fused kernel) vs bf16 (cold, ~9 min)
+    (cd benchmarks && timeout 560 python3 profile_inference.py --model sd --policy all --compile-mode reduce-overhead \
+        --configs bf16,w8a8-fused --weight-symmetric --temporal-table --softmax-bits 8 --iters 30 --calls 3 \
+        --json "$OUT/profile_sd_softmax8.json" > "$OUT/profile_sd_softmax8.txt" 2>&1)
+    echo "profile sd 8-bit probabilities rc=$?" | tee -a "$OUT/gpu.txt"
+    ;;
   tests)
     TFMQ_INT8_AUTOTUNE=0 timeout 540 python3 -m pytest -v -p no:cacheprovider tests/test_int8_kernels.py \
-        tests/test_runtime.py tests/test_temporal_table.py -k "step or host_value or cuda_graph or reduce_overhead or symmetric or table" \
+        tests/test_runtime.py tests/test_temporal_table.py tests/test_quant_attention.py \
+        -k "step or host_value or cuda_graph or reduce_overhead or symmetric or table or attention or custom_op" \
         > "$OUT/cuda_tests.txt" 2>&1
     echo "cuda tests rc=$?" | tee -a "$OUT/gpu.txt"
     ;;
-  *) echo "unknown part $PART (sd-w8a8, sd, sd-next, sd-large, bundled, bundled-profile or tests)"; exit 2 ;;
+  *) echo "unknown part $PART (sd-w8a8, sd, sd-next, sd-large, sd-softmax8, bundled, bundled-profile, attention or tests)"; exit 2 ;;
 esac
 # the caches, for a later session's .kernel_carry/ (files back from OUT: at most 16 MiB each)
 for _c in triton_cache:$TRITON_CACHE_DIR inductor_cache:$TORCHINDUCTOR_CACHE_DIR; do

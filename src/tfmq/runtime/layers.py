@@ -218,11 +218,15 @@ def runtime_layers(model: nn.Module) -> dict[str, _QuantizedLayer]:
 class RuntimeAttnProcessor(QuantAttnProcessor):
     """The attention of a converted denoiser: explicit matmuls with q, k, v and the softmax
     output quantized as calibrated (exactly the fake-quant computation), except under the
-    ``w8a8`` backend when the softmax output is quantized with 16 bits or more: then q, k, v are
-    quantized as calibrated and the attention runs as one fused
-    ``scaled_dot_product_attention`` (flash attention) whose probabilities are not rounded to
-    the 16-bit grid (a difference of at most half a 16-bit step per probability; the benchmark
-    states the measured output difference)."""
+    ``w8a8`` backend, where q, k, v are quantized as calibrated and then
+    - probabilities of 16 bits or more, no upcasting: one fused ``scaled_dot_product_attention``
+      (flash attention) whose probabilities are not rounded to the 16-bit grid (a difference of at
+      most half a 16-bit step per probability; the benchmark states the measured output difference);
+    - fewer bits, no attention mask, head dims <= 256: one fused kernel that rounds the
+      probabilities to their calibrated grid without writing the score or probability matrices
+      (:func:`tfmq.runtime.kernels.attention.quant_attention`: the same arithmetic in the model
+      dtype, upcast as the attention asks, other summation order); with a mask or wider heads
+      the explicit matmuls."""
 
     @staticmethod
     def project(attn, hidden_states, encoder_hidden_states):
@@ -241,10 +245,26 @@ class RuntimeAttnProcessor(QuantAttnProcessor):
 
     @staticmethod
     def attend(attn, query, key, value, attention_mask):
+        from .kernels import attention as fused_attention
         quant = getattr(attn, "tfmq_attn", None)
-        if (quant is None or quant.backend != "w8a8" or quant.softmax.bits < 16
-                or attn.upcast_attention or attn.upcast_softmax):
+        if quant is None or quant.backend != "w8a8":
+            return QuantAttnProcessor.attend(attn, query, key, value, attention_mask)
+        sm = quant.softmax
+        if sm.bits >= 16:
+            explicit = attn.upcast_attention or attn.upcast_softmax
+        else:
+            explicit = attention_mask is not None or not fused_attention.supports(query, key, value)
+        if explicit:
             return QuantAttnProcessor.attend(attn, query, key, value, attention_mask)
         query, key, value = quant.q(query), quant.k(key), quant.v(value)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
-        return out, query.dtype
+        if sm.bits >= 16:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+            return out, query.dtype
+        step = sm.step_index                  # the kernel reads the grid's tables at the step index
+        tabs = (sm.scale, sm.zero_point) if step is not None else (sm.scale[:1], sm.zero_point[:1])
+        if torch.compiler.is_compiling():     # opaque to the compiler, as the GEMMs are
+            from .kernels.ops import quant_attention
+        else:
+            quant_attention = fused_attention.quant_attention
+        return (quant_attention(query, key, value, float(attn.scale), *tabs, sm.qmin, sm.qmax, step,
+                                bool(attn.upcast_attention)), query.dtype)

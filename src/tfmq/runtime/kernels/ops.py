@@ -10,7 +10,8 @@ through Triton's own per-shape autotuner, exactly as in eager mode, and the grap
 captures in a CUDA graph.
 
 ``tfmq::int8_linear`` and ``tfmq::int8_conv2d_padded`` compute what
-:func:`~tfmq.runtime.kernels.int8.int8_linear` and ``int8_conv2d(..., padded=True)`` compute; the
+:func:`~tfmq.runtime.kernels.int8.int8_linear` and ``int8_conv2d(..., padded=True)`` compute,
+``tfmq::quant_attention`` what :func:`~tfmq.runtime.kernels.attention.quant_attention` computes; the
 fake (meta) implementations give the same shapes, dtypes and strides.
 """
 
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import int8
+from . import attention, int8
 
 if not hasattr(torch.library, "custom_op"):
     raise ImportError(f"compiling a w8a8 denoiser needs torch >= 2.4 (torch.library.custom_op); this is torch "
@@ -61,3 +62,18 @@ def _int8_conv2d_padded_fake(a, w, stride, padding, sx, ca, sw, cb, bsum, bias, 
     ho = (hp - kh) // stride[0] + 1
     wo = (wp - kw) // stride[1] + 1
     return a.new_empty((bsz, ho, wo, cout), dtype=out_dtype).permute(0, 3, 1, 2)   # channels_last
+
+
+@torch.library.custom_op("tfmq::quant_attention", mutates_args=())
+def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, scale_tab: torch.Tensor,
+                    zero_tab: torch.Tensor, qmin: int, qmax: int, step: Optional[torch.Tensor] = None,
+                    upcast_scores: bool = False) -> torch.Tensor:
+    """:func:`tfmq.runtime.kernels.attention.quant_attention`: attention whose probabilities are
+    rounded to the softmax quantizer's grid, one fused kernel."""
+    return attention.quant_attention(q, k, v, scale, scale_tab, zero_tab, qmin, qmax, step, upcast_scores)
+
+
+@quant_attention.register_fake
+def _quant_attention_fake(q, k, v, scale, scale_tab, zero_tab, qmin, qmax, step=None, upcast_scores=False):
+    bsz, heads, nq, _ = q.shape
+    return q.new_empty((bsz, nq, heads, v.shape[-1])).permute(0, 2, 1, 3)

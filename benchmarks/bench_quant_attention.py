@@ -1,0 +1,132 @@
+"""Attention with 8-bit probabilities on the GPU: the fused kernel against the explicit computation.
+
+TFMQ's default calibration quantizes the attention probabilities with the activation bits (8), so
+the w8a8 runtime cannot hand such an attention to flash attention. Before session 16 it ran the
+explicit matmuls (score and probability matrices written to memory); now it runs
+``tfmq.runtime.kernels.attention.quant_attention`` (two passes over the keys, nothing written but
+the output). Per attention shape of the models benchmarked elsewhere, this times (CUDA events,
+median of ``--iters`` after warm-up, each call a CUDA-graph replay so launch costs do not count):
+
+* ``fused``: the kernel (what the w8a8 runtime runs now);
+* ``explicit compiled``: the explicit computation under ``torch.compile`` (what a compiled w8a8
+  graph ran before: cuBLAS matmuls, Inductor's softmax + rounding kernel);
+* ``flash, unquantized``: ``scaled_dot_product_attention`` without any rounding (the FP model's
+  attention: a lower bound, not the same computation);
+
+and states the largest difference of ``fused`` from the explicit computation (same inputs, bf16).
+Prints a table and writes JSON (the device named).
+
+    python benchmarks/bench_quant_attention.py --json benchmarks/results/inference/quant_attention_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import write_results  # noqa: E402
+
+from tfmq.runtime.kernels import attention as A  # noqa: E402
+from tfmq.runtime.kernels import int8 as K  # noqa: E402
+
+# (name, batch, heads, query tokens, key tokens, head dim): the attentions of the benchmarked models
+SHAPES = [
+    ("bundled 16x16 self, batch 250", 250, 1, 256, 256, 64),
+    ("bundled mid 4x4 self, batch 250", 250, 1, 16, 16, 96),
+    ("SD v1.5 64x64 self, batch 2", 2, 8, 4096, 4096, 40),
+    ("SD v1.5 64x64 cross, batch 2", 2, 8, 4096, 77, 40),
+    ("SD v1.5 32x32 self, batch 2", 2, 8, 1024, 1024, 80),
+    ("SD v1.5 16x16 self, batch 2", 2, 8, 256, 256, 160),
+    ("SD v1.5 8x8 self, batch 2", 2, 8, 64, 64, 160),
+]
+
+
+def graphed(fn):
+    """``fn`` captured in a CUDA graph (after warm-up calls); returns replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def median_ms(fn, iters: int) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+def run_shape(name, b, h, nq, nk, d, iters: int) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, nq, h, d, device="cuda", generator=gen).transpose(1, 2).to(torch.bfloat16)
+    k = torch.randn(b, nk, h, d, device="cuda", generator=gen).transpose(1, 2).to(torch.bfloat16)
+    v = torch.randn(b, nk, h, d, device="cuda", generator=gen).transpose(1, 2).to(torch.bfloat16)
+    scale_tab = torch.full((100,), 1.0 / 255, device="cuda")      # a per-step table, as calibrated
+    zero_tab = torch.zeros(100, device="cuda")
+    step = torch.tensor(50, device="cuda")
+    args = (q, k, v, d ** -0.5, scale_tab, zero_tab, 0, 255, step)
+    explicit = torch.compile(A.ref_quant_attention, fullgraph=True)
+    row = {"shape": name, "batch": b, "heads": h, "q_tokens": nq, "k_tokens": nk, "head_dim": d,
+           "score_matrix_mb": b * h * nq * nk * 2 / 2**20}
+    fused_out = A.quant_attention(*args)
+    ref_out = A.ref_quant_attention(*args)
+    row["max_abs_diff_vs_explicit"] = float((fused_out.float() - ref_out.float()).abs().max())
+    row["max_abs_output"] = float(ref_out.float().abs().max())
+    for label, fn in (("fused", lambda: A.quant_attention(*args)),
+                      ("explicit compiled", lambda: explicit(*args)),
+                      ("flash, unquantized", lambda: F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5))):
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            row[label] = median_ms(graphed(fn), iters)
+        except Exception as exc:  # noqa: BLE001  (a configuration that fails is reported, not fatal)
+            row[label] = None
+            row[label + " error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--iters", type=int, default=50)
+    args = p.parse_args(argv)
+    if not K.available():
+        print("error: this benchmark times the CUDA kernel; no CUDA GPU (cc >= 8.0) with Triton here", file=sys.stderr)
+        return 2
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+           "dtype": "bfloat16", "settings": {"iters": args.iters}, "rows": []}
+    cols = ("fused", "explicit compiled", "flash, unquantized")
+    print(f"{'attention':34s} " + " ".join(f"{c:>18s}" for c in cols) + f" {'speed-up':>9s} {'max diff':>9s}")
+    for shape in SHAPES:
+        r = run_shape(*shape, args.iters)
+        out["rows"].append(r)
+        sp = r["explicit compiled"] / r["fused"] if r["fused"] and r["explicit compiled"] else float("nan")
+        print(f"{r['shape']:34s} " + " ".join(f"{r[c]:18.4f}" if r[c] is not None else f"{'failed':>18s}"
+                                               for c in cols)
+              + f" {sp:9.2f} {r['max_abs_diff_vs_explicit']:9.4f}", flush=True)
+    write_results(out, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Triton kernel behind :mod:`tfmq.runtime.kernels.attention` (imported lazily: needs Triton).
+
+``_quant_attention_kernel``: ``out = Q_p(softmax(q kᵀ * scale)) v`` for one (batch, head) and a
+block of query rows, where ``Q_p`` rounds every probability to the calibrated static grid of the
+softmax quantizer (``(clamp(rint(p / s) + z, QMIN, QMAX) - z) * s``). Rounding needs the
+normalised probability, so the kernel makes two passes over the keys: the first finds each
+row's maximum and exponential sum (online, as flash attention does), the second recomputes the
+scores, normalises, rounds and multiplies by ``v``. The score and probability matrices are never
+written to memory.
+
+With ``ROUND_IO`` (a 16-bit model dtype) every intermediate the reference computes in the model
+dtype (the probabilities, each step of the quantizer; with ``ROUND_S`` also the scores and the
+scaled scores, i.e. unless the attention upcasts them to float32) is rounded to it here too, so
+the kernel follows the reference's arithmetic operation for operation; only the order of the dot
+products' and the exponential sum's additions differs. (The softmax itself runs in float32 either
+way, as PyTorch's does for 16-bit inputs: ``upcast_softmax`` changes nothing here.)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._int8_triton import _MAGIC, _param
+
+
+@triton.jit
+def _io(x, IO_DTYPE: tl.constexpr, ROUND_IO: tl.constexpr):
+    """``x`` rounded to the model dtype and back to float32 (where that dtype is 16-bit)."""
+    if ROUND_IO:
+        return x.to(IO_DTYPE).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _scores(q, k, scale, col_ok, IO_DTYPE: tl.constexpr, ROUND_S: tl.constexpr, IEEE: tl.constexpr):
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = _io(_io(s, IO_DTYPE, ROUND_S) * scale, IO_DTYPE, ROUND_S)
+    return tl.where(col_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _quant_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sp_ptr, zp_ptr, sel_ptr,
+                            sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                            H, NQ, NK, D, DV, scale,
+                            QMIN: tl.constexpr, QMAX: tl.constexpr, HAS_SEL: tl.constexpr,
+                            ROUND_IO: tl.constexpr, ROUND_S: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    io = q_ptr.dtype.element_ty
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, BLOCK_D)
+    rdv = tl.arange(0, BLOCK_DV)
+    row_ok = rm < NQ
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + rm[:, None].to(tl.int64) * sqm + rd[None, :],
+                mask=row_ok[:, None] & (rd < D)[None, :], other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * skb + h * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + h * svh
+    # pass 1: each row's maximum score and the sum of exp(score - maximum)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, NK, BLOCK_N):
+        cols = n0 + rn
+        col_ok = cols < NK
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * skn + rd[None, :],
+                    mask=col_ok[:, None] & (rd < D)[None, :], other=0.0)
+        s = _scores(q, k, scale, col_ok, io, ROUND_S, IEEE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_i = m_new
+    # pass 2: normalised probabilities, rounded to the softmax grid, times v
+    sp = _io(_param(sp_ptr, sel_ptr, HAS_SEL).to(tl.float32), io, ROUND_IO)
+    zp = _io(_param(zp_ptr, sel_ptr, HAS_SEL).to(tl.float32), io, ROUND_IO)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(0, NK, BLOCK_N):
+        cols = n0 + rn
+        col_ok = cols < NK
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * skn + rd[None, :],
+                    mask=col_ok[:, None] & (rd < D)[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * svn + rdv[None, :],
+                    mask=col_ok[:, None] & (rdv < DV)[None, :], other=0.0)
+        s = _scores(q, k, scale, col_ok, io, ROUND_S, IEEE)
+        p = _io(tl.exp(s - m_i[:, None]) / l_i[:, None], io, ROUND_IO)
+        t = _io(tl.math.div_rn(p, sp), io, ROUND_IO)
+        t = tl.minimum(tl.maximum(t, QMIN - zp - 1.0), QMAX - zp + 1.0)   # keeps the rounding trick exact
+        c = _io(((t + _MAGIC) - _MAGIC) + zp, io, ROUND_IO)
+        c = tl.minimum(tl.maximum(c, QMIN * 1.0), QMAX * 1.0)
+        pq = _io(_io(c - zp, io, ROUND_IO) * sp, io, ROUND_IO)
+        pq = tl.where(col_ok[None, :], pq, 0.0)
+        if IEEE:
+            acc = tl.dot(pq.to(io), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(pq.to(io), v, acc)
+    tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + rm[:, None].to(tl.int64) * som + rdv[None, :],
+             acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (rdv < DV)[None, :])

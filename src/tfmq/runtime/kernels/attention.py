@@ -1,0 +1,104 @@
+"""Attention with probabilities rounded to a static grid, in one fused kernel (Triton; CUDA, or
+Triton's CPU interpreter when ``TRITON_INTERPRET=1``), and its reference.
+
+TFMQ, Q-Diffusion and the naive baseline quantize the attention probabilities (the softmax output)
+with ``softmax_bits`` (by default the activation bits). Below 16 bits the probabilities cannot be
+left to a flash-attention kernel, so the explicit computation writes the score matrix and the
+probability matrix to memory (``[batch * heads, tokens, tokens]`` each). :func:`quant_attention`
+computes the same thing without writing either: see :mod:`._attention_triton`.
+
+Conventions: ``q`` ``[B, H, Nq, D]``, ``k`` ``[B, H, Nk, D]``, ``v`` ``[B, H, Nk, Dv]`` (any
+strides with the last dimension contiguous; q, k, v already rounded to their own grids), one
+dtype for all three (float16, bfloat16 or float32); the softmax grid's ``scale`` / ``zero_point``
+are float32 ``[n_sets]`` tables, read at the 0-d long ``step`` tensor on the device (the
+denoiser's step index) or at 0 without one. The result is ``[B, H, Nq, Dv]``, a view of a
+``[B, Nq, H, Dv]`` buffer (what the attention's output projection reads after its transpose).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import int8
+
+__all__ = ["quant_attention", "ref_quant_attention", "supports", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256          # q / k / v tiles of one block of rows stay in registers up to here
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`quant_attention` takes these inputs (dtype, rank, head dims <= 256)."""
+    return (q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4
+            and q.shape[-1] == k.shape[-1] and k.shape[:-1] == v.shape[:-1] and q.shape[:2] == k.shape[:2]
+            and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM)
+
+
+def _check(q, k, v, scale_tab, zero_tab, qmin, qmax, step):
+    if not supports(q, k, v):
+        raise ValueError(f"quant_attention takes q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv] of one "
+                         f"float dtype with D, Dv <= {MAX_HEAD_DIM}; got {tuple(q.shape)} {q.dtype}, "
+                         f"{tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
+    if not (q.device == k.device == v.device == scale_tab.device == zero_tab.device):
+        raise ValueError("quant_attention: q, k, v and the softmax grid tables must be on one device")
+    for t, name in ((scale_tab, "scale"), (zero_tab, "zero_point")):
+        if t.dtype != torch.float32 or t.dim() != 1 or t.numel() < 1:
+            raise ValueError(f"quant_attention: the softmax {name} must be a 1-d float32 table, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    if scale_tab.shape != zero_tab.shape:
+        raise ValueError("quant_attention: scale and zero_point tables differ in length")
+    if not (isinstance(qmin, int) and isinstance(qmax, int) and qmin < qmax and qmax - qmin <= 65535):
+        raise ValueError(f"quant_attention: bad softmax grid [{qmin!r}, {qmax!r}]")
+    if step is not None and (step.dtype != torch.long or step.numel() != 1 or step.device != q.device):
+        raise ValueError("quant_attention: step must be a one-element long tensor on the inputs' device")
+    if step is None and scale_tab.numel() != 1:
+        raise ValueError(f"quant_attention: {scale_tab.numel()} softmax parameter sets need a step tensor")
+
+
+def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, scale_tab: torch.Tensor,
+                    zero_tab: torch.Tensor, qmin: int, qmax: int, step: Optional[torch.Tensor] = None,
+                    upcast_scores: bool = False) -> torch.Tensor:
+    """``(clamp(round(p / s) + z, qmin, qmax) - z) * s`` applied to ``p = softmax(q kᵀ * scale)``,
+    times ``v``, with ``s`` / ``z`` the tables' entries at ``step``: the explicit computation of
+    :func:`ref_quant_attention` (in the inputs' dtype, step by step; the scores in float32 with
+    ``upcast_scores``, as diffusers' ``upcast_attention``) without the score and probability
+    matrices in memory. No host synchronisation (capturable in CUDA graphs)."""
+    int8._kernels()                        # the device check and its error
+    from . import _attention_triton as ta
+    _check(q, k, v, scale_tab, zero_tab, qmin, qmax, step)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    bsz, heads, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    out = torch.empty((bsz, nq, heads, dv), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
+    bd, bdv = _pow2(d), _pow2(dv)
+    bm = 64 if max(bd, bdv) <= 128 else 32
+    bn = 64 if bd <= 64 else 32
+    grid = (int8.triton_next_cdiv(nq, bm), bsz * heads)
+    ta._quant_attention_kernel[grid](
+        q, k, v, out, scale_tab, zero_tab, step if step is not None else scale_tab,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        heads, nq, nk, d, dv, float(scale),
+        QMIN=qmin, QMAX=qmax, HAS_SEL=step is not None, ROUND_IO=q.dtype != torch.float32,
+        ROUND_S=q.dtype != torch.float32 and not upcast_scores,
+        IEEE=q.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=4)
+    return out
+
+
+def ref_quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, scale_tab: torch.Tensor,
+                        zero_tab: torch.Tensor, qmin: int, qmax: int, step: Optional[torch.Tensor] = None,
+                        upcast_scores: bool = False) -> torch.Tensor:
+    """What :func:`quant_attention` computes, as the fake-quant attention computes it: scores,
+    softmax and the probabilities' quantize-dequantize in the inputs' dtype, one operation at a time."""
+    i = step.reshape(1) if step is not None else torch.zeros(1, dtype=torch.long, device=scale_tab.device)
+    s, z = scale_tab.index_select(0, i).to(q.dtype), zero_tab.index_select(0, i).to(q.dtype)
+    qs, ks = (q.float(), k.float()) if upcast_scores else (q, k)
+    probs = (torch.matmul(qs, ks.transpose(-1, -2)) * scale).softmax(dim=-1).to(q.dtype)
+    probs = (torch.clamp(torch.round(probs / s) + z, qmin, qmax) - z) * s
+    return torch.matmul(probs, v)

@@ -1,0 +1,171 @@
+"""The fused attention with quantized probabilities (tfmq.runtime.kernels.attention): the Triton
+kernel against its reference (the fake-quant computation), on a CUDA GPU or, without one, on CPU
+tensors through Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1``; the
+interpreter has no bfloat16, so bfloat16 runs on CUDA only), and the w8a8 runtime's use of it.
+Models here have random weights: they test plumbing and numerics, not quality."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tfmq.runtime.kernels import attention as A
+from tfmq.runtime.kernels import int8 as K
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEV = "cuda" if K.available() else "cpu"
+needs_kernels = pytest.mark.skipif(not (K.available() or INTERPRET), reason="needs a CUDA GPU with Triton")
+needs_cuda = pytest.mark.skipif(not K.available(), reason="needs a CUDA GPU (cc >= 8.0) with Triton")
+DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+
+
+def _inputs(gen, b, h, nq, nk, d, dv, dtype, transposed=True):
+    """q laid out as the attention processor leaves it ([B, N, H, D] memory, viewed [B, H, N, D])."""
+    q = torch.randn(b, nq, h, d, generator=gen).transpose(1, 2) if transposed else torch.randn(b, h, nq, d, generator=gen)
+    k, v = torch.randn(b, h, nk, d, generator=gen), torch.randn(b, h, nk, dv, generator=gen)
+    return [t.to(DEV, dtype) for t in (q, k, v)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 1, 40, 40, 24, 24), (1, 2, 70, 17, 40, 40), (3, 1, 16, 77, 64, 32)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_matches_the_fake_quant_computation(dtype, shape, bits):
+    """Kernel vs the explicit computation in the same dtype: equal up to the summation order (a
+    probability on a rounding boundary may land one grid step apart); the probabilities ARE
+    rounded (the unrounded attention is far off at 4 bits)."""
+    gen = torch.Generator().manual_seed(sum(shape) + bits)
+    b, h, nq, nk, d, dv = shape
+    q, k, v = _inputs(gen, b, h, nq, nk, d, dv, dtype)
+    qmax = (1 << bits) - 1
+    scale_tab = torch.tensor([1.0 / qmax, 0.7 / qmax, 1.3 / qmax], device=DEV)
+    zero_tab = torch.zeros(3, device=DEV)
+    step = torch.tensor(2, device=DEV)
+    out = A.quant_attention(q, k, v, d ** -0.5, scale_tab, zero_tab, 0, qmax, step)
+    ref = A.ref_quant_attention(q, k, v, d ** -0.5, scale_tab, zero_tab, 0, qmax, step)
+    assert out.shape == ref.shape == (b, h, nq, dv) and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous()          # [B, N, H, Dv] memory: to_out reads it as is
+    ulp = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    err = (out.double() - ref.double()).abs()
+    # elements off by more than a few ulps: probabilities one grid step apart (rare)
+    step_size = float(scale_tab[2]) * float(v.abs().max())
+    assert float(err.max()) <= max(step_size, 4 * ulp * float(ref.abs().max())) * 1.01, float(err.max())
+    assert float((err > 4 * ulp * float(ref.abs().max())).double().mean()) < 0.02
+    plain = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * d ** -0.5, -1) @ v.double()
+    if bits == 4:
+        assert float((plain - ref.double()).abs().max()) > 20 * float(err.max()) + 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_upcast_scores_as_upcast_attention(dtype):
+    """``upcast_scores`` (diffusers' ``upcast_attention``): scores in float32, as the reference
+    computes them then. Either way the kernel is nearer its own mode's reference than the other's
+    (counted in probability codes that moved: output changes of a third of a grid step or more)."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (t * 4 for t in _inputs(gen, 2, 2, 48, 40, 32, 32, dtype))
+    tabs = torch.tensor([1 / 255], device=DEV), torch.zeros(1, device=DEV)
+    refs = {up: A.ref_quant_attention(q, k, v, 0.3, *tabs, 0, 255, None, up).double() for up in (False, True)}
+    flip = float(v.abs().max()) / 255 / 3
+    for up in (False, True):
+        out = A.quant_attention(q, k, v, 0.3, *tabs, 0, 255, None, up).double()
+        own, other = (int(((out - refs[m]).abs() > flip).sum()) for m in (up, not up))
+        assert own * 2 < other, (up, own, other)
+
+
+@needs_kernels
+def test_kernel_reads_the_set_of_the_step():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _inputs(gen, 2, 2, 33, 33, 32, 32, torch.float32)
+    scale_tab, zero_tab = torch.tensor([1 / 15, 2 / 15], device=DEV), torch.zeros(2, device=DEV)
+    outs = []
+    for s in (0, 1):
+        step = torch.tensor(s, device=DEV)
+        out = A.quant_attention(q, k, v, 0.2, scale_tab, zero_tab, 0, 15, step)
+        ref = A.ref_quant_attention(q, k, v, 0.2, scale_tab, zero_tab, 0, 15, step)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+        outs.append(out)
+    assert float((outs[0] - outs[1]).abs().max()) > 1e-2
+
+
+@needs_kernels
+def test_bad_input_is_refused_before_launch():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _inputs(gen, 1, 1, 8, 8, 16, 16, torch.float32)
+    s, z = torch.ones(1, device=DEV) / 255, torch.zeros(1, device=DEV)
+    with pytest.raises(ValueError, match="D, Dv <= 256"):
+        wide = torch.zeros(1, 1, 8, 512, device=DEV)
+        A.quant_attention(wide, wide, wide, 1.0, s, z, 0, 255)
+    with pytest.raises(ValueError, match="one float dtype"):
+        A.quant_attention(q, k.half(), v, 1.0, s, z, 0, 255)
+    with pytest.raises(ValueError, match="need a step tensor"):
+        A.quant_attention(q, k, v, 1.0, torch.ones(3, device=DEV), torch.zeros(3, device=DEV), 0, 255)
+    with pytest.raises(ValueError, match="float32 table"):
+        A.quant_attention(q, k, v, 1.0, s.double(), z, 0, 255)
+    with pytest.raises(ValueError, match="bad softmax grid"):
+        A.quant_attention(q, k, v, 1.0, s, z, 255, 0)
+    assert not A.supports(torch.zeros(1, 1, 8, 300), torch.zeros(1, 1, 8, 300), torch.zeros(1, 1, 8, 300))
+
+
+@needs_kernels
+def test_w8a8_runtime_attention_uses_the_kernel(tmp_path, monkeypatch):
+    """A W8A8 checkpoint with 8-bit probabilities (the default softmax bits): under the w8a8
+    backend every attention runs the fused kernel, and the denoiser's output equals the one with
+    the explicit attention (same layers, same inputs; float32) up to float rounding."""
+    import tfmq
+    from conftest import tiny_ddpm_pipeline
+    from tfmq.runtime.backends import W8A8Backend
+
+    if INTERPRET:
+        monkeypatch.setattr(W8A8Backend, "available", lambda self, device: None)
+    pipe = tiny_ddpm_pipeline()
+    config = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, layer_policy="all", calib_size=2,
+                                         sampler=tfmq.SamplerConfig("ddim", 4))
+    tfmq.quantize(pipe, config, progress=False)
+    unet = tfmq.load(tfmq.save(pipe, tmp_path / "ckpt"), DEV, backend="w8a8").unet
+    calls = []
+    real = A.quant_attention
+    monkeypatch.setattr(A, "quant_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(DEV)
+    t = torch.full((2,), 500, device=DEV)
+    with torch.no_grad():
+        fused = unet(x, t).sample
+        n_attn = sum(1 for m in unet.modules() if getattr(m, "tfmq_attn", None) is not None)
+        assert n_attn > 0 and len(calls) == n_attn, (len(calls), n_attn)
+        monkeypatch.setattr(A, "supports", lambda *a: False)       # the explicit matmuls instead
+        explicit = unet(x, t).sample
+    assert len(calls) == n_attn
+    assert float((fused - explicit).abs().max()) <= 1e-4 * float(explicit.abs().max())
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_custom_op_compiles_and_captures(tmp_path):
+    """The custom operator inside torch.compile(fullgraph) and a CUDA graph: the eager kernel's
+    output, per-step tables read at the step tensor as it changes between replays (bfloat16)."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = _inputs(gen, 4, 2, 256, 256, 64, 64, torch.bfloat16)
+    scale_tab = torch.tensor([1 / 255, 2 / 255], device=DEV)
+    zero_tab = torch.zeros(2, device=DEV)
+    step = torch.zeros((), dtype=torch.long, device=DEV)
+    from tfmq.runtime.kernels import ops
+
+    fn = torch.compile(lambda q, k, v: ops.quant_attention(q, k, v, 0.125, scale_tab, zero_tab, 0, 255, step) * 2,
+                       fullgraph=True)
+    for s in (0, 1):
+        step.fill_(s)
+        want = A.quant_attention(q, k, v, 0.125, scale_tab, zero_tab, 0, 255, step) * 2
+        assert torch.equal(fn(q, k, v), want)
+    out = torch.empty_like(want)
+    g = torch.cuda.CUDAGraph()
+    step.fill_(0)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        out.copy_(A.quant_attention(q, k, v, 0.125, scale_tab, zero_tab, 0, 255, step))
+    for s in (1, 0):
+        step.fill_(s)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, A.quant_attention(q, k, v, 0.125, scale_tab, zero_tab, 0, 255, step))
