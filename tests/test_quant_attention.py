@@ -116,6 +116,7 @@ def test_w8a8_runtime_attention_uses_the_kernel(tmp_path, monkeypatch):
     the explicit attention (same layers, same inputs; float32) up to float rounding."""
     import tfmq
     from conftest import tiny_ddpm_pipeline
+    from tfmq.runtime import backend_summary
     from tfmq.runtime.backends import W8A8Backend
 
     if INTERPRET:
@@ -134,6 +135,7 @@ def test_w8a8_runtime_attention_uses_the_kernel(tmp_path, monkeypatch):
         fused = unet(x, t).sample
         n_attn = sum(1 for m in unet.modules() if getattr(m, "tfmq_attn", None) is not None)
         assert n_attn > 0 and len(calls) == n_attn, (len(calls), n_attn)
+        assert backend_summary(unet)["attention"] == {"flash": 0, "fused": n_attn, "explicit": 0}
         monkeypatch.setattr(A, "supports", lambda *a: False)       # the explicit matmuls instead
         explicit = unet(x, t).sample
     assert len(calls) == n_attn

@@ -244,20 +244,31 @@ class RuntimeAttnProcessor(QuantAttnProcessor):
         return QuantAttnProcessor.project(attn, hidden_states, encoder_hidden_states)
 
     @staticmethod
-    def attend(attn, query, key, value, attention_mask):
-        from .kernels import attention as fused_attention
+    def path(attn) -> str:
+        """How this attention computes, as far as its configuration decides: ``"flash"``,
+        ``"fused"`` (the quantized-probability kernel; calls with an attention mask or a head
+        wider than the kernel takes run ``"explicit"`` instead) or ``"explicit"``."""
+        from .kernels.attention import MAX_HEAD_DIM
         quant = getattr(attn, "tfmq_attn", None)
         if quant is None or quant.backend != "w8a8":
+            return "explicit"
+        if quant.softmax.bits >= 16:
+            return "explicit" if attn.upcast_attention or attn.upcast_softmax else "flash"
+        head_dim = max(attn.inner_dim, getattr(attn, "inner_kv_dim", attn.inner_dim)) // attn.heads
+        return "fused" if head_dim <= MAX_HEAD_DIM else "explicit"
+
+    @staticmethod
+    def attend(attn, query, key, value, attention_mask):
+        from .kernels import attention as fused_attention
+        path = RuntimeAttnProcessor.path(attn)
+        if path == "fused" and (attention_mask is not None or not fused_attention.supports(query, key, value)):
+            path = "explicit"
+        if path == "explicit":
             return QuantAttnProcessor.attend(attn, query, key, value, attention_mask)
+        quant = attn.tfmq_attn
         sm = quant.softmax
-        if sm.bits >= 16:
-            explicit = attn.upcast_attention or attn.upcast_softmax
-        else:
-            explicit = attention_mask is not None or not fused_attention.supports(query, key, value)
-        if explicit:
-            return QuantAttnProcessor.attend(attn, query, key, value, attention_mask)
         query, key, value = quant.q(query), quant.k(key), quant.v(value)
-        if sm.bits >= 16:
+        if path == "flash":
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
             return out, query.dtype
         step = sm.step_index                  # the kernel reads the grid's tables at the step index

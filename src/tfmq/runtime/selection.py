@@ -44,12 +44,18 @@ def set_backend(denoiser: nn.Module, name: str) -> nn.Module:
 
 
 def backend_summary(denoiser: nn.Module) -> dict:
-    """How the layers of a converted denoiser compute: the backend, and how many of its layers
-    run the backend's own kernels vs the reference math."""
+    """How the layers of a converted denoiser compute: the backend, how many of its layers run the
+    backend's own kernels vs the reference math, how many attention projection groups run as one
+    GEMM, and how many attentions run each path (``flash``, ``fused`` quantized-probability kernel,
+    ``explicit`` matmuls; see :class:`tfmq.runtime.layers.RuntimeAttnProcessor`)."""
     layers = runtime_layers(denoiser)
     name = getattr(denoiser, "tfmq_backend", "reference")
     backend = get_backend(name)
     own = sum(1 for l in layers.values() if backend.handles(l))
     fused = sum(1 for m in denoiser.modules() if getattr(m, "_tfmq_fused", None) is not None)
+    attention = {"flash": 0, "fused": 0, "explicit": 0}
+    for m in denoiser.modules():
+        if getattr(m, "tfmq_attn", None) is not None and hasattr(m.processor, "path"):
+            attention[m.processor.path(m)] += 1
     return {"backend": name, "layers": len(layers), "backend_kernels": own,
-            "reference_math": len(layers) - own, "fused_projection_groups": fused}
+            "reference_math": len(layers) - own, "fused_projection_groups": fused, "attention": attention}
