@@ -385,6 +385,12 @@ def _configs():
         # (small UNets such as the bundled model); added after the last GPU timing, not yet measured
         (128, 64, 32, 4, 4),
         (128, 128, 32, 4, 4),
+        # narrow outputs (N = 64) over 64-channel inputs (K steps of one 3x3 tap, none masked): the
+        # bundled model's convolutions, where the session-16 H200 profile had the int8 conv kernels
+        # slower than cuDNN bf16 on the same layers (0.74 vs 0.69 ms a call) with only BLOCK_K = 128 / 32
+        # on offer for BLOCK_N = 64. Not yet measured
+        (128, 64, 64, 4, 4),
+        (256, 64, 64, 3, 8),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                   num_stages=stages, num_warps=warps))
