@@ -171,3 +171,37 @@ def test_custom_op_compiles_and_captures(tmp_path):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, A.quant_attention(q, k, v, 0.125, scale_tab, zero_tab, 0, 255, step))
+
+
+@needs_kernels
+def test_autotune_keeps_register_sized_tiles():
+    """The autotuner's tiles for wide heads: none whose query block or key block times the head
+    width exceeds 128 x 128 elements (they would spill); narrow heads keep every tile."""
+    from tfmq.runtime.kernels import _attention_triton as ta
+    configs = ta._configs()
+    wide = ta._prune(configs, {}, BLOCK_D=256, BLOCK_DV=256)
+    assert wide and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in wide)
+    assert ta._prune(configs, {}, BLOCK_D=64, BLOCK_DV=64) == configs
+
+
+@needs_kernels
+def test_custom_op_agrees_with_its_fake_and_compiles_opaquely():
+    """tfmq::quant_attention (what compiled graphs call): the function's output, a fake
+    implementation that agrees with the real one (torch.library.opcheck: schema, shapes, strides,
+    dtypes), and a fullgraph compile around it (AOT tracing with the fake) computing the same."""
+    from tfmq.runtime.kernels import ops
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _inputs(gen, 2, 2, 20, 36, 16, 16, torch.float32)
+    scale_tab, zero_tab = torch.tensor([1 / 255, 2 / 255], device=DEV), torch.zeros(2, device=DEV)
+    step = torch.tensor(1, device=DEV)
+    args = (q, k, v, 0.25, scale_tab, zero_tab, 0, 255, step, False)
+    want = A.quant_attention(*args)
+    got = ops.quant_attention(*args)
+    assert torch.equal(got, want) and got.stride() == want.stride()
+    torch.library.opcheck(ops.quant_attention, args)
+
+    def block(q, k, v):       # the processor's layout change after the attention, around the op
+        return ops.quant_attention(q * 1.0, k, v, 0.25, scale_tab, zero_tab, 0, 255, step).transpose(1, 2).reshape(
+            q.shape[0], q.shape[2], -1)
+    comp = torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert torch.equal(comp, want.transpose(1, 2).reshape(2, 20, -1))

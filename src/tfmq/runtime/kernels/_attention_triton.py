@@ -18,6 +18,8 @@ way, as PyTorch's does for 16-bit inputs: ``upcast_softmax`` changes nothing her
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
 
@@ -102,3 +104,24 @@ def _quant_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sp_ptr, zp_ptr, sel_ptr,
             acc = tl.dot(pq.to(io), v, acc)
     tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + rm[:, None].to(tl.int64) * som + rdv[None, :],
              acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (rdv < DV)[None, :])
+
+
+def _configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (32, 64, 4, 2),
+                                  (64, 128, 8, 2)]]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles whose query block and accumulator would not fit in registers for wide heads."""
+    width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * width <= 128 * 128
+            and c.kwargs["BLOCK_N"] * width <= 128 * 128]
+    return keep or configs[:1]
+
+
+_extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+quant_attention_tuned = triton.autotune(configs=_configs(), key=["NQ", "NK", "D", "DV", "ROUND_IO", "ROUND_S", "IEEE",
+                                                                 "HAS_SEL"],
+                                        prune_configs_by={"early_config_prune": _prune}, **_extra)(
+    _quant_attention_kernel)
