@@ -26,11 +26,11 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import cuda_graph, time_call  # noqa: E402
 from results_io import write_results  # noqa: E402
 
 from tfmq.runtime.kernels import attention as A  # noqa: E402
@@ -46,35 +46,6 @@ SHAPES = [
     ("SD v1.5 16x16 self, batch 2", 2, 8, 256, 256, 160),
     ("SD v1.5 8x8 self, batch 2", 2, 8, 64, 64, 160),
 ]
-
-
-def graphed(fn):
-    """``fn`` captured in a CUDA graph (after warm-up calls); returns replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
-def median_ms(fn, iters: int) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
 
 
 def run_shape(name, b, h, nq, nk, d, iters: int) -> dict:
@@ -97,8 +68,8 @@ def run_shape(name, b, h, nq, nk, d, iters: int) -> dict:
                       ("explicit compiled", lambda: explicit(*args)),
                       ("flash, unquantized", lambda: F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5))):
         try:
-            torch.cuda.reset_peak_memory_stats()
-            row[label] = median_ms(graphed(fn), iters)
+            replay, _ = cuda_graph(fn)
+            row[label] = time_call(replay, iters, 5)["median_ms"]
         except Exception as exc:  # noqa: BLE001  (a configuration that fails is reported, not fatal)
             row[label] = None
             row[label + " error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
