@@ -95,9 +95,9 @@ def test_bad_inputs_are_refused_before_launch():
 
 @needs_kernels
 def test_w8a8_backend_runs_fp_input_convs_with_the_w8a16_kernel(tmp_path, monkeypatch):
-    """tfmq-official keeps the input of every resnet conv1 in full precision: under ``w8a8`` those
-    convs (8-bit weights) run the W8A16 kernel, and the model's output matches the reference
-    backend's on the same inputs (fp16 model)."""
+    """tfmq-official keeps the input of every resnet conv1 in full precision: under ``w8a8`` without
+    the dense copies those convs (8-bit weights) run the W8A16 kernel, and the model's output
+    matches the reference backend's on the same inputs (fp16 model)."""
     import tfmq
     from conftest import tiny_ddpm_pipeline
     from tfmq.runtime import backend_summary, runtime_layers
@@ -105,6 +105,7 @@ def test_w8a8_backend_runs_fp_input_convs_with_the_w8a16_kernel(tmp_path, monkey
 
     if INTERPRET:
         monkeypatch.setattr(W8A8Backend, "available", lambda self, device: None)
+    monkeypatch.setattr(W8A8Backend, "dense_fp_input_convs", False)     # the kernel, not the dense copy
     pipe = tiny_ddpm_pipeline()
     config = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, layer_policy="tfmq-official",
                                          recon_iters=0, act_learn_iters=0, tiar_iters=0, calib_size=2,
@@ -135,3 +136,37 @@ def test_w8a8_backend_runs_fp_input_convs_with_the_w8a16_kernel(tmp_path, monkey
     # the fp32 model keeps those convs on the reference math (the kernel takes bf16 / fp16)
     fast32 = tfmq.load(ckpt, DEV, dtype=torch.float32, backend="w8a8")
     assert not any("w8a16" in l.prepared for l in runtime_layers(fast32.unet).values())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_w8a8_backend_keeps_fp_input_conv_weights_dense(tmp_path, monkeypatch, dtype):
+    """By default ``w8a8`` expands the weight of each full-precision-input 8-bit conv once, in the
+    model dtype: the layer computes exactly what ``reference`` computes (bit for bit, same input),
+    with no expansion per call, and ``runtime_nbytes`` counts the copies."""
+    import tfmq
+    from conftest import tiny_ddpm_pipeline
+    from tfmq.runtime import backend_summary, runtime_layers, runtime_nbytes
+    from tfmq.runtime.backends import BACKENDS, W8A8Backend
+
+    if INTERPRET:
+        monkeypatch.setattr(W8A8Backend, "available", lambda self, device: None)
+    pipe = tiny_ddpm_pipeline()
+    config = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, layer_policy="tfmq-official",
+                                         recon_iters=0, act_learn_iters=0, tiar_iters=0, calib_size=2,
+                                         sampler=tfmq.SamplerConfig("ddim", 4))
+    tfmq.quantize(pipe, config, progress=False)
+    ckpt = tfmq.save(pipe, tmp_path / "ckpt")
+    fast = tfmq.load(ckpt, DEV, dtype=dtype, backend="w8a8").unet
+    dense = {n: l for n, l in runtime_layers(fast).items() if "dense" in l.prepared}
+    assert dense and all(n.endswith("conv1") for n in dense), sorted(dense)
+    assert backend_summary(fast)["reference_math"] == 1             # time_embedding.linear_2 (a linear)
+    gen = torch.Generator().manual_seed(4)
+    extra = 0
+    for n, layer in dense.items():
+        w = layer.prepared["dense"]
+        assert w.dtype == dtype and torch.equal(w, layer.dequantized_weight(dtype))
+        extra += w.numel() * w.element_size()
+        x = torch.randn(2, w.shape[1], 8, 8, generator=gen).to(DEV, dtype)
+        assert torch.equal(BACKENDS["w8a8"].run(layer, x), BACKENDS["reference"].run(layer, x)), n
+    assert runtime_nbytes(fast)["backend_extra"] >= extra

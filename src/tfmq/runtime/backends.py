@@ -15,11 +15,15 @@
     INT8 tensor cores with int32 accumulation (Triton GEMM for Linear, implicit-GEMM for Conv2d),
     and the zero-point corrections and scales are applied in the kernel's epilogue. Convolutions
     with 8-bit weights whose input the layer policy keeps in full precision (``tfmq-official``: every
-    resnet ``conv1``) run a W8A16 kernel in eager bf16 / fp16 calls (:mod:`.kernels.w8a16`: int8
-    codes dequantized tile by tile in registers, no full-precision weight; the SD UNet's 22 conv1
-    5.3 ms vs 7.4 ms expanded + cuDNN on an H200). Under ``torch.compile`` they take the reference
-    math, whose code expansion Inductor fuses into one kernel a layer (about 48 us) before cuDNN:
-    faster than the kernel today (it reaches 0.23-0.44x of cuDNN bf16). In compiled graphs the
+    resnet ``conv1``) keep their weight expanded once in the model dtype and run cuDNN on it
+    (``dense_fp_input_convs``, the default: the reference numbers bit for bit, none of the per-call
+    expansion that cost about 48 us a layer in compiled SD graphs on an H200, for those weights'
+    memory in the model dtype, counted by ``runtime_nbytes`` as ``backend_extra``: SD v1.5's 22
+    conv1 hold 288 M weights, 550 MiB in bf16 beside the UNet's 820 MiB of 8-bit codes). With
+    ``dense_fp_input_convs = False`` they run a W8A16 kernel in eager bf16 / fp16 calls
+    (:mod:`.kernels.w8a16`: int8 codes dequantized tile by tile in registers, no full-precision
+    weight; the SD UNet's 22 conv1 5.3 ms vs 7.4 ms expanded + cuDNN on an H200) and the reference
+    math under ``torch.compile``. In compiled graphs the
     int8 GEMMs are called as custom operators (:mod:`.kernels.ops`): opaque to the compiler, so
     each launch is autotuned per shape by Triton as in eager mode. Other layers (other bit
     widths, grouped / dilated convolutions) compute as in ``reference``; the int8 layers run in
@@ -79,6 +83,11 @@ class W8A8Backend(Backend):
     fuse_quantize: bool = True
     #: run attention projections of one input with one input grid as one GEMM (:mod:`.projections`)
     fuse_projections: bool = True
+    #: convolutions with 8-bit weights whose input stays in full precision keep their weight
+    #: expanded in the model dtype (once, at preparation) and run the library convolution on it:
+    #: the reference numbers with no per-call expansion, for that weight's memory in the model
+    #: dtype. False: the W8A16 kernel in eager 16-bit calls, the expansion per call otherwise
+    dense_fp_input_convs: bool = True
 
     def available(self, device: torch.device) -> str | None:
         if device.type != "cuda":
@@ -88,9 +97,6 @@ class W8A8Backend(Backend):
         if not int8.available():
             return "the w8a8 backend needs Triton and a GPU of compute capability 8.0 or newer"
         return None
-
-    def handles(self, layer) -> bool:
-        return self._int8(layer) or self._w8a16(layer)
 
     @staticmethod
     def _plain_conv(layer) -> bool:
@@ -107,14 +113,26 @@ class W8A8Backend(Backend):
             return False
         return layer.kind != "conv" or self._plain_conv(layer)
 
+    def _fp_input_conv(self, layer) -> bool:
+        """A plain convolution with 8-bit weights whose input the policy keeps in full precision."""
+        return (layer.kind == "conv" and layer.act is None and layer.qweight is not None
+                and layer.qweight.bits == 8 and self._plain_conv(layer))
+
     def _w8a16(self, layer) -> bool:
         from .kernels.w8a16 import IN_DTYPES
-        return (layer.kind == "conv" and layer.act is None and layer.qweight is not None
-                and layer.qweight.bits == 8 and self._plain_conv(layer) and layer.dtype in IN_DTYPES)
+        return not self.dense_fp_input_convs and self._fp_input_conv(layer) and layer.dtype in IN_DTYPES
+
+    def handles(self, layer) -> bool:
+        if self.dense_fp_input_convs:
+            return self._int8(layer) or self._fp_input_conv(layer)
+        return self._int8(layer) or self._w8a16(layer)
 
     def prepare(self, layer) -> None:
         from .kernels import int8
         layer.prepared = {}
+        if self.dense_fp_input_convs and self._fp_input_conv(layer):
+            layer.prepared = {"dense": frozen(layer.dequantized_weight(layer.dtype))}
+            return
         if self._w8a16(layer):
             from .kernels import w8a16
             q = layer.qweight
@@ -144,6 +162,9 @@ class W8A8Backend(Backend):
                                  for a in acts]}
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+        dense = layer.prepared.get("dense")
+        if dense is not None and x.dtype == dense.dtype:
+            return layer.compute(x, dense)
         w8a16 = layer.prepared.get("w8a16")
         if w8a16 is not None and x.dtype == layer.dtype and not torch.compiler.is_compiling():
             from .kernels.w8a16 import w8a16_conv2d

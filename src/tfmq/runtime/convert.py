@@ -292,6 +292,17 @@ def convert(denoiser: nn.Module, backend: str = "reference") -> nn.Module:
     return denoiser
 
 
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a backend's prepared data (nested dicts / lists / tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def runtime_nbytes(denoiser: nn.Module) -> dict[str, int]:
     """Resident bytes of a converted denoiser: packed weights (codes + scales), activation
     parameters and everything else (FP layers, biases, norms, caches)."""
@@ -299,9 +310,6 @@ def runtime_nbytes(denoiser: nn.Module) -> dict[str, int]:
     act = sum(t.numel() * t.element_size() for m in denoiser.modules() if isinstance(m, ActQuant)
               for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
     total = sum(t.numel() * t.element_size() for t in list(denoiser.parameters()) + list(denoiser.buffers()))
-    prepared = 0
-    for layer in runtime_layers(denoiser).values():
-        for part in layer.prepared.get("parts", []):
-            prepared += sum(x.numel() * x.element_size() for x in part if x is not None)
+    prepared = sum(_tensor_bytes(layer.prepared) for layer in runtime_layers(denoiser).values())
     return {"packed_weights": packed, "activation_params": act, "other": total - packed - act,
             "backend_extra": prepared, "total": total + prepared}
