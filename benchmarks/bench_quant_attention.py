@@ -7,9 +7,10 @@ explicit matmuls (score and probability matrices written to memory); now it runs
 the output). Per attention shape of the models benchmarked elsewhere, this times (CUDA events,
 median of ``--iters`` after warm-up, each call a CUDA-graph replay so launch costs do not count):
 
-* ``fused``: the kernel (what the w8a8 runtime runs now);
+* ``fused``: the kernel (what the w8a8 runtime runs now), rounding q, k, v to their grids as it
+  loads them;
 * ``explicit compiled``: the explicit computation under ``torch.compile`` (what a compiled w8a8
-  graph ran before: cuBLAS matmuls, Inductor's softmax + rounding kernel);
+  graph ran before: q / k / v rounding and Inductor's softmax + rounding kernels, cuBLAS matmuls);
 * ``flash, unquantized``: ``scaled_dot_product_attention`` without any rounding (the FP model's
   attention: a lower bound, not the same computation);
 
@@ -56,7 +57,8 @@ def run_shape(name, b, h, nq, nk, d, iters: int) -> dict:
     scale_tab = torch.full((100,), 1.0 / 255, device="cuda")      # a per-step table, as calibrated
     zero_tab = torch.zeros(100, device="cuda")
     step = torch.tensor(50, device="cuda")
-    args = (q, k, v, d ** -0.5, scale_tab, zero_tab, 0, 255, step)
+    qkv = [torch.full((100,), 0.03, device="cuda"), torch.full((100,), 128.0, device="cuda")] * 3   # q, k, v grids
+    args = (q, k, v, d ** -0.5, scale_tab, zero_tab, 0, 255, step, False, qkv, 0, 255)
     explicit = torch.compile(A.ref_quant_attention, fullgraph=True)
     row = {"shape": name, "batch": b, "heads": h, "q_tokens": nq, "k_tokens": nk, "head_dim": d,
            "score_matrix_mb": b * h * nq * nk * 2 / 2**20}

@@ -76,6 +76,37 @@ def test_upcast_scores_as_upcast_attention(dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grid", [(0, 255), (-128, 127)])
+def test_kernel_rounds_q_k_v_to_their_grids(dtype, grid):
+    """With the q / k / v tables the kernel takes the unrounded inputs and rounds each to its own
+    grid (per-step sets read at the step) before the attention: as the reference that rounds them
+    first; without the rounding the result is far off (coarse grids here)."""
+    gen = torch.Generator().manual_seed(21)
+    amin, amax = grid
+    q, k, v = _inputs(gen, 2, 2, 37, 45, 24, 24, dtype)
+    zero = (amin + amax + 1) // 2 if amin == 0 else 0
+
+    def tabs(scale):
+        return (torch.tensor([scale, 2 * scale, 3 * scale], device=DEV),
+                torch.full((3,), float(zero), device=DEV))
+    qkv = [*tabs(0.05), *tabs(0.04), *tabs(0.06)]
+    sm = (torch.tensor([1 / 255, 1 / 200, 1 / 150], device=DEV), torch.zeros(3, device=DEV))
+    step = torch.tensor(2, device=DEV)
+    out = A.quant_attention(q, k, v, 0.2, *sm, 0, 255, step, False, qkv, amin, amax).double()
+    ref = A.ref_quant_attention(q, k, v, 0.2, *sm, 0, 255, step, False, qkv, amin, amax).double()
+    unrounded = A.ref_quant_attention(q, k, v, 0.2, *sm, 0, 255, step).double()
+    ulp = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    err = (out - ref).abs()
+    assert float((err > 4 * ulp * float(ref.abs().max())).double().mean()) < 0.02
+    assert float((unrounded - ref).abs().max()) > 10 * float(err.max()) + 1e-3
+    with pytest.raises(ValueError, match="6 tables"):
+        A.quant_attention(q, k, v, 0.2, *sm, 0, 255, step, False, qkv[:4], amin, amax)
+    with pytest.raises(ValueError, match="softmax table's shape"):
+        A.quant_attention(q, k, v, 0.2, *sm, 0, 255, step, False, [t[:1] for t in qkv], amin, amax)
+
+
+@needs_kernels
 def test_kernel_reads_the_set_of_the_step():
     gen = torch.Generator().manual_seed(5)
     q, k, v = _inputs(gen, 2, 2, 33, 33, 32, 32, torch.float32)
@@ -110,36 +141,51 @@ def test_bad_input_is_refused_before_launch():
 
 
 @needs_kernels
-def test_w8a8_runtime_attention_uses_the_kernel(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["naive", "tfmq"])
+def test_w8a8_runtime_attention_uses_the_kernel(tmp_path, monkeypatch, method):
     """A W8A8 checkpoint with 8-bit probabilities (the default softmax bits): under the w8a8
-    backend every attention runs the fused kernel, and the denoiser's output equals the one with
-    the explicit attention (same layers, same inputs; float32) up to float rounding."""
+    backend every attention runs the fused kernel, rounding q, k, v in it, and each attention's
+    output equals the fake-quant attention's on the same inputs (float32) but where a probability
+    on a rounding boundary moved one code (a few elements of one query row)."""
     import tfmq
     from conftest import tiny_ddpm_pipeline
+    from tfmq.quant.layers import QuantAttnProcessor
     from tfmq.runtime import backend_summary
     from tfmq.runtime.backends import W8A8Backend
+    from tfmq.runtime.layers import RuntimeAttnProcessor
 
     if INTERPRET:
         monkeypatch.setattr(W8A8Backend, "available", lambda self, device: None)
     pipe = tiny_ddpm_pipeline()
-    config = tfmq.QuantConfig.for_method("naive", wbits=8, abits=8, layer_policy="all", calib_size=2,
-                                         sampler=tfmq.SamplerConfig("ddim", 4))
+    extra = dict(recon_iters=0, act_learn_iters=0, tiar_iters=0) if method == "tfmq" else {}
+    config = tfmq.QuantConfig.for_method(method, wbits=8, abits=8, layer_policy="all", calib_size=2,
+                                         sampler=tfmq.SamplerConfig("ddim", 4), **extra)
     tfmq.quantize(pipe, config, progress=False)
     unet = tfmq.load(tfmq.save(pipe, tmp_path / "ckpt"), DEV, backend="w8a8").unet
-    calls = []
-    real = A.quant_attention
-    monkeypatch.setattr(A, "quant_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    n_attn = sum(1 for m in unet.modules() if getattr(m, "tfmq_attn", None) is not None)
+    assert n_attn > 0 and backend_summary(unet)["attention"] == {"flash": 0, "fused": n_attn, "explicit": 0}
+    qkv_passed, moved = [], []
+    real, attend = A.quant_attention, RuntimeAttnProcessor.attend
+    monkeypatch.setattr(A, "quant_attention", lambda *a: qkv_passed.append(a[10]) or real(*a))
+
+    def compared(attn, q, k, v, mask):
+        out, dtype = attend(attn, q, k, v, mask)
+        ref, _ = QuantAttnProcessor.attend(attn, q, k, v, mask)
+        moved.append(float(((out - ref).abs() > 1e-5 * float(ref.abs().max())).double().mean()))
+        return out, dtype
+    monkeypatch.setattr(RuntimeAttnProcessor, "attend", staticmethod(compared))
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(DEV)
     t = torch.full((2,), 500, device=DEV)
-    with torch.no_grad():
-        fused = unet(x, t).sample
-        n_attn = sum(1 for m in unet.modules() if getattr(m, "tfmq_attn", None) is not None)
-        assert n_attn > 0 and len(calls) == n_attn, (len(calls), n_attn)
-        assert backend_summary(unet)["attention"] == {"flash": 0, "fused": n_attn, "explicit": 0}
-        monkeypatch.setattr(A, "supports", lambda *a: False)       # the explicit matmuls instead
-        explicit = unet(x, t).sample
-    assert len(calls) == n_attn
-    assert float((fused - explicit).abs().max()) <= 1e-4 * float(explicit.abs().max())
+    steps = getattr(unet, "tfmq_steps", None)
+    for step in ((0, 3) if steps is not None else (None,)):
+        if step is not None:
+            steps.set(step)
+            steps.paused = True
+        with torch.no_grad():
+            unet(x, t)
+    calls = n_attn * (2 if steps is not None else 1)
+    assert len(qkv_passed) == calls and all(q is not None and len(q) == 6 for q in qkv_passed), qkv_passed
+    assert len(moved) == calls and max(moved) < 0.01, moved
 
 
 @needs_cuda
@@ -154,8 +200,8 @@ def test_custom_op_compiles_and_captures(tmp_path):
     step = torch.zeros((), dtype=torch.long, device=DEV)
     from tfmq.runtime.kernels import ops
 
-    fn = torch.compile(lambda q, k, v: ops.quant_attention(q, k, v, 0.125, scale_tab, zero_tab, 0, 255, step) * 2,
-                       fullgraph=True)
+    fn = torch.compile(lambda q, k, v: ops.quant_attention(q, k, v, 0.125, scale_tab, zero_tab, 0, 255, step, False,
+                                                           [], 0, 255) * 2, fullgraph=True)
     for s in (0, 1):
         step.fill_(s)
         want = A.quant_attention(q, k, v, 0.125, scale_tab, zero_tab, 0, 255, step) * 2
@@ -194,14 +240,14 @@ def test_custom_op_agrees_with_its_fake_and_compiles_opaquely():
     q, k, v = _inputs(gen, 2, 2, 20, 36, 16, 16, torch.float32)
     scale_tab, zero_tab = torch.tensor([1 / 255, 2 / 255], device=DEV), torch.zeros(2, device=DEV)
     step = torch.tensor(1, device=DEV)
-    args = (q, k, v, 0.25, scale_tab, zero_tab, 0, 255, step, False)
-    want = A.quant_attention(*args)
+    args = (q, k, v, 0.25, scale_tab, zero_tab, 0, 255, step, False, [], 0, 255)
+    want = A.quant_attention(*args[:10])
     got = ops.quant_attention(*args)
     assert torch.equal(got, want) and got.stride() == want.stride()
     torch.library.opcheck(ops.quant_attention, args)
 
     def block(q, k, v):       # the processor's layout change after the attention, around the op
-        return ops.quant_attention(q * 1.0, k, v, 0.25, scale_tab, zero_tab, 0, 255, step).transpose(1, 2).reshape(
-            q.shape[0], q.shape[2], -1)
+        return ops.quant_attention(q * 1.0, k, v, 0.25, scale_tab, zero_tab, 0, 255, step, False, [], 0,
+                                   255).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
     comp = torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v)
     assert torch.equal(comp, want.transpose(1, 2).reshape(2, 20, -1))

@@ -222,8 +222,9 @@ class RuntimeAttnProcessor(QuantAttnProcessor):
     - probabilities of 16 bits or more, no upcasting: one fused ``scaled_dot_product_attention``
       (flash attention) whose probabilities are not rounded to the 16-bit grid (a difference of at
       most half a 16-bit step per probability; the benchmark states the measured output difference);
-    - fewer bits, no attention mask, head dims <= 256: one fused kernel that rounds the
-      probabilities to their calibrated grid without writing the score or probability matrices
+    - fewer bits, no attention mask, head dims <= 256: one fused kernel that rounds q, k, v as
+      it loads them and the probabilities to their calibrated grids without writing the score or
+      probability matrices
       (:func:`tfmq.runtime.kernels.attention.quant_attention`: the same arithmetic in the model
       dtype, upcast as the attention asks, other summation order); with a mask or wider heads
       the explicit matmuls."""
@@ -267,15 +268,29 @@ class RuntimeAttnProcessor(QuantAttnProcessor):
             return QuantAttnProcessor.attend(attn, query, key, value, attention_mask)
         quant = attn.tfmq_attn
         sm = quant.softmax
-        query, key, value = quant.q(query), quant.k(key), quant.v(value)
         if path == "flash":
+            query, key, value = quant.q(query), quant.k(key), quant.v(value)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
             return out, query.dtype
-        step = sm.step_index                  # the kernel reads the grid's tables at the step index
-        tabs = (sm.scale, sm.zero_point) if step is not None else (sm.scale[:1], sm.zero_point[:1])
+        step = sm.step_index                  # the kernel reads the grids' tables at the step index
+
+        def tables(aq):
+            return (aq.scale, aq.zero_point) if step is not None else (aq.scale[:1], aq.zero_point[:1])
+        inputs = (quant.q, quant.k, quant.v)
+        # q, k, v rounded in the kernel when their grids are one and their parameter sets follow the
+        # softmax's (calibration gives them all per-step sets, or none); else rounded here first
+        in_kernel = (len({(a.qmin, a.qmax) for a in inputs}) == 1
+                     and all(a.n_sets == sm.n_sets for a in inputs))
+        if in_kernel:
+            qkv = [t for a in inputs for t in tables(a)]
+        else:
+            qkv = []
+            query, key, value = quant.q(query), quant.k(key), quant.v(value)
         if torch.compiler.is_compiling():     # opaque to the compiler, as the GEMMs are
             from .kernels.ops import quant_attention
+            extra = (qkv, quant.q.qmin, quant.q.qmax)
         else:
             quant_attention = fused_attention.quant_attention
-        return (quant_attention(query, key, value, float(attn.scale), *tabs, sm.qmin, sm.qmax, step,
-                                bool(attn.upcast_attention)), query.dtype)
+            extra = (qkv or None, quant.q.qmin, quant.q.qmax)
+        return (quant_attention(query, key, value, float(attn.scale), *tables(sm), sm.qmin, sm.qmax, step,
+                                bool(attn.upcast_attention), *extra), query.dtype)

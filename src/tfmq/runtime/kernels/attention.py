@@ -17,7 +17,7 @@ denoiser's step index) or at 0 without one. The result is ``[B, H, Nq, Dv]``, a 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -38,6 +38,18 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4
             and q.shape[-1] == k.shape[-1] and k.shape[:-1] == v.shape[:-1] and q.shape[:2] == k.shape[:2]
             and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM)
+
+
+def _check_qkv(qkv, scale_tab, amin, amax):
+    if len(qkv) != 6:
+        raise ValueError(f"quant_attention: qkv takes 6 tables (q scale, q zero-point, k scale, k zero-point, "
+                         f"v scale, v zero-point), got {len(qkv)}")
+    for t in qkv:
+        if t.dtype != torch.float32 or t.shape != scale_tab.shape or t.device != scale_tab.device:
+            raise ValueError(f"quant_attention: each q / k / v table must be float32 of the softmax table's "
+                             f"shape {tuple(scale_tab.shape)} on its device, got {tuple(t.shape)} {t.dtype}")
+    if not (isinstance(amin, int) and isinstance(amax, int) and amin < amax and amax - amin <= 65535):
+        raise ValueError(f"quant_attention: bad q / k / v grid [{amin!r}, {amax!r}]")
 
 
 def _check(q, k, v, scale_tab, zero_tab, qmin, qmax, step):
@@ -63,25 +75,31 @@ def _check(q, k, v, scale_tab, zero_tab, qmin, qmax, step):
 
 def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, scale_tab: torch.Tensor,
                     zero_tab: torch.Tensor, qmin: int, qmax: int, step: Optional[torch.Tensor] = None,
-                    upcast_scores: bool = False) -> torch.Tensor:
+                    upcast_scores: bool = False, qkv: Optional[Sequence[torch.Tensor]] = None,
+                    amin: int = 0, amax: int = 255) -> torch.Tensor:
     """``(clamp(round(p / s) + z, qmin, qmax) - z) * s`` applied to ``p = softmax(q kᵀ * scale)``,
     times ``v``, with ``s`` / ``z`` the tables' entries at ``step``: the explicit computation of
     :func:`ref_quant_attention` (in the inputs' dtype, step by step; the scores in float32 with
     ``upcast_scores``, as diffusers' ``upcast_attention``) without the score and probability
-    matrices in memory. No host synchronisation (capturable in CUDA graphs)."""
+    matrices in memory. With ``qkv`` (six tables like the softmax's: q scale, q zero-point, k ...,
+    v ...) q, k and v are first rounded to their grids ``[amin, amax]`` inside the kernel. No host
+    synchronisation (capturable in CUDA graphs)."""
     int8._kernels()                        # the device check and its error
     from . import _attention_triton as ta
     _check(q, k, v, scale_tab, zero_tab, qmin, qmax, step)
+    if qkv is not None:
+        _check_qkv(qkv, scale_tab, amin, amax)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bsz, heads, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
     out = torch.empty((bsz, nq, heads, dv), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
     bd, bdv = _pow2(d), _pow2(dv)
     args = (q, k, v, out, scale_tab, zero_tab, step if step is not None else scale_tab,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            *(qkv if qkv is not None else (scale_tab,) * 6),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             heads, nq, nk, d, dv, float(scale))
-    flags = dict(QMIN=qmin, QMAX=qmax, HAS_SEL=step is not None, ROUND_IO=q.dtype != torch.float32,
+    flags = dict(QMIN=qmin, QMAX=qmax, HAS_SEL=step is not None, ROUND_QKV=qkv is not None, AMIN=amin, AMAX=amax,
+                 ROUND_IO=q.dtype != torch.float32,
                  ROUND_S=q.dtype != torch.float32 and not upcast_scores, IEEE=q.dtype == torch.float32,
                  BLOCK_D=bd, BLOCK_DV=bdv)
     if int8._autotune():                   # per shape, timed at the first call (before any graph capture)
@@ -97,12 +115,18 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 def ref_quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, scale_tab: torch.Tensor,
                         zero_tab: torch.Tensor, qmin: int, qmax: int, step: Optional[torch.Tensor] = None,
-                        upcast_scores: bool = False) -> torch.Tensor:
-    """What :func:`quant_attention` computes, as the fake-quant attention computes it: scores,
-    softmax and the probabilities' quantize-dequantize in the inputs' dtype, one operation at a time."""
+                        upcast_scores: bool = False, qkv: Optional[Sequence[torch.Tensor]] = None,
+                        amin: int = 0, amax: int = 255) -> torch.Tensor:
+    """What :func:`quant_attention` computes, as the fake-quant attention computes it: q, k, v
+    rounded to their grids (with ``qkv``), scores, softmax and the probabilities'
+    quantize-dequantize in the inputs' dtype, one operation at a time."""
     i = step.reshape(1) if step is not None else torch.zeros(1, dtype=torch.long, device=scale_tab.device)
-    s, z = scale_tab.index_select(0, i).to(q.dtype), zero_tab.index_select(0, i).to(q.dtype)
+
+    def fake_quant(x, s_tab, z_tab, lo, hi):
+        s, z = s_tab.index_select(0, i).to(x.dtype), z_tab.index_select(0, i).to(x.dtype)
+        return (torch.clamp(torch.round(x / s) + z, lo, hi) - z) * s
+    if qkv is not None:
+        q, k, v = (fake_quant(x, qkv[2 * j], qkv[2 * j + 1], amin, amax) for j, x in enumerate((q, k, v)))
     qs, ks = (q.float(), k.float()) if upcast_scores else (q, k)
     probs = (torch.matmul(qs, ks.transpose(-1, -2)) * scale).softmax(dim=-1).to(q.dtype)
-    probs = (torch.clamp(torch.round(probs / s) + z, qmin, qmax) - z) * s
-    return torch.matmul(probs, v)
+    return torch.matmul(fake_quant(probs, scale_tab, zero_tab, qmin, qmax), v)

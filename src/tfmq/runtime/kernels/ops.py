@@ -66,14 +66,16 @@ def _int8_conv2d_padded_fake(a, w, stride, padding, sx, ca, sw, cb, bsum, bias, 
 
 @torch.library.custom_op("tfmq::quant_attention", mutates_args=())
 def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, scale_tab: torch.Tensor,
-                    zero_tab: torch.Tensor, qmin: int, qmax: int, step: Optional[torch.Tensor] = None,
-                    upcast_scores: bool = False) -> torch.Tensor:
-    """:func:`tfmq.runtime.kernels.attention.quant_attention`: attention whose probabilities are
-    rounded to the softmax quantizer's grid, one fused kernel."""
-    return attention.quant_attention(q, k, v, scale, scale_tab, zero_tab, qmin, qmax, step, upcast_scores)
+                    zero_tab: torch.Tensor, qmin: int, qmax: int, step: Optional[torch.Tensor],
+                    upcast_scores: bool, qkv: Sequence[torch.Tensor], amin: int, amax: int) -> torch.Tensor:
+    """:func:`tfmq.runtime.kernels.attention.quant_attention`: attention whose probabilities (and,
+    with the six ``qkv`` tables, its inputs; empty: inputs already rounded) are rounded to their
+    calibrated grids, one fused kernel."""
+    return attention.quant_attention(q, k, v, scale, scale_tab, zero_tab, qmin, qmax, step, upcast_scores,
+                                     list(qkv) or None, amin, amax)
 
 
 @quant_attention.register_fake
-def _quant_attention_fake(q, k, v, scale, scale_tab, zero_tab, qmin, qmax, step=None, upcast_scores=False):
+def _quant_attention_fake(q, k, v, scale, scale_tab, zero_tab, qmin, qmax, step, upcast_scores, qkv, amin, amax):
     bsz, heads, nq, _ = q.shape
     return q.new_empty((bsz, nq, heads, v.shape[-1])).permute(0, 2, 1, 3)
