@@ -93,25 +93,32 @@ def test_bad_inputs_are_refused_before_launch():
         W.prepare_weight(codes.float() + 0.5, zw, ow)
 
 
+def _official_w8a8_checkpoint(tmp_path):
+    """A tfmq W8A8 checkpoint of the tiny random-weight DDPM under the tfmq-official policy (every
+    resnet conv1 keeps its input in full precision), timing-only calibration."""
+    import tfmq
+    from conftest import tiny_ddpm_pipeline
+    pipe = tiny_ddpm_pipeline()
+    config = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, layer_policy="tfmq-official",
+                                         recon_iters=0, act_learn_iters=0, tiar_iters=0, calib_size=2,
+                                         sampler=tfmq.SamplerConfig("ddim", 4))
+    tfmq.quantize(pipe, config, progress=False)
+    return tfmq.save(pipe, tmp_path / "ckpt")
+
+
 @needs_kernels
 def test_w8a8_backend_runs_fp_input_convs_with_the_w8a16_kernel(tmp_path, monkeypatch):
     """tfmq-official keeps the input of every resnet conv1 in full precision: under ``w8a8`` without
     the dense copies those convs (8-bit weights) run the W8A16 kernel, and the model's output
     matches the reference backend's on the same inputs (fp16 model)."""
     import tfmq
-    from conftest import tiny_ddpm_pipeline
     from tfmq.runtime import backend_summary, runtime_layers
     from tfmq.runtime.backends import W8A8Backend
 
     if INTERPRET:
         monkeypatch.setattr(W8A8Backend, "available", lambda self, device: None)
     monkeypatch.setattr(W8A8Backend, "dense_fp_input_convs", False)     # the kernel, not the dense copy
-    pipe = tiny_ddpm_pipeline()
-    config = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, layer_policy="tfmq-official",
-                                         recon_iters=0, act_learn_iters=0, tiar_iters=0, calib_size=2,
-                                         sampler=tfmq.SamplerConfig("ddim", 4))
-    tfmq.quantize(pipe, config, progress=False)
-    ckpt = tfmq.save(pipe, tmp_path / "ckpt")
+    ckpt = _official_w8a8_checkpoint(tmp_path)
     ref = tfmq.load(ckpt, DEV, dtype=torch.float16, backend="reference")
     fast = tfmq.load(ckpt, DEV, dtype=torch.float16, backend="w8a8")
     w8a16 = [n for n, l in runtime_layers(fast.unet).items() if "w8a16" in l.prepared]
@@ -145,18 +152,12 @@ def test_w8a8_backend_keeps_fp_input_conv_weights_dense(tmp_path, monkeypatch, d
     model dtype: the layer computes exactly what ``reference`` computes (bit for bit, same input),
     with no expansion per call, and ``runtime_nbytes`` counts the copies."""
     import tfmq
-    from conftest import tiny_ddpm_pipeline
     from tfmq.runtime import backend_summary, runtime_layers, runtime_nbytes
     from tfmq.runtime.backends import BACKENDS, W8A8Backend
 
     if INTERPRET:
         monkeypatch.setattr(W8A8Backend, "available", lambda self, device: None)
-    pipe = tiny_ddpm_pipeline()
-    config = tfmq.QuantConfig.for_method("tfmq", wbits=8, abits=8, layer_policy="tfmq-official",
-                                         recon_iters=0, act_learn_iters=0, tiar_iters=0, calib_size=2,
-                                         sampler=tfmq.SamplerConfig("ddim", 4))
-    tfmq.quantize(pipe, config, progress=False)
-    ckpt = tfmq.save(pipe, tmp_path / "ckpt")
+    ckpt = _official_w8a8_checkpoint(tmp_path)
     fast = tfmq.load(ckpt, DEV, dtype=dtype, backend="w8a8").unet
     dense = {n: l for n, l in runtime_layers(fast).items() if "dense" in l.prepared}
     assert dense and all(n.endswith("conv1") for n in dense), sorted(dense)
