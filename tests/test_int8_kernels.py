@@ -667,3 +667,20 @@ def test_int8_conv2d_cuda_graph_replay():
     assert torch.equal(out, eager)
     a = K.ref_quantize_act(x, sx, zx, qmin, qmax).permute(0, 2, 3, 1)
     assert _rel_err(out, K.ref_conv2d(a, b, 2, 1, sx, ca, sw, cb, bias)) < 8e-3
+
+
+@needs_kernels
+def test_autotune_drops_only_tiles_wider_than_the_problem():
+    """The GEMM autotuner's pruning: a 64-channel convolution keeps the BLOCK_N = 64 tiles whose K
+    block fits 64 input channels; SD-sized linears keep every tile; a tiny problem keeps one."""
+    from tfmq.runtime.kernels import _int8_triton as T
+    configs = T._configs()
+
+    def kept(**shape):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in T._prune(configs, shape)}
+    every = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs}
+    small = kept(Bsz=250, CIN=64, N=64)
+    assert small and all(bn == 64 and bk <= 64 for _, bn, bk in small), small
+    assert small == {t for t in every if t[1] == 64 and t[2] <= 64}
+    assert kept(M=8192, N=320, K=320) == every
+    assert len(kept(CIN=4, N=4)) == 1 and kept(M=128, N=1280, K=1280) == {t for t in every if t[0] <= 128}
