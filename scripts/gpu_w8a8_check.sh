@@ -82,7 +82,7 @@ case "$PART" in
   tests)
     TFMQ_INT8_AUTOTUNE=0 timeout 540 python3 -m pytest -v -p no:cacheprovider tests/test_int8_kernels.py \
         tests/test_runtime.py tests/test_temporal_table.py tests/test_quant_attention.py \
-        -k "step or host_value or cuda_graph or reduce_overhead or symmetric or table or attention or custom_op" \
+        -k "step or host_value or cuda_graph or reduce_overhead or symmetric or table or attention or custom_op or autotune" \
         > "$OUT/cuda_tests.txt" 2>&1
     echo "cuda tests rc=$?" | tee -a "$OUT/gpu.txt"
     ;;

@@ -684,3 +684,33 @@ def test_autotune_drops_only_tiles_wider_than_the_problem():
     assert small == {t for t in every if t[1] == 64 and t[2] <= 64}
     assert kept(M=8192, N=320, K=320) == every
     assert len(kept(CIN=4, N=4)) == 1 and kept(M=128, N=1280, K=1280) == {t for t in every if t[0] <= 128}
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_autotuned_kernels_match_the_reference(monkeypatch):
+    """With Triton's autotuner on (the default; other tests may run with TFMQ_INT8_AUTOTUNE=0):
+    a pruned shape (64 channels in and out, as the bundled model's convolutions) and an SD-sized
+    linear compute what the references compute."""
+    monkeypatch.setenv("TFMQ_INT8_AUTOTUNE", "1")
+    gen = torch.Generator().manual_seed(8)
+    qmin, qmax = GRIDS["unsigned"]
+    ox = K.offset_for(qmin, qmax)
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, 64, (64, 64, 3, 3))
+    x = (torch.randn(4, 64, 16, 16, generator=gen) * sx * 60).contiguous(memory_format=torch.channels_last)
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    ca = torch.tensor([float(ox)]) - zx
+    x, sx, zx, sw, b, cb, bsum, ca = _dev(x, sx, zx, sw, b, cb, bsum, ca)
+    ap, pp = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True, return_sums=True, pad=1)
+    out = K.int8_conv2d(ap, b, 1, 1, sx, ca, sw, cb, bsum, None, torch.float32, asum=pp, padded=True)
+    a = K.quantize_act(x, sx, zx, qmin, qmax, nhwc=True)
+    ref = K.ref_conv2d(a, b, 1, 1, sx, ca, sw, cb, None)
+    assert _rel_err(out, ref) < _tol(torch.float32)
+    sx, zx, wq, zw, ow, sw = _problem(gen, qmin, qmax, 320, (320, 320))
+    x = torch.randn(4096, 320, generator=gen) * sx * 60
+    b, cb, bsum = K.prepare_weight(wq, zw, ow)
+    ca = torch.tensor([float(ox)]) - zx
+    x, sx, zx, sw, b, cb, bsum, ca = _dev(x, sx, zx, sw, b, cb, bsum, ca)
+    a, asum = K.quantize_act(x, sx, zx, qmin, qmax, return_sums=True)
+    out = K.int8_linear(a, b, sx, ca, sw, cb, bsum, None, torch.bfloat16, asum=asum)
+    assert _rel_err(out, K.ref_linear(a, b, sx, ca, sw, cb, None)) < _tol(torch.bfloat16)
