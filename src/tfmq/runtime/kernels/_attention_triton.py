@@ -20,12 +20,10 @@ way, as PyTorch's does for 16-bit inputs: ``upcast_softmax`` changes nothing her
 
 from __future__ import annotations
 
-import inspect
-
 import triton
 import triton.language as tl
 
-from ._int8_triton import _MAGIC, _param
+from ._int8_triton import _MAGIC, _param, autotuned
 
 
 @triton.jit
@@ -149,8 +147,6 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-_extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-quant_attention_tuned = triton.autotune(configs=_configs(), key=["NQ", "NK", "D", "DV", "ROUND_IO", "ROUND_S", "IEEE",
-                                                                 "HAS_SEL", "ROUND_QKV"],
-                                        prune_configs_by={"early_config_prune": _prune}, **_extra)(
-    _quant_attention_kernel)
+quant_attention_tuned = autotuned(_quant_attention_kernel, _configs(),
+                                  ["NQ", "NK", "D", "DV", "ROUND_IO", "ROUND_S", "IEEE", "HAS_SEL", "ROUND_QKV"],
+                                  _prune)

@@ -35,6 +35,8 @@ import inspect
 import triton
 import triton.language as tl
 
+from .int8 import triton_next_pow2
+
 _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to the nearest integer, ties to even
 
 
@@ -397,10 +399,6 @@ def _configs():
     return cfgs
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _prune(configs, named_args, **kwargs):
     """Drop tiles wider than the problem in N (output channels), in K (the reduction: a linear's K,
     a convolution's input channels per tap) or in a linear's M: their extra part is masked work
@@ -412,21 +410,25 @@ def _prune(configs, named_args, **kwargs):
     n, m = arg("N"), arg("M")
     k = arg("CIN") if arg("CIN") is not None else arg("K")
     keep = [c for c in configs
-            if (n is None or c.kwargs["BLOCK_N"] <= max(64, _pow2(n)))
-            and (k is None or c.kwargs["BLOCK_K"] <= max(32, _pow2(k)))
-            and (m is None or c.kwargs["BLOCK_M"] <= max(64, _pow2(m)))]
+            if (n is None or c.kwargs["BLOCK_N"] <= max(64, triton_next_pow2(n)))
+            and (k is None or c.kwargs["BLOCK_K"] <= max(32, triton_next_pow2(k)))
+            and (m is None or c.kwargs["BLOCK_M"] <= max(64, triton_next_pow2(m)))]
     return keep or configs
 
 
-def _tuned(fn, key: list[str]):
-    """``triton.autotune`` over :func:`_configs` (less the tiles :func:`_prune` drops for the shape),
-    per ``key``. Where this Triton supports it (``cache_results``), each shape's timings are kept in
-    Triton's cache directory, so a later process loads the chosen configuration instead of
-    compiling and timing all of them again (the first compile of the SD-v1.5-config UNet's w8a8
-    graph took ~310 s on an H200)."""
+def autotuned(fn, configs: list, key: list[str], prune):
+    """``triton.autotune`` over ``configs`` less those ``prune(configs, named_args, **kwargs)`` drops
+    for the shape, per ``key``. Where this Triton supports it (``cache_results``), each shape's
+    timings are kept in Triton's cache directory, so a later process loads the chosen configuration
+    instead of compiling and timing all of them again (the first compile of the SD-v1.5-config
+    UNet's w8a8 graph took ~310 s on an H200)."""
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs=_configs(), key=key, prune_configs_by={"early_config_prune": _prune},
-                           **extra)(fn)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **extra)(fn)
+
+
+def _tuned(fn, key: list[str]):
+    """:func:`autotuned` over the GEMM tiles (:func:`_configs`, pruned by :func:`_prune`)."""
+    return autotuned(fn, _configs(), key, _prune)
 
 
 int8_linear_tuned = _tuned(_int8_linear_kernel, ["M", "N", "K", "A_FLOAT", "HAS_ASUM", "SPLIT_K", "HAS_CB"])

@@ -8,7 +8,8 @@ probability matrix to memory (``[batch * heads, tokens, tokens]`` each). :func:`
 computes the same thing without writing either: see :mod:`._attention_triton`.
 
 Conventions: ``q`` ``[B, H, Nq, D]``, ``k`` ``[B, H, Nk, D]``, ``v`` ``[B, H, Nk, Dv]`` (any
-strides with the last dimension contiguous; q, k, v already rounded to their own grids), one
+strides with the last dimension contiguous; q, k, v rounded to their own grids already, or by the
+kernel given their tables), one
 dtype for all three (float16, bfloat16 or float32); the softmax grid's ``scale`` / ``zero_point``
 are float32 ``[n_sets]`` tables, read at the 0-d long ``step`` tensor on the device (the
 denoiser's step index) or at 0 without one. The result is ``[B, H, Nq, Dv]``, a view of a
@@ -29,15 +30,16 @@ MAX_HEAD_DIM = 256          # q / k / v tiles of one block of rows stay in regis
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
-
-
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`quant_attention` takes these inputs (dtype, rank, head dims <= 256)."""
     return (q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4
             and q.shape[-1] == k.shape[-1] and k.shape[:-1] == v.shape[:-1] and q.shape[:2] == k.shape[:2]
             and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM)
+
+
+def _check_grid(lo, hi, what: str) -> None:
+    if not (isinstance(lo, int) and isinstance(hi, int) and lo < hi and hi - lo <= 65535):
+        raise ValueError(f"quant_attention: bad {what} grid [{lo!r}, {hi!r}]")
 
 
 def _check_qkv(qkv, scale_tab, amin, amax):
@@ -48,8 +50,7 @@ def _check_qkv(qkv, scale_tab, amin, amax):
         if t.dtype != torch.float32 or t.shape != scale_tab.shape or t.device != scale_tab.device:
             raise ValueError(f"quant_attention: each q / k / v table must be float32 of the softmax table's "
                              f"shape {tuple(scale_tab.shape)} on its device, got {tuple(t.shape)} {t.dtype}")
-    if not (isinstance(amin, int) and isinstance(amax, int) and amin < amax and amax - amin <= 65535):
-        raise ValueError(f"quant_attention: bad q / k / v grid [{amin!r}, {amax!r}]")
+    _check_grid(amin, amax, "q / k / v")
 
 
 def _check(q, k, v, scale_tab, zero_tab, qmin, qmax, step):
@@ -65,8 +66,7 @@ def _check(q, k, v, scale_tab, zero_tab, qmin, qmax, step):
                              f"{tuple(t.shape)} {t.dtype}")
     if scale_tab.shape != zero_tab.shape:
         raise ValueError("quant_attention: scale and zero_point tables differ in length")
-    if not (isinstance(qmin, int) and isinstance(qmax, int) and qmin < qmax and qmax - qmin <= 65535):
-        raise ValueError(f"quant_attention: bad softmax grid [{qmin!r}, {qmax!r}]")
+    _check_grid(qmin, qmax, "softmax")
     if step is not None and (step.dtype != torch.long or step.numel() != 1 or step.device != q.device):
         raise ValueError("quant_attention: step must be a one-element long tensor on the inputs' device")
     if step is None and scale_tab.numel() != 1:
@@ -93,10 +93,10 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     bsz, heads, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
     out = torch.empty((bsz, nq, heads, dv), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
-    bd, bdv = _pow2(d), _pow2(dv)
+    bd, bdv = max(16, int8.triton_next_pow2(d)), max(16, int8.triton_next_pow2(dv))   # tl.dot: >= 16
     args = (q, k, v, out, scale_tab, zero_tab, step if step is not None else scale_tab,
             *(qkv if qkv is not None else (scale_tab,) * 6),
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            *(t.stride(i) for t in (q, k, v, out) for i in range(3)),
             heads, nq, nk, d, dv, float(scale))
     flags = dict(QMIN=qmin, QMAX=qmax, HAS_SEL=step is not None, ROUND_QKV=qkv is not None, AMIN=amin, AMAX=amax,
                  ROUND_IO=q.dtype != torch.float32,
