@@ -288,9 +288,7 @@ class RuntimeAttnProcessor(QuantAttnProcessor):
             query, key, value = quant.q(query), quant.k(key), quant.v(value)
         if torch.compiler.is_compiling():     # opaque to the compiler, as the GEMMs are
             from .kernels.ops import quant_attention
-            extra = (qkv, quant.q.qmin, quant.q.qmax)
         else:
             quant_attention = fused_attention.quant_attention
-            extra = (qkv or None, quant.q.qmin, quant.q.qmax)
         return (quant_attention(query, key, value, float(attn.scale), *tables(sm), sm.qmin, sm.qmax, step,
-                                bool(attn.upcast_attention), *extra), query.dtype)
+                                bool(attn.upcast_attention), qkv, quant.q.qmin, quant.q.qmax), query.dtype)

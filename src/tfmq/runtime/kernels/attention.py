@@ -82,11 +82,12 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     :func:`ref_quant_attention` (in the inputs' dtype, step by step; the scores in float32 with
     ``upcast_scores``, as diffusers' ``upcast_attention``) without the score and probability
     matrices in memory. With ``qkv`` (six tables like the softmax's: q scale, q zero-point, k ...,
-    v ...) q, k and v are first rounded to their grids ``[amin, amax]`` inside the kernel. No host
-    synchronisation (capturable in CUDA graphs)."""
+    v ...; None or empty: they arrive rounded) q, k and v are first rounded to their grids
+    ``[amin, amax]`` inside the kernel. No host synchronisation (capturable in CUDA graphs)."""
     int8._kernels()                        # the device check and its error
     from . import _attention_triton as ta
     _check(q, k, v, scale_tab, zero_tab, qmin, qmax, step)
+    qkv = list(qkv) if qkv else None
     if qkv is not None:
         _check_qkv(qkv, scale_tab, amin, amax)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -72,7 +72,7 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     with the six ``qkv`` tables, its inputs; empty: inputs already rounded) are rounded to their
     calibrated grids, one fused kernel."""
     return attention.quant_attention(q, k, v, scale, scale_tab, zero_tab, qmin, qmax, step, upcast_scores,
-                                     list(qkv) or None, amin, amax)
+                                     qkv, amin, amax)
 
 
 @quant_attention.register_fake
