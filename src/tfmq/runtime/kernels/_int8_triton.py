@@ -35,8 +35,6 @@ import inspect
 import triton
 import triton.language as tl
 
-from .int8 import triton_next_pow2
-
 _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to the nearest integer, ties to even
 
 
@@ -410,9 +408,9 @@ def _prune(configs, named_args, **kwargs):
     n, m = arg("N"), arg("M")
     k = arg("CIN") if arg("CIN") is not None else arg("K")
     keep = [c for c in configs
-            if (n is None or c.kwargs["BLOCK_N"] <= max(64, triton_next_pow2(n)))
-            and (k is None or c.kwargs["BLOCK_K"] <= max(32, triton_next_pow2(k)))
-            and (m is None or c.kwargs["BLOCK_M"] <= max(64, triton_next_pow2(m)))]
+            if (n is None or c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n)))
+            and (k is None or c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(k)))
+            and (m is None or c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m)))]
     return keep or configs
 
 
